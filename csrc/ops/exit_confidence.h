@@ -1,0 +1,17 @@
+// Declarations shared by the exit_confidence schema and its kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace ranet_fast::ops {
+
+// Rejects anything other than a floating [N, C] tensor with C >= 1. The Python
+// wrapper validates first with friendlier messages; this guards direct calls of
+// torch.ops.ranet_fast.exit_confidence.
+void check_exit_confidence_input(const at::Tensor& logits);
+
+// Confidence is accumulated and returned in float for half, bfloat16 and float
+// logits and in double for double logits (at::opmath_type).
+at::ScalarType exit_confidence_output_dtype(at::ScalarType logits_dtype);
+
+} // namespace ranet_fast::ops
