@@ -1,0 +1,108 @@
+"""Triton kernel of exit_confidence: max softmax probability and argmax per row.
+
+Each program handles BLOCK_ROWS rows and walks their columns in BLOCK_COLS
+tiles, keeping an online (running) maximum, its first column and the sum of
+exp(x - maximum) rescaled whenever the maximum grows, so any number of classes
+takes one pass over memory.
+
+Semantics match ranet_fast.ops.exit_confidence_reference: ties go to the lowest
+column, a NaN makes the confidence NaN and the prediction the first NaN's
+column, and a row whose maximum is infinite gets a NaN confidence.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# Elements held per program: enough to hide memory latency on the GPU while
+# keeping registers per thread low.
+_ELEMENTS_PER_PROGRAM = 4096
+_MAX_BLOCK_COLS = 1024
+
+
+@triton.jit
+def _exit_confidence_kernel(
+    logits_ptr,
+    confidence_ptr,
+    prediction_ptr,
+    num_rows,
+    num_cols,
+    stride_row,
+    stride_col,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row_offsets = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = row_offsets < num_rows
+    row_starts = logits_ptr + row_offsets[:, None] * stride_row
+
+    running_max = tl.full((BLOCK_ROWS,), float("-inf"), ACC_DTYPE)
+    running_sum = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+    # Column of running_max; 0 is right for rows whose entries are all -inf.
+    running_argmax = tl.zeros((BLOCK_ROWS,), tl.int64)
+    # First NaN column, or num_cols when the row has none so far.
+    first_nan = tl.zeros((BLOCK_ROWS,), tl.int64) + num_cols
+
+    for col_start in range(0, num_cols, BLOCK_COLS):
+        cols = col_start + tl.arange(0, BLOCK_COLS).to(tl.int64)
+        mask = row_mask[:, None] & (cols[None, :] < num_cols)
+        tile = tl.load(row_starts + cols[None, :] * stride_col, mask=mask, other=float("-inf"))
+        tile = tile.to(ACC_DTYPE)
+
+        tile_is_nan = tile != tile
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(tile_is_nan, cols[None, :], num_cols), axis=1))
+        # NaNs are accounted for by first_nan; drop them from the max and sum.
+        tile = tl.where(tile_is_nan, float("-inf"), tile)
+
+        tile_max = tl.max(tile, axis=1)
+        tile_argmax = tl.argmax(tile, axis=1, tie_break_left=True).to(tl.int64) + col_start
+        # Strictly greater: an equal maximum in a later tile keeps the earlier column.
+        running_argmax = tl.where(tile_max > running_max, tile_argmax, running_argmax)
+        new_max = tl.maximum(running_max, tile_max)
+        # exp(-inf - -inf) would be NaN; an unchanged maximum needs no rescaling.
+        rescale = tl.where(new_max == running_max, 1.0, tl.exp(running_max - new_max))
+        tile_exp = tl.where(mask, tl.exp(tile - new_max[:, None]), 0.0)
+        running_sum = running_sum * rescale + tl.sum(tile_exp, axis=1)
+        running_max = new_max
+
+    max_is_finite = (running_max > float("-inf")) & (running_max < float("inf"))
+    has_nan = first_nan < num_cols
+    confidence = tl.where(max_is_finite & ~has_nan, 1.0 / running_sum, float("nan"))
+    prediction = tl.where(has_nan, first_nan, running_argmax)
+    tl.store(confidence_ptr + row_offsets, confidence.to(confidence_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(prediction_ptr + row_offsets, prediction, mask=row_mask)
+
+
+INTERPRETED = isinstance(_exit_confidence_kernel, InterpretedFunction)
+
+
+def exit_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the kernel on a validated [N, C] floating tensor (any strides).
+
+    Returns (confidence, prediction): confidence in float32 (float64 for
+    float64 logits), prediction as int64 column indices.
+    """
+    num_rows, num_cols = logits.shape
+    is_double = logits.dtype == torch.float64
+    confidence = torch.empty(num_rows, dtype=torch.float64 if is_double else torch.float32, device=logits.device)
+    prediction = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return confidence, prediction
+    block_cols = min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
+    block_rows = min(max(1, _ELEMENTS_PER_PROGRAM // block_cols), triton.next_power_of_2(num_rows))
+    grid = (triton.cdiv(num_rows, block_rows),)
+    _exit_confidence_kernel[grid](
+        logits,
+        confidence,
+        prediction,
+        num_rows,
+        num_cols,
+        logits.stride(0),
+        logits.stride(1),
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        ACC_DTYPE=tl.float64 if is_double else tl.float32,
+    )
+    return confidence, prediction

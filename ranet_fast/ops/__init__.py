@@ -1,0 +1,5 @@
+"""Operators of ranet_fast with compiled, Triton and pure-PyTorch backends."""
+
+from .exit_confidence import exit_confidence, exit_confidence_reference
+
+__all__ = ["exit_confidence", "exit_confidence_reference"]
