@@ -1,0 +1,224 @@
+"""``python -m ranet_fast.train`` / ``ranet-train``: train, resume and evaluate RANet.
+
+Behaves like the official RANet-pytorch ``main.py`` with the same flags (see ``args.py``):
+
+* training writes ``<save>/save_models/checkpoint_%03d.pth.tar`` every epoch (only the latest is
+  kept), ``latest.txt``, ``model_best.pth.tar`` and ``best_model_epoch.txt``, plus
+  ``<save>/scores.tsv``, ``flops.pth`` and ``args.txt``; all files are written atomically;
+* ``--resume`` continues from ``latest.txt`` and reproduces an uninterrupted run exactly on
+  deterministic devices (CPU): every epoch re-seeds all generators from (seed, epoch);
+* ``--evalmode anytime|dynamic|both --evaluate-from CKPT`` evaluates a checkpoint (official ones,
+  with ``module.`` prefixes, load too);
+* after training, a final anytime + dynamic evaluation on the test split writes
+  ``AnytimeResults.txt``, ``dynamic.txt``, ``results.json`` and ``accuracy_vs_flops.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ranet_fast.checkpoint import CheckpointError, load_official_checkpoint, save_checkpoint, write_file_atomic
+
+from .args import parse_args
+from .evaluate import evaluate, format_summary
+from .loop import Progress, build_optimizer, prepare_epoch, seed_everything, train_epoch, validate
+from .runtime import (Runtime, apply_gpu_flag, args_to_dict, restore_rng_state, rng_state, setup_runtime,
+                      shard_loaders)
+
+SCORES_HEADER = "epoch\tlr\ttrain_loss\tval_loss\ttrain_prec1\tval_prec1\ttrain_prec5\tval_prec5"
+
+
+def maybe_convert(model: nn.Module, fast: bool, log=print) -> nn.Module:
+    """Hook for ranet_fast's fused layers (``--fast``): a no-op until ``ranet_fast.convert`` exists."""
+    if not fast:
+        return model
+    import ranet_fast
+
+    convert = getattr(ranet_fast, "convert", None)
+    if convert is None:
+        log("fast layers not available yet; training with the reference layers")
+        return model
+    return convert(model)
+
+
+def _model_dir(args) -> str:
+    return os.path.join(args.save, "save_models")
+
+
+def latest_checkpoint_path(args) -> str | None:
+    """The checkpoint named by ``<save>/save_models/latest.txt``, or None when there is none.
+
+    The official code writes the path as it was seen from its working directory; when that does
+    not resolve, the file name is looked up next to ``latest.txt``.
+    """
+    pointer = os.path.join(_model_dir(args), "latest.txt")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as handle:
+        lines = handle.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise CheckpointError(f"'{pointer}' is empty; it should name the latest checkpoint")
+    named = lines[0].strip()
+    if os.path.exists(named):
+        return named
+    return os.path.join(_model_dir(args), os.path.basename(named))
+
+
+def save_epoch(state: dict, args, epoch: int, is_best: bool, scores: list[str]) -> str:
+    """Write the epoch's checkpoint, scores.tsv, the latest pointer and the best copy; remove the
+    previous epoch's checkpoint. The pointer is written after the checkpoint it names."""
+    model_dir = _model_dir(args)
+    os.makedirs(model_dir, exist_ok=True)
+    checkpoint_path = os.path.join(model_dir, "checkpoint_%03d.pth.tar" % epoch)
+    save_checkpoint(state, checkpoint_path)
+    write_file_atomic(os.path.join(args.save, "scores.tsv"), "\n".join(scores) + "\n")
+    write_file_atomic(os.path.join(model_dir, "latest.txt"), checkpoint_path)
+    if is_best:
+        save_checkpoint(state, os.path.join(model_dir, "model_best.pth.tar"))
+        write_file_atomic(os.path.join(model_dir, "best_model_epoch.txt"), checkpoint_path)
+    previous = os.path.join(model_dir, "checkpoint_%03d.pth.tar" % (epoch - 1))
+    if os.path.exists(previous):
+        os.remove(previous)
+    return checkpoint_path
+
+
+def run(args) -> dict | None:
+    """Train or evaluate as the arguments say; returns the evaluation results on rank 0."""
+    from ranet_fast import count_flops
+    from ranet_fast.data import get_dataloaders, image_size
+    from ranet_fast.models import RANet
+
+    runtime = setup_runtime(args)
+    try:
+        return _run(args, runtime, RANet, count_flops, get_dataloaders, image_size)
+    finally:
+        runtime.close()
+
+
+def _run(args, runtime: Runtime, RANet, count_flops, get_dataloaders, image_size) -> dict | None:
+    log = print if runtime.is_main else (lambda *_: None)
+    progress = Progress(enabled=runtime.is_main, print_freq=args.print_freq, log=log)
+    device = runtime.device
+
+    seed_everything(args.seed)
+    model = RANet(args)
+    args.num_exits = len(model.classifier)
+    flops = count_flops(model, image_size(args))
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{args.arch} on {args.data}: {args.num_exits} exits, {params / 1e6:.2f} M parameters, "
+        f"MFLOPs per exit {', '.join(f'{f / 1e6:.2f}' for f in flops)}; device {device}"
+        + (f", {runtime.world_size} processes" if runtime.distributed else ""))
+    if runtime.is_main:
+        os.makedirs(args.save, exist_ok=True)
+        save_checkpoint(flops, os.path.join(args.save, "flops.pth"))
+        write_file_atomic(os.path.join(args.save, "args.txt"), f"{args}\n")
+
+    train_loader, val_loader, test_loader = get_dataloaders(args)
+
+    if args.evalmode is not None:
+        load_official_checkpoint(model, args.evaluate_from)
+        log(f"=> loaded '{args.evaluate_from}'")
+        model = maybe_convert(model, args.fast, log).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        results = None
+        if runtime.is_main:
+            results = evaluate(model, mode=args.evalmode, val_loader=val_loader, test_loader=test_loader,
+                               flops=flops, params=params, args=args, device=device, save_dir=args.save,
+                               progress=progress, checkpoint=args.evaluate_from)
+            log(format_summary(results))
+        runtime.barrier()
+        return results
+
+    best_prec1, best_epoch = 0.0, 0
+    scores = [SCORES_HEADER]
+    checkpoint = None
+    if args.resume:
+        resume_path = latest_checkpoint_path(args)
+        if resume_path is None:
+            log(f"=> no checkpoint in '{_model_dir(args)}'; starting from scratch")
+        else:
+            checkpoint = load_official_checkpoint(model, resume_path)
+            args.start_epoch = checkpoint["epoch"] + 1
+            best_prec1 = checkpoint["best_prec1"]
+            best_epoch = checkpoint.get("best_epoch", checkpoint["epoch"])
+            scores = list(checkpoint.get("scores", scores))
+            log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']})")
+
+    model = maybe_convert(model, args.fast, log).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(args, model.parameters())
+    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        if "rng" in checkpoint:
+            restore_rng_state(checkpoint["rng"])
+
+    network = model
+    if runtime.distributed:
+        train_loader, epoch_val_loader = shard_loaders(train_loader, val_loader, runtime, args)
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        epoch_val_loader = val_loader
+
+    last_checkpoint = None
+    for epoch in range(args.start_epoch, args.epochs):
+        prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
+        train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
+                            device=device, progress=progress, scaler=scaler)
+        val = validate(model, epoch_val_loader, args, num_exits=args.num_exits, device=device,
+                       progress=progress)
+        scores.append(("{}\t{:.3f}" + "\t{:.4f}" * 6).format(
+            epoch, train.lr, train.loss, val.loss, train.top1, val.top1[-1], train.top5, val.top5[-1]))
+        is_best = val.top1[-1] > best_prec1
+        if is_best:
+            best_prec1, best_epoch = val.top1[-1], epoch
+        log(f"epoch {epoch + 1}/{args.epochs}  lr {train.lr:.4g}  train loss {train.loss:.4f} "
+            f"top-1 {train.top1:.2f}  val loss {val.loss:.4f} top-1 {val.top1[-1]:.2f}  "
+            f"(best {best_prec1:.2f} at epoch {best_epoch})")
+        if runtime.is_main:
+            state = {
+                "epoch": epoch, "arch": args.arch, "state_dict": model.state_dict(),
+                "best_prec1": best_prec1, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
+                "scores": scores, "args": args_to_dict(args), "rng": rng_state(),
+            }
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            last_checkpoint = save_epoch(state, args, epoch, is_best, scores)
+    log(f"Best val_prec1: {best_prec1:.4f} at epoch {best_epoch}")
+
+    results = None
+    if runtime.is_main:
+        log("********** Final prediction results **********")
+        results = evaluate(model, mode="both", val_loader=val_loader, test_loader=test_loader, flops=flops,
+                           params=params, args=args, device=device, save_dir=args.save, progress=progress,
+                           checkpoint=last_checkpoint)
+        log(format_summary(results))
+    runtime.barrier()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m ranet_fast.train`` and ``ranet-train``."""
+    args = parse_args(argv)
+    apply_gpu_flag(args)  # before anything initialises CUDA
+    from ranet_fast.data import DatasetNotFoundError
+
+    try:
+        run(args)
+    except (DatasetNotFoundError, CheckpointError) as error:
+        print(f"ranet-train: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

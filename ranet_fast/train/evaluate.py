@@ -1,0 +1,193 @@
+"""Anytime and budgeted-batch (dynamic) evaluation of a trained multi-exit network.
+
+* anytime: top-1/top-5 of every exit on the test split with the exit's cumulative FLOPs
+  (official ``AnytimeResults.txt``);
+* dynamic: ``ranet_fast.inference.dynamic_evaluation`` fits exit thresholds on the validation
+  split's logits for 39 budgets and applies them to the test split (official ``dynamic.txt``:
+  one ``accuracy<TAB>expected FLOPs`` line per budget).
+
+Both are computed from one forward pass per split whose logits are kept in memory (as the
+official code does), and reported as text, as ``results.json`` and as one plot
+``accuracy_vs_flops.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ranet_fast.checkpoint import write_file_atomic
+
+from .loop import Progress, _as_list, _autocast, _to_device
+
+RESULTS_JSON = "results.json"
+PLOT_PNG = "accuracy_vs_flops.png"
+ANYTIME_TXT = "AnytimeResults.txt"
+DYNAMIC_TXT = "dynamic.txt"
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader: DataLoader, *, device: torch.device, amp: str = "none",
+                   channels_last: bool = False, progress: Progress | None = None,
+                   desc: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's float32 logits over ``loader`` on the CPU: ``([K, N, C], targets [N])``."""
+    model.eval()
+    per_batch: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    bar = progress.bar(loader, len(loader), desc) if progress is not None else loader
+    for images, target in bar:
+        images, _ = _to_device(images, target, device, channels_last)
+        with _autocast(device, amp):
+            outputs = _as_list(model(images))
+        per_batch.append(torch.stack([output.float() for output in outputs]).cpu())
+        targets.append(target.cpu())
+    if progress is not None:
+        bar.close()
+    if not per_batch:
+        raise RuntimeError(f"cannot evaluate: the {desc} loader produced no batches")
+    return torch.cat(per_batch, dim=1), torch.cat(targets).long()
+
+
+def anytime_results(logits: torch.Tensor, targets: torch.Tensor, flops: Sequence[int]) -> list[dict]:
+    """Per exit: ``{'exit' (1-based), 'flops', 'top1', 'top5'}`` with accuracies in percent."""
+    num_exits, num_samples, num_classes = logits.shape
+    if len(flops) != num_exits:
+        raise ValueError(f"{len(flops)} FLOPs figures for {num_exits} exits")
+    top = logits.topk(min(5, num_classes), dim=2).indices  # [K, N, k]
+    hits = top.eq(targets.view(1, -1, 1))
+    top1 = hits[:, :, 0].double().mean(dim=1) * 100.0
+    top5 = hits.any(dim=2).double().mean(dim=1) * 100.0
+    return [{"exit": k + 1, "flops": int(flops[k]), "top1": top1[k].item(), "top5": top5[k].item()}
+            for k in range(num_exits)]
+
+
+def dynamic_results(val_logits: torch.Tensor, val_targets: torch.Tensor, test_logits: torch.Tensor,
+                    test_targets: torch.Tensor, flops: Sequence[int]) -> list[dict]:
+    """Budgeted batch classification over the 39 official budgets (see ranet_fast.inference)."""
+    from ranet_fast.inference import dynamic_evaluation
+
+    return dynamic_evaluation(val_logits, val_targets, test_logits, test_targets, list(flops))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors, numpy values and namespaces as JSON values; non-finite floats (the last exit's
+    -inf threshold, "accept everything") become null so the file stays strict JSON."""
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        return to_jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "__dict__"):
+        return to_jsonable(vars(value))
+    return str(value)
+
+
+def format_anytime(anytime: list[dict]) -> str:
+    """The official ``AnytimeResults.txt`` text."""
+    lines = ["AnytimeResults"]
+    lines += [f" @{row['exit']}** flops {row['flops'] / 1e6:.2f}M prec@1 {row['top1']:.3f} "
+              f"prec@5 {row['top5']:.3f}" for row in anytime]
+    return "\n".join(lines) + "\n"
+
+
+def format_dynamic(dynamic: list[dict]) -> str:
+    """The official ``dynamic.txt`` text: test accuracy and expected FLOPs per budget."""
+    return "".join(f"{float(row['test_accuracy'])}\t{float(row['expected_flops'])}\n" for row in dynamic)
+
+
+def plot_accuracy_vs_flops(path: str, anytime: list[dict] | None, dynamic: list[dict] | None,
+                           title: str) -> str:
+    """One PNG with the anytime exits (points) and the dynamic budget curve; returns ``path``."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot alone
+
+    figure = Figure(figsize=(6.4, 4.8), dpi=120)
+    axes = figure.add_subplot()
+    if dynamic:
+        points = sorted((float(row["expected_flops"]) / 1e6, float(row["test_accuracy"])) for row in dynamic)
+        axes.plot([x for x, _ in points], [y for _, y in points], "-", color="tab:blue",
+                  label="dynamic (budgeted batch)")
+    if anytime:
+        xs = [row["flops"] / 1e6 for row in anytime]
+        ys = [row["top1"] for row in anytime]
+        axes.plot(xs, ys, "o--", color="tab:orange", label="anytime (each exit)")
+        for row, x, y in zip(anytime, xs, ys):
+            axes.annotate(str(row["exit"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axes.set_xlabel("FLOPs per image (millions of multiply-adds)")
+    axes.set_ylabel("top-1 accuracy on the test split (%)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="best")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    write_file_atomic(path, buffer.getvalue())
+    return path
+
+
+def format_summary(results: dict) -> str:
+    """A plain-text table of the results for the terminal."""
+    lines = []
+    if results.get("anytime"):
+        lines.append("anytime (test split)")
+        lines.append(f"{'exit':>5} {'MFLOPs':>10} {'top-1 %':>9} {'top-5 %':>9}")
+        lines += [f"{row['exit']:>5} {row['flops'] / 1e6:>10.2f} {row['top1']:>9.3f} {row['top5']:>9.3f}"
+                  for row in results["anytime"]]
+    if results.get("dynamic"):
+        lines.append("dynamic (thresholds from the validation split, applied to the test split)")
+        lines.append(f"{'budget p':>8} {'MFLOPs':>10} {'test top-1 %':>13} {'val top-1 %':>12}")
+        lines += [f"{float(row['p']):>8.2f} {float(row['expected_flops']) / 1e6:>10.2f} "
+                  f"{float(row['test_accuracy']):>13.3f} {float(row['val_accuracy']):>12.3f}"
+                  for row in results["dynamic"]]
+    for name in ("results_json", "plot"):
+        if results.get(name):
+            lines.append(f"{name.replace('_', ' ')}: {results[name]}")
+    return "\n".join(lines)
+
+
+def evaluate(model: nn.Module, *, mode: str, val_loader: DataLoader, test_loader: DataLoader,
+             flops: Sequence[int], params: int, args, device: torch.device, save_dir: str,
+             progress: Progress | None = None, checkpoint: str | None = None) -> dict:
+    """Run ``mode`` ('anytime', 'dynamic' or 'both'), write the reports into ``save_dir`` and
+    return the results (also written to ``results.json``) with the paths of the files."""
+    if mode not in ("anytime", "dynamic", "both"):
+        raise ValueError(f"unknown evaluation mode {mode!r}")
+    options = dict(device=device, amp=args.amp, channels_last=args.channels_last, progress=progress)
+    test_logits, test_targets = collect_logits(model, test_loader, desc="test logits", **options)
+    results: dict[str, Any] = {
+        "data": args.data, "checkpoint": checkpoint, "mode": mode, "num_exits": test_logits.shape[0],
+        "flops": [int(f) for f in flops], "params": int(params), "anytime": None, "dynamic": None,
+    }
+    os.makedirs(save_dir, exist_ok=True)
+    if mode in ("anytime", "both"):
+        results["anytime"] = anytime_results(test_logits, test_targets, flops)
+        write_file_atomic(os.path.join(save_dir, ANYTIME_TXT), format_anytime(results["anytime"]))
+    if mode in ("dynamic", "both"):
+        # Without --use-valid the official validation split is the test split: reuse its logits.
+        if val_loader is test_loader or val_loader.dataset is test_loader.dataset:
+            val_logits, val_targets = test_logits, test_targets
+        else:
+            val_logits, val_targets = collect_logits(model, val_loader, desc="val logits", **options)
+        results["dynamic"] = to_jsonable(dynamic_results(val_logits, val_targets, test_logits,
+                                                         test_targets, flops))
+        write_file_atomic(os.path.join(save_dir, DYNAMIC_TXT), format_dynamic(results["dynamic"]))
+
+    title = f"{args.arch} on {args.data}: accuracy vs FLOPs"
+    results["plot"] = plot_accuracy_vs_flops(os.path.join(save_dir, PLOT_PNG), results["anytime"],
+                                             results["dynamic"], title)
+    results["results_json"] = os.path.join(save_dir, RESULTS_JSON)
+    results["args"] = to_jsonable(vars(args))
+    write_file_atomic(results["results_json"], json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    return results
