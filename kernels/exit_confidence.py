@@ -22,6 +22,11 @@ _MAX_BLOCK_COLS = 1024
 
 
 @triton.jit
+def _is_finite(x):
+    return (x > float("-inf")) & (x < float("inf"))
+
+
+@triton.jit
 def _exit_confidence_kernel(
     logits_ptr,
     confidence_ptr,
@@ -61,15 +66,18 @@ def _exit_confidence_kernel(
         # Strictly greater: an equal maximum in a later tile keeps the earlier column.
         running_argmax = tl.where(tile_max > running_max, tile_argmax, running_argmax)
         new_max = tl.maximum(running_max, tile_max)
-        # exp(-inf - -inf) would be NaN; an unchanged maximum needs no rescaling.
-        rescale = tl.where(new_max == running_max, 1.0, tl.exp(running_max - new_max))
-        tile_exp = tl.where(mask, tl.exp(tile - new_max[:, None]), 0.0)
-        running_sum = running_sum * rescale + tl.sum(tile_exp, axis=1)
+        # Rows whose maximum is still infinite (all -inf so far, padding rows,
+        # or a +inf entry) end with a NaN confidence whatever the sum is;
+        # shifting by 0 for them avoids computing inf - inf.
+        shift = tl.where(_is_finite(new_max), new_max, 0.0)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+            tl.where(mask, tl.exp(tile - shift[:, None]), 0.0), axis=1
+        )
         running_max = new_max
 
-    max_is_finite = (running_max > float("-inf")) & (running_max < float("inf"))
+    valid = _is_finite(running_max) & (first_nan == num_cols)
+    confidence = tl.where(valid, 1.0 / tl.where(valid, running_sum, 1.0), float("nan"))
     has_nan = first_nan < num_cols
-    confidence = tl.where(max_is_finite & ~has_nan, 1.0 / running_sum, float("nan"))
     prediction = tl.where(has_nan, first_nan, running_argmax)
     tl.store(confidence_ptr + row_offsets, confidence.to(confidence_ptr.dtype.element_ty), mask=row_mask)
     tl.store(prediction_ptr + row_offsets, prediction, mask=row_mask)

@@ -172,16 +172,25 @@ def resolve_backend(op_name: str, tensor: torch.Tensor, backend: str | None = No
 
     Raises BackendUnavailableError if the requested backend cannot run.
     """
+    return _resolve_backend_for_device(op_name, str(tensor.device), backend)
+
+
+# The choice depends only on the device, the request and the environment, so
+# torch.compile runs it once while tracing and keeps the answer instead of
+# tracing the import machinery inside.
+@torch.compiler.assume_constant_result
+def _resolve_backend_for_device(op_name: str, device_name: str, backend: str | None) -> str:
+    device = torch.device(device_name)
     requested = requested_backend(backend)
     if requested is not None:
-        available, reason = backend_status(requested, tensor.device)
+        available, reason = backend_status(requested, device)
         if not available:
             raise BackendUnavailableError(
                 f"{op_name}: backend {requested!r} is unavailable for a tensor on "
-                f"{tensor.device}: {reason}"
+                f"{device}: {reason}"
             )
         return requested
-    for candidate in _automatic_order(tensor.device):
-        if backend_status(candidate, tensor.device)[0]:
+    for candidate in _automatic_order(device):
+        if backend_status(candidate, device)[0]:
             return candidate
     raise AssertionError("the reference backend is always available")
