@@ -1,0 +1,206 @@
+"""Record golden reference data from the official RANet code.
+
+Usage (from the repository root; the official code lives outside this repository):
+
+    python -m tests.golden.make_golden --official-dir /tmp/official [--only NAME ...]
+
+``--official-dir`` must hold unmodified copies of yangle15/RANet-pytorch ``models/RANet.py``
+(without its ``__main__`` block) and ``op_counter.py``. One ``<name>.pt`` per configuration in
+``common.CONFIGS`` is written next to this file; see README.md for the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import tempfile
+from types import ModuleType
+
+import torch
+
+from tests.golden.common import (CONFIGS, INPUT_SEED, WEIGHT_SEED, deterministic_state_dict,
+                                 golden_input, golden_path, image_size, make_args,
+                                 state_dict_fingerprint)
+
+# Commits of the official files the copies were taken from (search-tool read_file answers).
+OFFICIAL_SOURCES = {
+    "models/RANet.py": "cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
+    "op_counter.py": "dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
+}
+
+# Per-exit FLOPs (millions) and total parameters (millions) listed in /work/shared/ranet-notes.md;
+# printed next to the measured figures as a check of the official copy and the configurations.
+NOTES_MFLOPS = {
+    "cifar-c1": [13.44, 28.91, 42.28, 47.98, 58.28, 61.27],
+    "cifar-c2": [15.8, 31.3, 44.6, 50.4, 88.8, 98.1, 127.4, 132.1],
+    "cifar-c3": [15.8, 31.3, 44.7, 50.4, 60.7, 63.6, 90.2, 94.9],
+    "imagenet-1": [246.5, 631.2, 860.4, 1041.1, 1869.8, 2160.4, 2734.3, 2828.3],
+}
+NOTES_MPARAMS = {"cifar-c1": 2.45, "cifar-c3": 3.26}
+
+# Above this many bytes of BatchNorm statistics only the first and last few BN modules are kept.
+RUNNING_STATS_BUDGET = 1_500_000
+RUNNING_STATS_SUBSET = 3
+
+
+def load_official(official_dir: str) -> tuple[ModuleType, ModuleType]:
+    modules = []
+    for module_name, file_name in (("official_ranet", "RANet.py"), ("official_op_counter", "op_counter.py")):
+        path = os.path.join(official_dir, file_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"official file {path} not found (copy it from yangle15/RANet-pytorch)")
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[0], modules[1]
+
+
+def build_official(ranet: ModuleType, name: str, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    args = make_args(name)
+    model = ranet.RANet(args)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model.float()
+
+
+def running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    stats = {}
+    bn_prefixes = []
+    for key, value in model.state_dict().items():
+        prefix, leaf = key.rsplit(".", 1)
+        if leaf in ("running_mean", "running_var", "num_batches_tracked"):
+            stats[key] = value.detach().clone()
+            if prefix not in bn_prefixes:
+                bn_prefixes.append(prefix)
+    size = sum(v.numel() * v.element_size() for v in stats.values())
+    if size <= RUNNING_STATS_BUDGET:
+        return stats
+    keep = set(bn_prefixes[:RUNNING_STATS_SUBSET] + bn_prefixes[-RUNNING_STATS_SUBSET:])
+    return {k: v for k, v in stats.items() if k.rsplit(".", 1)[0] in keep}
+
+
+def measure_flops(ranet: ModuleType, op_counter: ModuleType, name: str) -> tuple[list[float], list[int]]:
+    # cls_ops / cls_params are module globals that measure_model appends to and never clears.
+    op_counter.cls_ops = []
+    op_counter.cls_params = []
+    model = build_official(ranet, name, None)
+    size = image_size(name)
+    flops, params = op_counter.measure_model(model, size, size)
+    return [float(f) for f in flops], [int(p) for p in params]
+
+
+def check_logits(tag: str, logits: list[torch.Tensor]) -> None:
+    stds = []
+    for index, exit_logits in enumerate(logits):
+        if not torch.isfinite(exit_logits).all():
+            raise RuntimeError(f"{tag}: exit {index} logits are not finite")
+        # Spread across classes within each sample: near zero would make the golden data useless.
+        spread = exit_logits.std(dim=1).min().item()
+        if spread < 1e-2:
+            raise RuntimeError(f"{tag}: exit {index} logits are degenerate (min per-sample std {spread:.2e})")
+        stds.append(exit_logits.std().item())
+    print(f"  {tag} logits std per exit: " + " ".join(f"{s:.3f}" for s in stds))
+
+
+def report_flops(name: str, flops: list[float], params: list[int], total_params: int) -> None:
+    print(f"  MFLOPs per exit: " + " ".join(f"{f / 1e6:.2f}" for f in flops))
+    if name in NOTES_MFLOPS:
+        diffs = [(f / 1e6 - n) / n * 100 for f, n in zip(flops, NOTES_MFLOPS[name])]
+        worst = max(abs(d) for d in diffs)
+        print(f"  vs notes (%):    " + " ".join(f"{d:+.2f}" for d in diffs)
+              + ("" if worst <= 0.5 else "   <-- differs by more than 0.5%"))
+        if len(flops) != len(NOTES_MFLOPS[name]):
+            print(f"  exit count {len(flops)} != notes {len(NOTES_MFLOPS[name])}")
+    print(f"  MParams per exit: " + " ".join(f"{p / 1e6:.3f}" for p in params)
+          + f"; whole model {total_params / 1e6:.3f}")
+    if name in NOTES_MPARAMS:
+        notes = NOTES_MPARAMS[name]
+        print(f"  params vs notes {notes} M: last exit {(params[-1] / 1e6 - notes) / notes * 100:+.2f}%, "
+              f"whole model {(total_params / 1e6 - notes) / notes * 100:+.2f}%")
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; the files are committed data
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def record(ranet: ModuleType, op_counter: ModuleType, name: str) -> dict:
+    print(f"{name}:")
+    template = build_official(ranet, name, None)
+    official_state = template.state_dict()
+    keys_and_shapes = [[key, list(value.shape)] for key, value in official_state.items()]
+    state = deterministic_state_dict({k: tuple(s) for k, s in keys_and_shapes}, WEIGHT_SEED)
+    x = golden_input(name, seed=INPUT_SEED)
+
+    eval_model = build_official(ranet, name, state).eval()
+    with torch.no_grad():
+        eval_logits = [y.detach().clone().float() for y in eval_model(x)]
+    num_exits = len(eval_logits)
+    check_logits("eval", eval_logits)
+
+    train_model = build_official(ranet, name, copy.deepcopy(state)).train()
+    with torch.no_grad():
+        train_logits = [y.detach().clone().float() for y in train_model(x)]
+    check_logits("train", train_logits)
+    stats = running_stats(train_model)
+
+    flops, params = measure_flops(ranet, op_counter, name)
+    if len(flops) != num_exits:
+        raise RuntimeError(f"op_counter reported {len(flops)} exits, the model has {num_exits}")
+    total_params = sum(p.numel() for p in template.parameters())
+    report_flops(name, flops, params, total_params)
+
+    args = make_args(name)
+    ranet.RANet(args)
+    if args.num_exits != num_exits:
+        raise RuntimeError(f"official args.num_exits {args.num_exits} != {num_exits} logits")
+
+    return {
+        "config": copy.deepcopy(CONFIGS[name]),
+        "num_exits": num_exits,
+        "keys_and_shapes": keys_and_shapes,
+        "weight_seed": WEIGHT_SEED,
+        "weight_fingerprint": state_dict_fingerprint(state, [k for k, _ in keys_and_shapes]),
+        "input_seed": INPUT_SEED,
+        "input_shape": list(x.shape),
+        "eval_logits": eval_logits,
+        "train_logits": train_logits,
+        "train_running_stats": stats,
+        "flops": flops,
+        "params": params,
+        "total_params": total_params,
+        "official_sources": dict(OFFICIAL_SOURCES),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official-dir", required=True, help="folder with the official RANet.py and op_counter.py")
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="record only these configurations")
+    options = parser.parse_args(argv)
+
+    torch.set_num_threads(2)
+    ranet, op_counter = load_official(options.official_dir)
+    for name in options.only or CONFIGS:
+        data = record(ranet, op_counter, name)
+        save_atomic(data, golden_path(name))
+        reloaded = torch.load(golden_path(name), weights_only=True)
+        assert reloaded["num_exits"] == data["num_exits"]
+        print(f"  wrote {golden_path(name)} ({os.path.getsize(golden_path(name)) / 1e3:.0f} kB)")
+
+
+if __name__ == "__main__":
+    main()
