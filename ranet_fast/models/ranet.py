@@ -314,9 +314,11 @@ class RANet(nn.Module):
         num_classes = getattr(args, "num_classes", None) or NUM_CLASSES[args.data]
         imagenet = uses_imagenet_stem(args)
 
-        self.FirstLayer = RAFirstLayer(3, args.nChannels, args)
+        # Registration order fixes the state_dict order: the official model registers the (still
+        # empty) flows and exits before the first layer.
         self.scale_flows = nn.ModuleList()
         self.classifier = nn.ModuleList()
+        self.FirstLayer = RAFirstLayer(3, args.nChannels, args)
         # Modules are created in the official order (blocks and exits interleaved, flow by flow)
         # so that the same seed gives the same initial weights.
         for flow, flow_plans in enumerate(plan_blocks(args)):
