@@ -11,7 +11,7 @@ import argparse
 import pytest
 import torch
 
-from golden.common import (CONFIGS, deterministic_state_dict, golden_input, image_size,
+from golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, deterministic_state_dict, golden_input, image_size,
                            load_golden, make_args, state_dict_fingerprint)
 from ranet_fast import count_flops
 from ranet_fast.models import RANet, ranet_config, validate_args
@@ -108,12 +108,12 @@ def test_exit_counts():
             assert args.num_exits == exits
 
 
-def test_same_seed_gives_same_initial_weights():
-    torch.manual_seed(3)
-    first = RANet(ranet_config("cifar-c1")).state_dict()
-    torch.manual_seed(3)
-    second = RANet(ranet_config("cifar-c1")).state_dict()
-    assert all(torch.equal(first[k], second[k]) for k in first)
+@pytest.mark.parametrize("name", sorted(torch.load(INITIAL_WEIGHTS_PATH, weights_only=True)))
+def test_same_seed_gives_the_official_initial_weights(name):
+    official = torch.load(INITIAL_WEIGHTS_PATH, weights_only=True)[name]
+    torch.manual_seed(INIT_SEED)
+    state = RANet(make_args(name)).state_dict()
+    assert torch.equal(state_dict_fingerprint(state, list(state)), official)
 
 
 @pytest.mark.parametrize("batch", [0, 1])

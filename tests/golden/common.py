@@ -20,6 +20,9 @@ GOLDEN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 WEIGHT_SEED = 20200314
 INPUT_SEED = 7
+# Seed before building a model whose own initialisation is compared (initial_weights.pt).
+INIT_SEED = 0
+INITIAL_WEIGHTS_PATH = os.path.join(GOLDEN_DIR, "initial_weights.pt")
 
 # Value every num_batches_tracked buffer is set to, so the train-mode update (7 -> 8) is visible.
 NUM_BATCHES_TRACKED = 7

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from tests.golden.common import (CONFIGS, INPUT_SEED, WEIGHT_SEED, deterministic_state_dict,
+from tests.golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, INPUT_SEED, WEIGHT_SEED, deterministic_state_dict,
                                  golden_input, golden_path, image_size, make_args,
                                  state_dict_fingerprint)
 
@@ -186,6 +186,20 @@ def record(ranet: ModuleType, op_counter: ModuleType, name: str) -> dict:
     }
 
 
+def record_initial_weights(ranet: ModuleType) -> dict[str, torch.Tensor]:
+    """Fingerprints of the official models' own initialisation after ``torch.manual_seed(INIT_SEED)``
+    (CIFAR configurations: the ImageNet ones only add time), so a test can show that building
+    ours after the same seed gives the same weights."""
+    fingerprints = {}
+    for name, config in CONFIGS.items():
+        if config["data"] == "ImageNet":
+            continue
+        torch.manual_seed(INIT_SEED)
+        state = ranet.RANet(make_args(name)).state_dict()
+        fingerprints[name] = state_dict_fingerprint(state, list(state))
+    return fingerprints
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official-dir", required=True, help="folder with the official RANet.py and op_counter.py")
@@ -200,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         reloaded = torch.load(golden_path(name), weights_only=True)
         assert reloaded["num_exits"] == data["num_exits"]
         print(f"  wrote {golden_path(name)} ({os.path.getsize(golden_path(name)) / 1e3:.0f} kB)")
+    save_atomic(record_initial_weights(ranet), INITIAL_WEIGHTS_PATH)
+    print(f"  wrote {INITIAL_WEIGHTS_PATH}")
 
 
 if __name__ == "__main__":
