@@ -19,9 +19,6 @@ from typing import NoReturn, Sequence
 
 DATA_CHOICES = ["cifar10", "cifar100", "ImageNet", "synthetic"]
 ARCH_CHOICES = ["RANet"]
-# Official num_classes rule: cifar10 -> 10, cifar100 -> 100, anything else (ImageNet) -> 1000.
-# The synthetic data set's class count comes from ranet_fast.data.
-_OFFICIAL_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ImageNet": 1000}
 
 
 def _synthetic_size(text: str) -> tuple[int, int, int]:
@@ -164,13 +161,12 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgumentError(f"--grFactor/--bnFactor/--scale-list: {error}") from None
     args.nScales = len(args.grFactor)
     args.splits = ["train", "val", "test"] if args.use_valid else ["train", "val"]
-    if args.num_classes is None:
-        if args.data == "synthetic":
-            from ranet_fast.data import num_classes_for
+    from ranet_fast.data import num_classes_for
 
-            args.num_classes = num_classes_for(args)
-        else:
-            args.num_classes = _OFFICIAL_NUM_CLASSES[args.data]
+    try:  # the official rule (cifar10 10, cifar100 100, ImageNet 1000), checking --num-classes
+        args.num_classes = num_classes_for(args)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
 
     try:
         validate_args(args)

@@ -77,8 +77,9 @@ def dynamic_results(val_logits: torch.Tensor, val_targets: torch.Tensor, test_lo
 
 
 def to_jsonable(value: Any) -> Any:
-    """Tensors, numpy values and namespaces as JSON values; non-finite floats (the last exit's
-    -inf threshold, "accept everything") become null so the file stays strict JSON."""
+    """Tensors, numpy values and namespaces as JSON values. Non-finite floats (thresholds of
+    +inf, "nobody leaves here", and the last exit's -inf, "everyone left leaves") become the
+    strings "inf" / "-inf" (``float()`` reads them back) so the file stays strict JSON."""
     if isinstance(value, torch.Tensor):
         return to_jsonable(value.tolist())
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
@@ -88,7 +89,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return value if math.isfinite(value) else str(value)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "__dict__"):

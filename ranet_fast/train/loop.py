@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 
@@ -83,20 +83,16 @@ def seed_everything(seed: int) -> None:
 def prepare_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
     """Make everything random in ``epoch`` a function of (seed, epoch, rank) only.
 
-    That is what lets ``--resume`` reproduce an uninterrupted run exactly: the global generators
-    (model randomness and, for a loader without its own generator, the shuffling order and the
-    data-loader workers' seeds, both drawn when the epoch's iterator is created) and any generator
-    the loader or its sampler owns are re-seeded, and a DistributedSampler gets ``set_epoch``.
+    That is what lets ``--resume`` reproduce an uninterrupted run exactly. The global
+    generators (model randomness and, for a loader without its own generator, the worker
+    processes' seeds, drawn when the epoch's iterator is created) are re-seeded, and
+    ``ranet_fast.data.set_epoch`` re-seeds the generators the loader and its sampler own (or
+    calls a DistributedSampler's ``set_epoch``).
     """
-    value = epoch_seed(seed, epoch, rank)
-    seed_everything(value)
-    if loader.generator is not None:
-        loader.generator.manual_seed(value)
-    sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
-    elif getattr(sampler, "generator", None) is not None:
-        sampler.generator.manual_seed(value)
+    from ranet_fast.data import set_epoch
+
+    seed_everything(epoch_seed(seed, epoch, rank))
+    set_epoch(loader, epoch, seed)
 
 
 class _Totals:
