@@ -175,10 +175,24 @@ def resolve_backend(op_name: str, tensor: torch.Tensor, backend: str | None = No
     return _resolve_backend_for_device(op_name, str(tensor.device), backend)
 
 
+def _constant_under_torch_compile(function):
+    """Marks ``function`` the way torch.compiler.assume_constant_result does.
+
+    The public decorator imports torch._dynamo, which would add about two
+    seconds to ``import ranet_fast``; the marker attribute is all it sets
+    (torch 2.0 to 2.14). tests/test_exit_confidence.py compiles both the
+    extension and the Triton path with fullgraph=True, which fails if torch
+    stops honouring the marker.
+    """
+    function._dynamo_marked_constant = True
+    return function
+
+
 # The choice depends only on the device, the request and the environment, so
 # torch.compile runs it once while tracing and keeps the answer instead of
-# tracing the import machinery inside.
-@torch.compiler.assume_constant_result
+# tracing the import machinery inside. Changing RANET_FAST_BACKEND after a
+# function was compiled therefore does not affect that compiled function.
+@_constant_under_torch_compile
 def _resolve_backend_for_device(op_name: str, device_name: str, backend: str | None) -> str:
     device = torch.device(device_name)
     requested = requested_backend(backend)

@@ -38,13 +38,18 @@ def _backend_report(backend: str) -> dict:
         devices = ["cuda", "cpu"]
     else:
         devices = ["cpu"]
-    reasons = []
+    reasons = {}
     for device in devices:
         available, reason = _extension.backend_status(backend, device)
         if available:
             return {"available": True, "device": device, "reason": reason}
-        reasons.append(reason if len(devices) == 1 else f"{device}: {reason}")
-    return {"available": False, "device": None, "reason": "; ".join(reasons)}
+        reasons[device] = reason
+    if len(set(reasons.values())) == 1:
+        # One cause for every device (e.g. "triton not installed"): say it once.
+        summary = next(iter(reasons.values()))
+    else:
+        summary = "; ".join(f"{device}: {reason}" for device, reason in reasons.items())
+    return {"available": False, "device": None, "reason": summary}
 
 
 def environment_info() -> dict:

@@ -471,7 +471,9 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 _NO_EXTENSION_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.modules["ranet_fast._C"] = None  # makes "import ranet_fast._C" fail
+    # A bare install: "import ranet_fast._C" and "import triton" both fail.
+    sys.modules["ranet_fast._C"] = None
+    sys.modules["triton"] = None
     import torch
     import ranet_fast
     from ranet_fast import _extension
@@ -489,6 +491,15 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
         assert "_C import failed" in str(error), error
     else:
         raise AssertionError("backend='cpu' should be unavailable")
+    try:
+        exit_confidence(logits, backend="triton")
+    except _extension.BackendUnavailableError as error:
+        assert "triton not installed" in str(error), error
+    else:
+        raise AssertionError("backend='triton' should be unavailable")
+    from ranet_fast.env import format_report, environment_info
+    report = format_report(environment_info())
+    assert "_C import failed" in report and "triton not installed" in report, report
     compiled = torch.compile(exit_confidence, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits)[1], logits.argmax(dim=1))
     print("fallback ok")
@@ -496,7 +507,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
 )
 
 
-def test_without_extension_falls_back_to_reference():
+def test_without_extension_or_triton_falls_back_to_reference():
     environment = dict(os.environ)
     environment.pop("RANET_FAST_BACKEND", None)
     completed = subprocess.run(

@@ -51,6 +51,13 @@ C10_HOST_DEVICE inline RowState<acc_t> empty_state() {
   return RowState<acc_t>{acc_t(0), acc_t(0), -1};
 }
 
+// True when value `x` from a later column displaces the current maximum:
+// NaN beats any number, otherwise only a strictly larger value wins.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool displaces(acc_t x, acc_t current_max) {
+  return x > current_max || (is_nan(x) && !is_nan(current_max));
+}
+
 // True when state `a` ranks above `b` as the argmax candidate: NaN beats any
 // number, a larger value beats a smaller one, equal values go to the lower
 // column index.
@@ -80,20 +87,33 @@ C10_HOST_DEVICE inline RowState<acc_t> combine(
   if (b.index < 0) {
     return a;
   }
-  const RowState<acc_t>& winner = ranks_above(a, b) ? a : b;
-  const RowState<acc_t>& loser = ranks_above(a, b) ? b : a;
+  const bool a_wins = ranks_above(a, b);
+  const RowState<acc_t>& winner = a_wins ? a : b;
+  const RowState<acc_t>& loser = a_wins ? b : a;
   RowState<acc_t> merged = winner;
   // Rescale the loser's sum to the winner's maximum. Non-finite maxima give
   // NaN here, which confidence() overrides anyway.
-  merged.sum_exp =
-      winner.sum_exp + loser.sum_exp * exp_acc(loser.max_value - winner.max_value);
+  merged.sum_exp = winner.sum_exp +
+      loser.sum_exp * exp_acc(loser.max_value - winner.max_value);
   return merged;
 }
 
-// Folds column `column` with value `x` into the state.
+// Folds column `column` with value `x` into the state: the special case of
+// combine() with a one-column state, written out because it runs once per
+// element. Columns must arrive in increasing order, so an equal value never
+// displaces the earlier column.
 template <typename acc_t>
 C10_HOST_DEVICE inline void update(RowState<acc_t>& state, acc_t x, int64_t column) {
-  state = combine(state, RowState<acc_t>{x, acc_t(1), column});
+  const bool takes_over = state.index < 0 || displaces(x, state.max_value);
+  if (takes_over) {
+    state.sum_exp = state.index < 0
+        ? acc_t(1)
+        : acc_t(1) + state.sum_exp * exp_acc(state.max_value - x);
+    state.max_value = x;
+    state.index = column;
+  } else {
+    state.sum_exp += exp_acc(x - state.max_value);
+  }
 }
 
 template <typename acc_t>
