@@ -89,21 +89,24 @@ def save_epoch(state: dict, args, epoch: int, is_best: bool, scores: list[str]) 
 
 def run(args) -> dict | None:
     """Train or evaluate as the arguments say; returns the evaluation results on rank 0."""
-    from ranet_fast import count_flops
-    from ranet_fast.data import get_dataloaders, image_size
-    from ranet_fast.models import RANet
-
     runtime = setup_runtime(args)
     try:
-        return _run(args, runtime, RANet, count_flops, get_dataloaders, image_size)
+        log = print if runtime.is_main else (lambda *_: None)
+        progress = Progress(enabled=runtime.is_main, print_freq=args.print_freq, log=log)
+        model, flops, params = _build_model(args, runtime, log)
+        loaders = _dataloaders(args, runtime)
+        if args.evalmode is not None:
+            return _evaluate_checkpoint(args, runtime, model, flops, params, loaders, progress)
+        return _train(args, runtime, model, flops, params, loaders, progress)
     finally:
         runtime.close()
 
 
-def _run(args, runtime: Runtime, RANet, count_flops, get_dataloaders, image_size) -> dict | None:
-    log = print if runtime.is_main else (lambda *_: None)
-    progress = Progress(enabled=runtime.is_main, print_freq=args.print_freq, log=log)
-    device = runtime.device
+def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int]:
+    """The seeded model on the CPU, its FLOPs per exit and parameter count (saved on rank 0)."""
+    from ranet_fast import count_flops
+    from ranet_fast.data import image_size
+    from ranet_fast.models import RANet
 
     seed_everything(args.seed)
     model = RANet(args)
@@ -111,30 +114,50 @@ def _run(args, runtime: Runtime, RANet, count_flops, get_dataloaders, image_size
     flops = count_flops(model, image_size(args))
     params = sum(p.numel() for p in model.parameters())
     log(f"{args.arch} on {args.data}: {args.num_exits} exits, {params / 1e6:.2f} M parameters, "
-        f"MFLOPs per exit {', '.join(f'{f / 1e6:.2f}' for f in flops)}; device {device}"
+        f"MFLOPs per exit {', '.join(f'{f / 1e6:.2f}' for f in flops)}; device {runtime.device}"
         + (f", {runtime.world_size} processes" if runtime.distributed else ""))
     if runtime.is_main:
         os.makedirs(args.save, exist_ok=True)
         save_checkpoint(flops, os.path.join(args.save, "flops.pth"))
         write_file_atomic(os.path.join(args.save, "args.txt"), f"{args}\n")
+    return model, flops, params
 
-    train_loader, val_loader, test_loader = get_dataloaders(args)
 
-    if args.evalmode is not None:
-        load_official_checkpoint(model, args.evaluate_from)
-        log(f"=> loaded '{args.evaluate_from}'")
-        model = maybe_convert(model, args.fast, log).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        results = None
-        if runtime.is_main:
-            results = evaluate(model, mode=args.evalmode, val_loader=val_loader, test_loader=test_loader,
-                               flops=flops, params=params, args=args, device=device, save_dir=args.save,
-                               progress=progress, checkpoint=args.evaluate_from)
-            log(format_summary(results))
-        runtime.barrier()
-        return results
+def _dataloaders(args, runtime: Runtime):
+    """(train, val, test) loaders. Rank 0 builds its loaders first, so that only it downloads
+    CIFAR or writes the --use-valid split file; the other ranks then read what it wrote."""
+    from ranet_fast.data import get_dataloaders
 
+    loaders = get_dataloaders(args) if runtime.is_main else None
+    runtime.barrier()
+    return loaders if runtime.is_main else get_dataloaders(args)
+
+
+def _to_device(model: nn.Module, args, device: torch.device, log) -> nn.Module:
+    model = maybe_convert(model, args.fast, log).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def _evaluate_checkpoint(args, runtime: Runtime, model, flops, params, loaders, progress) -> dict | None:
+    """--evalmode: the checkpoint's anytime and/or dynamic results, computed on rank 0."""
+    _, val_loader, test_loader = loaders
+    load_official_checkpoint(model, args.evaluate_from)
+    progress.log(f"=> loaded '{args.evaluate_from}'")
+    model = _to_device(model, args, runtime.device, progress.log)
+    results = None
+    if runtime.is_main:
+        results = evaluate(model, mode=args.evalmode, val_loader=val_loader, test_loader=test_loader,
+                           flops=flops, params=params, args=args, device=runtime.device, save_dir=args.save,
+                           progress=progress, checkpoint=args.evaluate_from)
+        progress.log(format_summary(results))
+    runtime.barrier()
+    return results
+
+
+def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> dict | None:
+    """The official training loop (with --resume), then the final evaluation on rank 0."""
+    train_loader, val_loader, test_loader = loaders
+    log, device = progress.log, runtime.device
     best_prec1, best_epoch = 0.0, 0
     scores = [SCORES_HEADER]
     checkpoint = None
@@ -150,9 +173,7 @@ def _run(args, runtime: Runtime, RANet, count_flops, get_dataloaders, image_size
             scores = list(checkpoint.get("scores", scores))
             log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']})")
 
-    model = maybe_convert(model, args.fast, log).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _to_device(model, args, device, log)
     optimizer = build_optimizer(args, model.parameters())
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
     if checkpoint is not None:
@@ -162,19 +183,18 @@ def _run(args, runtime: Runtime, RANet, count_flops, get_dataloaders, image_size
         if "rng" in checkpoint:
             restore_rng_state(checkpoint["rng"])
 
-    network = model
+    network, epoch_val_loader = model, val_loader
     if runtime.distributed:
         train_loader, epoch_val_loader = shard_loaders(train_loader, val_loader, runtime, args)
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        epoch_val_loader = val_loader
 
     last_checkpoint = None
     for epoch in range(args.start_epoch, args.epochs):
         prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
         train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
                             device=device, progress=progress, scaler=scaler)
+        # The unwrapped model: validation needs no gradient synchronisation.
         val = validate(model, epoch_val_loader, args, num_exits=args.num_exits, device=device,
                        progress=progress)
         scores.append(("{}\t{:.3f}" + "\t{:.4f}" * 6).format(
