@@ -7,6 +7,7 @@ missing data and corrupt checkpoints, the learning-rate schedule, and a 2-proces
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import ranet_fast.train.__main__ as trainer
 from ranet_fast.train import parse_args
@@ -275,6 +279,69 @@ def test_learning_rate_follows_the_official_schedule():
     assert learning_rate(cosine, 0, 0, 5) == pytest.approx(0.2)
     assert learning_rate(cosine, 5, 0, 5) == pytest.approx(0.1)  # half way through 50 batches
     assert learning_rate(cosine, 9, 4, 5) == pytest.approx(0.1 * (1 + math.cos(math.pi * 49 / 50)))
+
+
+class _TwoExits(nn.Module):
+    """A toy multi-exit network: a linear exit on the input, another after a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU())
+        self.classifier = nn.ModuleList([nn.Sequential(nn.Flatten(), nn.Linear(12, 6)), nn.Linear(8, 6)])
+
+    def forward(self, x):
+        return [self.classifier[0](x), self.classifier[1](self.hidden(x))]
+
+
+def _toy_setup():
+    torch.manual_seed(1)
+    images, labels = torch.randn(20, 3, 2, 2), torch.randint(0, 6, (20,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=False)
+    args = parse_args(["--data", "synthetic", "--epochs", "4", "--lr", "0.1", "-p", "1"])
+    return _TwoExits(), loader, args
+
+
+def test_train_epoch_is_sgd_on_the_sum_of_exit_losses():
+    from ranet_fast.train.loop import Progress, build_optimizer, train_epoch
+
+    model, loader, args = _toy_setup()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(args, model.parameters())
+    stats = train_epoch(model, loader, optimizer, 2, args, num_exits=2, device=torch.device("cpu"),
+                        progress=Progress(enabled=False, print_freq=1))
+
+    # By hand: epoch 2 of 4 is at 50% of training, so lr = 0.1 * 0.1 for every batch.
+    by_hand = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loss_sum = correct1 = correct5 = 0.0
+    for images, labels in loader:
+        outputs = reference(images)
+        loss = F.cross_entropy(outputs[0], labels) + F.cross_entropy(outputs[1], labels)
+        by_hand.zero_grad()
+        loss.backward()
+        by_hand.step()
+        loss_sum += loss.item() * len(labels)
+        correct1 += (outputs[1].argmax(1) == labels).sum().item()
+        correct5 += (outputs[1].topk(5, 1).indices == labels[:, None]).any(1).sum().item()
+    assert _state_dicts_equal(model.state_dict(), reference.state_dict())
+    assert stats.lr == pytest.approx(0.01)
+    assert stats.loss == pytest.approx(loss_sum / 20)
+    assert stats.top1 == pytest.approx(correct1 * 5) and stats.top5 == pytest.approx(correct5 * 5)
+
+
+def test_validate_reports_every_exit():
+    from ranet_fast.train.loop import Progress, validate
+
+    model, loader, args = _toy_setup()
+    stats = validate(model, loader, args, num_exits=2, device=torch.device("cpu"),
+                     progress=Progress(enabled=False, print_freq=1))
+    images, labels = loader.dataset.tensors
+    with torch.no_grad():
+        outputs = model(images)
+    expected_loss = sum(F.cross_entropy(o, labels, reduction="sum") for o in outputs) / 20
+    assert stats.loss == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert stats.top1 == pytest.approx([(o.argmax(1) == labels).float().mean().item() * 100 for o in outputs])
+    assert stats.top5 == pytest.approx(
+        [(o.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item() * 100 for o in outputs])
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,

@@ -194,6 +194,7 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
         prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
         train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
                             device=device, progress=progress, scaler=scaler)
+        runtime.sync_buffers(model)
         # The unwrapped model: validation needs no gradient synchronisation.
         val = validate(model, epoch_val_loader, args, num_exits=args.num_exits, device=device,
                        progress=progress)

@@ -52,6 +52,17 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def sync_buffers(self, model) -> None:
+        """Give every process rank 0's buffers (BatchNorm running statistics).
+
+        DDP broadcasts them only at the start of each training forward, after which every
+        process updates them with its own batch; without this, the processes would validate
+        slightly different models, none of them exactly the one rank 0 saves.
+        """
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
