@@ -146,6 +146,7 @@ def _flags(**changes):
     args = ranet_config("cifar-c1")
     for k, v in changes.items():
         setattr(args, k, v)
+    args.nScales = len(args.grFactor)  # as the official args.py derives it
     return args
 
 
@@ -160,6 +161,8 @@ def _flags(**changes):
     (dict(data="mnist"), "--data"),
     (dict(compress_factor=1.0), "--compress-factor"),
     (dict(nBlocks=1, block_step=0, scale_list=[1, 2, 3]), "down-sampling blocks"),
+    (dict(scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1]), "reaches them at 16x16"),
+    (dict(scale_list=[1, 2, 3, 4], grFactor=[4, 2, 1, 1], bnFactor=[4, 2, 1, 1]), "reaches them at 4x4"),
 ])
 def test_inconsistent_flags_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

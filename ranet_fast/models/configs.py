@@ -15,6 +15,8 @@ from typing import Any
 # Classes per data set; 'synthetic' is the embedded procedural data set of ranet_fast.data.
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ImageNet": 1000, "synthetic": 10}
 DATA_SETS = tuple(NUM_CLASSES)
+# Image side each data set is trained and evaluated at (the official IM_SIZE).
+IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "ImageNet": 224, "synthetic": 32}
 
 # Flags shared by every paper configuration (official args.py defaults).
 _COMMON = dict(
@@ -137,5 +139,23 @@ def validate_args(args: argparse.Namespace) -> None:
         if math.floor(args.growthRate * args.grFactor[flow] * args.compress_factor) < 1:
             problems.append(f"--compress-factor {args.compress_factor} gives the up-sampling branch of "
                             f"scale flow {flow} no channels (growth {args.growthRate * args.grFactor[flow]})")
+    lowest = _lowest_resolution(args.data, scales)
+    after_exit_convs = (((lowest - 1) // 2 + 1) - 1) // 2 + 1
+    if after_exit_convs // 2 != 1:
+        image = IMAGE_SIZES[args.data]
+        problems.append(f"the exits reduce their input with two stride-2 convs and a 2x2 average pool "
+                        f"to 1x1, but with --scale-list {'-'.join(map(str, scales))} a {image}x{image} "
+                        f"{args.data} image reaches them at {lowest}x{lowest}")
     if problems:
         raise ValueError("invalid RANet configuration: " + "; ".join(problems))
+
+
+def _lowest_resolution(data: str, scales: list[int]) -> int:
+    """Side of the coarsest feature map for the data set's image size: the stem (3x3 conv, or
+    7x7/2 conv and 3x3/2 max-pool on ImageNet), then one stride-2 3x3 conv per scale change."""
+    side = IMAGE_SIZES[data]
+    if data == "ImageNet":
+        side = ((side - 1) // 2 + 1 - 1) // 2 + 1
+    for _ in range(len(set(scales)) - 1):
+        side = (side - 1) // 2 + 1
+    return side
