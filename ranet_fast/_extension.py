@@ -102,11 +102,25 @@ def _triton_cpu_status() -> tuple[bool, str]:
     return False, "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1"
 
 
-def backend_status(backend: str, device: torch.device | str) -> tuple[bool, str]:
+def _triton_module_missing(module_name: str) -> bool:
+    """Whether ``ranet_fast/kernels/<module_name>.py`` is absent.
+
+    Looks for the file without importing ``ranet_fast.kernels``: that import
+    fixes the Triton interpreter mode, which must stay the caller's choice.
+    """
+    spec = importlib.util.find_spec("ranet_fast.kernels")
+    locations = [] if spec is None else list(spec.submodule_search_locations or [])
+    return not any(os.path.exists(os.path.join(location, f"{module_name}.py")) for location in locations)
+
+
+def backend_status(
+    backend: str, device: torch.device | str, triton_module: str | None = None
+) -> tuple[bool, str]:
     """Whether ``backend`` can run on tensors on ``device``, and why (not).
 
     The reason is a short human-readable phrase, e.g. "extension built without
-    CUDA" or "no GPU visible".
+    CUDA" or "no GPU visible". ``triton_module`` names the module of
+    ``ranet_fast.kernels`` the op's Triton backend needs, if any.
     """
     device = torch.device(device)
     if backend == "reference":
@@ -131,6 +145,8 @@ def backend_status(backend: str, device: torch.device | str) -> tuple[bool, str]
         error = triton_import_error()
         if error is not None:
             return False, error
+        if triton_module is not None and _triton_module_missing(triton_module):
+            return False, f"ranet_fast.kernels has no {triton_module} module"
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 return False, "no GPU visible"
@@ -167,12 +183,16 @@ def requested_backend(backend: str | None = None) -> str | None:
     return backend
 
 
-def resolve_backend(op_name: str, tensor: torch.Tensor, backend: str | None = None) -> str:
+def resolve_backend(
+    op_name: str, tensor: torch.Tensor, backend: str | None = None, triton_module: str | None = None
+) -> str:
     """The backend ``op_name`` should use for ``tensor``.
 
+    ``triton_module``: the module of ``ranet_fast.kernels`` holding the op's
+    Triton kernels, if that backend needs one beyond Triton itself.
     Raises BackendUnavailableError if the requested backend cannot run.
     """
-    return _resolve_backend_for_device(op_name, str(tensor.device), backend)
+    return _resolve_backend_for_device(op_name, str(tensor.device), backend, triton_module)
 
 
 def _constant_under_torch_compile(function):
@@ -193,11 +213,13 @@ def _constant_under_torch_compile(function):
 # tracing the import machinery inside. Changing RANET_FAST_BACKEND after a
 # function was compiled therefore does not affect that compiled function.
 @_constant_under_torch_compile
-def _resolve_backend_for_device(op_name: str, device_name: str, backend: str | None) -> str:
+def _resolve_backend_for_device(
+    op_name: str, device_name: str, backend: str | None, triton_module: str | None = None
+) -> str:
     device = torch.device(device_name)
     requested = requested_backend(backend)
     if requested is not None:
-        available, reason = backend_status(requested, device)
+        available, reason = backend_status(requested, device, triton_module)
         if not available:
             raise BackendUnavailableError(
                 f"{op_name}: backend {requested!r} is unavailable for a tensor on "
@@ -205,6 +227,6 @@ def _resolve_backend_for_device(op_name: str, device_name: str, backend: str | N
             )
         return requested
     for candidate in _automatic_order(device):
-        if backend_status(candidate, device)[0]:
+        if backend_status(candidate, device, triton_module)[0]:
             return candidate
     raise AssertionError("the reference backend is always available")

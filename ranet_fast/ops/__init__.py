@@ -1,5 +1,6 @@
 """Operators of ranet_fast with compiled, Triton and pure-PyTorch backends."""
 
 from .exit_confidence import exit_confidence, exit_confidence_reference
+from .upsample_concat import upsample_concat, upsample_concat_reference
 
-__all__ = ["exit_confidence", "exit_confidence_reference"]
+__all__ = ["exit_confidence", "exit_confidence_reference", "upsample_concat", "upsample_concat_reference"]

@@ -1,0 +1,348 @@
+"""upsample_concat: resize feature maps to one size and write them into channel slices.
+
+For parts ``p_i`` of shape ``[N, C_i, H_i, W_i]``, a target size ``(H, W)`` and
+channel offsets ``o_i`` the op writes
+
+    out[:, o_i : o_i + C_i] = resize(p_i, (H, W))
+
+where ``resize`` is ``F.interpolate(mode="bilinear", align_corners=True)`` (up
+or down, any factor) and a plain copy when ``(H_i, W_i) == (H, W)``. This is
+the ``interpolate`` + ``torch.cat`` ending of RANet's fusion layers and blocks
+done in one pass; with ``out=`` it fills only the given slices of a caller's
+buffer, so a producer (a conv) may write its own slice directly.
+
+The functional form is differentiable with respect to every part; its
+backward (``ranet_fast::upsample_concat_backward``) gathers each input
+gradient from the output-gradient elements that read it, so it is
+deterministic without atomics.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OP_NAME = "ranet_fast::upsample_concat"
+OUT_OP_NAME = "ranet_fast::upsample_concat_out"
+BACKWARD_OP_NAME = "ranet_fast::upsample_concat_backward"
+TRITON_MODULE = "upsample_concat"
+
+
+def _size_pair(size: object) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+    ):
+        raise TypeError(f"upsample_concat expects size as an int or a pair of ints (H, W), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"upsample_concat needs a target size >= 1, got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _validate_parts(parts: object) -> list[torch.Tensor]:
+    if isinstance(parts, torch.Tensor) or not isinstance(parts, Sequence):
+        raise TypeError(
+            f"upsample_concat expects a list or tuple of tensors as parts, got {type(parts).__name__}"
+        )
+    parts = list(parts)
+    if not parts:
+        raise ValueError("upsample_concat needs at least one part")
+    for index, part in enumerate(parts):
+        if not isinstance(part, torch.Tensor):
+            raise TypeError(f"upsample_concat: part {index} is a {type(part).__name__}, not a torch.Tensor")
+        if part.dim() != 4:
+            raise ValueError(
+                f"upsample_concat: part {index} must be a 4-D [N, C, H, W] tensor; got a "
+                f"{part.dim()}-D tensor of shape {tuple(part.shape)}"
+            )
+        if part.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                "upsample_concat supports float16, bfloat16, float32 and float64 tensors; "
+                f"part {index} has dtype {part.dtype}"
+            )
+        if min(part.shape[1:]) < 1:
+            raise ValueError(
+                f"upsample_concat: part {index} needs C, H, W >= 1; got shape {tuple(part.shape)}"
+            )
+    first = parts[0]
+    for index, part in enumerate(parts[1:], start=1):
+        if part.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"upsample_concat: part {index} has batch size {part.shape[0]} but part 0 has {first.shape[0]}"
+            )
+        if part.dtype != first.dtype:
+            raise TypeError(f"upsample_concat: part {index} has dtype {part.dtype} but part 0 has {first.dtype}")
+        if part.device != first.device:
+            raise ValueError(f"upsample_concat: part {index} is on {part.device} but part 0 is on {first.device}")
+    return parts
+
+
+def _validate_offsets(parts: list[torch.Tensor], channel_offsets: object) -> list[int]:
+    if channel_offsets is None:
+        offsets, start = [], 0
+        for part in parts:
+            offsets.append(start)
+            start += part.shape[1]
+        return offsets
+    if isinstance(channel_offsets, torch.Tensor) or not isinstance(channel_offsets, Sequence):
+        raise TypeError(f"upsample_concat expects channel_offsets as a list of ints, got {channel_offsets!r}")
+    offsets = list(channel_offsets)
+    if len(offsets) != len(parts):
+        raise ValueError(
+            f"upsample_concat needs one channel offset per part: got {len(offsets)} offsets for {len(parts)} parts"
+        )
+    for index, offset in enumerate(offsets):
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError(f"upsample_concat: channel offset {index} must be an int, got {offset!r}")
+        if offset < 0:
+            raise ValueError(f"upsample_concat: channel offset {index} is negative ({offset})")
+    slices = sorted((offset, offset + part.shape[1], index) for index, (offset, part) in enumerate(zip(offsets, parts)))
+    for (start, end, index), (next_start, next_end, next_index) in zip(slices, slices[1:]):
+        if next_start < end:
+            first, second = sorted((index, next_index))
+            raise ValueError(
+                f"upsample_concat: the channel slices of parts {first} and {second} overlap: "
+                f"[{start}, {end}) and [{next_start}, {next_end})"
+            )
+    return offsets
+
+
+def _validate(parts, size, channel_offsets, out):
+    """Checks everything the kernels assume; returns (parts, (H, W), offsets, channels)."""
+    parts = _validate_parts(parts)
+    height, width = _size_pair(size)
+    offsets = _validate_offsets(parts, channel_offsets)
+    ends = [offset + part.shape[1] for offset, part in zip(offsets, parts)]
+    if out is None:
+        channels = max(ends)
+        covered = sum(part.shape[1] for part in parts)
+        if covered != channels:
+            # Disjoint slices inside [0, channels) that do not add up to it leave a gap.
+            raise ValueError(
+                f"upsample_concat: the parts must tile the output channels [0, {channels}) exactly, but they "
+                f"cover only {covered} of them (slices {sorted(zip(offsets, ends))}); pass out= to fill "
+                "only some channels of a buffer"
+            )
+        return parts, (height, width), offsets, channels
+    first = parts[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"upsample_concat expects out to be a torch.Tensor, got {type(out).__name__}")
+    if out.dim() != 4:
+        raise ValueError(f"upsample_concat: out must be a 4-D [N, C, H, W] tensor; got shape {tuple(out.shape)}")
+    if out.dtype != first.dtype:
+        raise TypeError(f"upsample_concat: out has dtype {out.dtype} but the parts have {first.dtype}")
+    if out.device != first.device:
+        raise ValueError(f"upsample_concat: out is on {out.device} but the parts are on {first.device}")
+    if out.shape[0] != first.shape[0] or tuple(out.shape[2:]) != (height, width):
+        raise ValueError(
+            f"upsample_concat: out has shape {tuple(out.shape)} but must be [{first.shape[0]}, C, {height}, "
+            f"{width}] for {first.shape[0]} samples resized to {(height, width)}"
+        )
+    for index, (offset, end) in enumerate(zip(offsets, ends)):
+        if end > out.shape[1]:
+            raise ValueError(
+                f"upsample_concat: part {index} needs channels [{offset}, {end}) but out has {out.shape[1]} channels"
+            )
+    return parts, (height, width), offsets, out.shape[1]
+
+
+def _output_memory_format(first_part: torch.Tensor) -> torch.memory_format:
+    # Same rule as allocate_upsample_concat_output in csrc/ops/upsample_concat.cpp.
+    if first_part.is_contiguous(memory_format=torch.channels_last) and not first_part.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _allocate_output(parts, channels: int, height: int, width: int) -> torch.Tensor:
+    first = parts[0]
+    return torch.empty(
+        (first.shape[0], channels, height, width),
+        dtype=first.dtype,
+        device=first.device,
+        memory_format=_output_memory_format(first),
+    )
+
+
+def upsample_concat_reference(
+    parts: Sequence[torch.Tensor],
+    size: int | Sequence[int],
+    *,
+    channel_offsets: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch upsample_concat: the definition the kernels are tested against.
+
+    ``F.interpolate(mode="bilinear", align_corners=True)`` for each part whose
+    size differs from ``size``, the part itself otherwise, each copied into its
+    channel slice. Differentiable through autograd; runs on any device.
+    """
+    parts, (height, width), offsets, channels = _validate(parts, size, channel_offsets, out)
+    if out is None:
+        out = _allocate_output(parts, channels, height, width)
+    for part, offset in zip(parts, offsets):
+        if tuple(part.shape[2:]) != (height, width):
+            part = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=True)
+        out.narrow(1, offset, part.shape[1]).copy_(part)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# torch.library registration: fake implementations and autograd.
+# ---------------------------------------------------------------------------
+
+
+def _fake_upsample_concat(parts, channel_offsets, channels, height, width):
+    torch._check(len(parts) >= 1, lambda: "upsample_concat needs at least one part")
+    return _allocate_output(parts, channels, height, width)
+
+
+def _fake_upsample_concat_out(out, parts, channel_offsets):
+    return None
+
+
+def _fake_upsample_concat_backward(grad_output, channel_offsets, part_channels, part_heights, part_widths):
+    batch = grad_output.shape[0]
+    return [
+        grad_output.new_empty((batch, channels, height, width))
+        for channels, height, width in zip(part_channels, part_heights, part_widths)
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    parts, channel_offsets, _channels, _height, _width = inputs
+    ctx.channel_offsets = list(channel_offsets)
+    ctx.part_channels = [part.shape[1] for part in parts]
+    ctx.part_heights = [part.shape[2] for part in parts]
+    ctx.part_widths = [part.shape[3] for part in parts]
+
+
+def _backward_arguments(ctx, grad_output):
+    return (grad_output, ctx.channel_offsets, ctx.part_channels, ctx.part_heights, ctx.part_widths)
+
+
+def _compiled_backward(ctx, grad_output):
+    part_gradients = torch.ops.ranet_fast.upsample_concat_backward(*_backward_arguments(ctx, grad_output))
+    return list(part_gradients), None, None, None, None
+
+
+if _extension.extension_loaded():
+    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes,
+    # dtypes and the gradient formula come from here.
+    torch.library.register_fake(OP_NAME)(_fake_upsample_concat)
+    torch.library.register_fake(OUT_OP_NAME)(_fake_upsample_concat_out)
+    torch.library.register_fake(BACKWARD_OP_NAME)(_fake_upsample_concat_backward)
+    torch.library.register_autograd(OP_NAME, _compiled_backward, setup_context=_setup_context)
+
+
+# The Triton backend: custom ops so that torch.compile treats each Triton
+# launch as one opaque call.
+
+
+def _triton_kernels():
+    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
+
+
+@torch.library.custom_op("ranet_fast::upsample_concat_triton", mutates_args=())
+def _upsample_concat_triton(
+    parts: list[torch.Tensor], channel_offsets: list[int], channels: int, height: int, width: int
+) -> torch.Tensor:
+    out = _allocate_output(parts, channels, height, width)
+    _triton_kernels().upsample_concat_forward_triton(out, parts, channel_offsets)
+    return out
+
+
+@torch.library.custom_op("ranet_fast::upsample_concat_triton_out", mutates_args=("out",))
+def _upsample_concat_triton_out(out: torch.Tensor, parts: list[torch.Tensor], channel_offsets: list[int]) -> None:
+    _triton_kernels().upsample_concat_forward_triton(out, parts, channel_offsets)
+
+
+@torch.library.custom_op("ranet_fast::upsample_concat_triton_backward", mutates_args=())
+def _upsample_concat_triton_backward(
+    grad_output: torch.Tensor,
+    channel_offsets: list[int],
+    part_channels: list[int],
+    part_heights: list[int],
+    part_widths: list[int],
+) -> list[torch.Tensor]:
+    part_shapes = list(zip(part_channels, part_heights, part_widths))
+    return list(_triton_kernels().upsample_concat_backward_triton(grad_output, channel_offsets, part_shapes))
+
+
+def _fake_upsample_concat_triton_backward(grad_output, channel_offsets, part_channels, part_heights, part_widths):
+    # The Triton kernels choose the gradients' memory format from grad_output's strides.
+    memory_format = _triton_kernels().gradient_memory_format(grad_output)
+    return [
+        gradient.contiguous(memory_format=memory_format)
+        for gradient in _fake_upsample_concat_backward(
+            grad_output, channel_offsets, part_channels, part_heights, part_widths
+        )
+    ]
+
+
+def _triton_backward(ctx, grad_output):
+    part_gradients = _upsample_concat_triton_backward(*_backward_arguments(ctx, grad_output))
+    return list(part_gradients), None, None, None, None
+
+
+_upsample_concat_triton.register_fake(_fake_upsample_concat)
+_upsample_concat_triton_out.register_fake(_fake_upsample_concat_out)
+_upsample_concat_triton_backward.register_fake(_fake_upsample_concat_triton_backward)
+_upsample_concat_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+
+
+def upsample_concat(
+    parts: Sequence[torch.Tensor],
+    size: int | Sequence[int],
+    *,
+    channel_offsets: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Bilinearly resize each part to ``size`` and write it into its channel slice.
+
+    Args:
+        parts: non-empty list of [N, C_i, H_i, W_i] tensors of one dtype
+            (float16/bfloat16/float32/float64), device and batch size; any
+            strides (NCHW, channels_last, non-contiguous views).
+        size: target (H, W), or an int for a square size; >= 1.
+        channel_offsets: first output channel of each part; default
+            consecutive from 0 in the order of ``parts``. Slices must not overlap.
+        out: None -> a new [N, sum C_i, H, W] tensor (channels_last when
+            parts[0] is), which the parts must tile exactly; differentiable
+            with respect to every part. Otherwise a [N, C, H, W] buffer of the
+            parts' dtype and device, any strides (e.g. a channel slice of a
+            bigger buffer): only the parts' slices are written and ``out`` is
+            returned. The out= form is not differentiable.
+        backend: None (automatic, or the RANET_FAST_BACKEND environment
+            variable), "cuda", "triton", "cpu" or "reference"; see
+            ranet_fast._extension.
+    """
+    parts, (height, width), offsets, channels = _validate(parts, size, channel_offsets, out)
+    chosen = _extension.resolve_backend("upsample_concat", parts[0], backend, TRITON_MODULE)
+    if out is None:
+        if chosen in ("cpu", "cuda"):
+            return torch.ops.ranet_fast.upsample_concat(parts, offsets, channels, height, width)
+        if chosen == "triton":
+            return _upsample_concat_triton(parts, offsets, channels, height, width)
+        return upsample_concat_reference(parts, (height, width), channel_offsets=offsets)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (*parts, out)):
+        raise RuntimeError(
+            "upsample_concat: the out= form is not differentiable, but a part or out requires grad; "
+            "call it without out= (or under torch.no_grad() if no gradient is needed)"
+        )
+    if chosen in ("cpu", "cuda"):
+        torch.ops.ranet_fast.upsample_concat_out(out, parts, offsets)
+    elif chosen == "triton":
+        _upsample_concat_triton_out(out, parts, offsets)
+    else:
+        upsample_concat_reference(parts, (height, width), channel_offsets=offsets, out=out)
+    return out
