@@ -6,6 +6,11 @@ from the very values the backend saw, so only the backend's accumulation
 (float32 for float16/bfloat16/float32 inputs) and its final rounding differ.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -374,7 +379,7 @@ def test_compiled_ops_reject_bad_input_themselves():
     with pytest.raises(RuntimeError, match=r"part 0 must have shape \[N, C, H, W\]"):
         ops.upsample_concat_out(torch.empty(1, 2, 3, 3), [torch.randn(2, 3, 3)], [0])
     with pytest.raises(RuntimeError, match=r"part 0 needs channels \[1, 3\) but the output has 2 channels"):
-        ops.upsample_concat(part, [1], 2, 4, 4) if False else ops.upsample_concat([part], [1], 2, 4, 4)
+        ops.upsample_concat([part], [1], 2, 4, 4)
     with pytest.raises(RuntimeError, match=r"\[0, 2\) and \[1, 3\) overlap"):
         ops.upsample_concat_out(torch.empty(1, 4, 3, 3), [part, part], [0, 1])
     with pytest.raises(RuntimeError, match=r"part 0 has dtype Double but out has dtype Float"):
@@ -464,3 +469,99 @@ def test_triton_backend_needs_its_kernel_module():
         pytest.skip(_extension.triton_import_error())
     available, reason = _extension.backend_status("triton", "cuda", "no_such_kernels")
     assert not available and reason == "ranet_fast.kernels has no no_such_kernels module"
+
+
+# ---------------------------------------------------------------------------
+# The wrapper's Triton backend (custom ops, autograd, out=) on CPU tensors
+# under the Triton interpreter, in a subprocess: Triton fixes interpreter mode
+# when a kernel module is imported. The kernels themselves are tested in
+# tests/test_upsample_concat_triton.py.
+# ---------------------------------------------------------------------------
+
+_TRITON_WRAPPER_SCRIPT = textwrap.dedent(
+    """
+    import json, traceback
+    import torch
+    from ranet_fast.ops import upsample_concat, upsample_concat_reference
+
+    report = {}
+    def check(name, function):
+        try:
+            function()
+            report[name] = "ok"
+        except Exception:
+            report[name] = traceback.format_exc()
+
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64).float().requires_grad_()
+    high = torch.randn(2, 2, 8, 8, generator=generator, dtype=torch.float64).float()
+    high = high.contiguous(memory_format=torch.channels_last).requires_grad_()
+    parts = [low, high]
+
+    def forward_and_gradients():
+        result = upsample_concat(parts, (8, 8), backend="triton")
+        parts64 = [part.detach().double().requires_grad_() for part in parts]
+        expected = upsample_concat_reference(parts64, (8, 8))
+        torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+        grad_output = torch.randn(result.shape, generator=generator)
+        gradients = torch.autograd.grad(result, parts, grad_output)
+        expected_gradients = torch.autograd.grad(expected, parts64, grad_output.double())
+        for gradient, expected_gradient in zip(gradients, expected_gradients):
+            torch.testing.assert_close(gradient.double(), expected_gradient, rtol=1e-5, atol=1e-5)
+
+    def out_writes_only_its_slices():
+        out = torch.full((2, 9, 8, 8), float("nan"))
+        with torch.no_grad():
+            upsample_concat(parts, (8, 8), channel_offsets=[4, 1], out=out, backend="triton")
+        assert out[:, [0, 3, 7, 8]].isnan().all()
+        expected = upsample_concat_reference([part.detach() for part in parts], (8, 8), channel_offsets=[4, 1],
+                                             out=torch.zeros(2, 9, 8, 8))
+        torch.testing.assert_close(out[:, [1, 2, 4, 5, 6]], expected[:, [1, 2, 4, 5, 6]], rtol=1e-5, atol=1e-5)
+
+    def opcheck():
+        detached = [part.detach() for part in parts]
+        ops = torch.ops.ranet_fast
+        torch.library.opcheck(ops.upsample_concat_triton.default, (detached, [0, 3], 5, 8, 8))
+        torch.library.opcheck(ops.upsample_concat_triton_out.default, (torch.zeros(2, 5, 8, 8), detached, [0, 3]))
+        grad_output = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(ops.upsample_concat_triton_backward.default,
+                              (grad_output, [0, 3], [3, 2], [4, 8], [4, 8]))
+
+    graph_ops = []
+    def compiles_fullgraph():
+        def recording_backend(graph_module, example_inputs):
+            graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+            return graph_module.forward
+        function = lambda a, b: upsample_concat([a, b], (8, 8), backend="triton")
+        compiled = torch.compile(function, fullgraph=True, backend=recording_backend)
+        assert torch.equal(compiled(*parts), function(*parts))
+
+    check("forward_and_gradients", forward_and_gradients)
+    check("out_writes_only_its_slices", out_writes_only_its_slices)
+    check("opcheck", opcheck)
+    check("compiles_fullgraph", compiles_fullgraph)
+    report["graph_ops"] = graph_ops
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def triton_wrapper_report():
+    if _extension.triton_import_error() is not None:
+        pytest.skip(_extension.triton_import_error())
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    environment.pop("RANET_FAST_BACKEND", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", _TRITON_WRAPPER_SCRIPT], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", ["forward_and_gradients", "out_writes_only_its_slices", "opcheck", "compiles_fullgraph"])
+def test_triton_backend_through_the_wrapper(triton_wrapper_report, check):
+    assert triton_wrapper_report[check] == "ok", triton_wrapper_report[check]
+    if check == "compiles_fullgraph":
+        graph_ops = {op.removesuffix(".default") for op in triton_wrapper_report["graph_ops"]}
+        assert "ranet_fast.upsample_concat_triton" in graph_ops
