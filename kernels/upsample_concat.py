@@ -25,6 +25,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 MAX_PARTS_PER_LAUNCH = 4
 # Elements per program: enough to hide memory latency, few registers per thread.
@@ -319,6 +320,9 @@ def _upsample_concat_backward_kernel(
                            p3_rate_h, p3_rate_w, p3_count_h, p3_count_w,
                            IDENTITY3, CHANNELS_INNER, BLOCK, ACC_DTYPE)
 
+
+# Whether this import got Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).
+INTERPRETED = isinstance(_upsample_concat_forward_kernel, InterpretedFunction)
 
 _ACCUMULATION_TYPES = {
     torch.float32: tl.float32,
