@@ -85,6 +85,9 @@ def _backends():
     ]
 
 
+needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+
+
 @pytest.fixture(params=_backends())
 def backend_and_device(request):
     return request.param
@@ -217,6 +220,48 @@ def test_gradcheck(backend_and_device):
     )
 
 
+def test_gradgradcheck(backend_and_device):
+    backend, device = backend_and_device
+    parts = [part.requires_grad_() for part in make_parts(1, [(1, 2, 3), (1, 4, 4)], torch.float64, device, seed=23)]
+    assert torch.autograd.gradgradcheck(
+        lambda *tensors: upsample_concat(list(tensors), (4, 4), backend=backend), parts
+    )
+
+
+@needs_extension
+def test_backward_op_gradient_with_uncovered_channels():
+    # The backward op called directly on some channels only: its gradient with
+    # respect to grad_output is zero on the channels no part reads.
+    grad_output = random_tensor((2, 7, 3, 4), torch.float64, seed=24).requires_grad_()
+
+    def part_gradients(grad):
+        return tuple(torch.ops.ranet_fast.upsample_concat_backward(grad, [4, 1], [2, 1], [2, 3], [5, 4]))
+
+    assert torch.autograd.gradcheck(part_gradients, (grad_output,))
+    (gradient,) = torch.autograd.grad(sum(g.sum() for g in part_gradients(grad_output)), grad_output)
+    assert (gradient[:, [0, 2, 3]] == 0).all() and (gradient[:, [1, 4, 5]] != 0).all()
+
+
+def test_channels_last_gradients(backend_and_device):
+    # channels_last outputs (from a channels_last first part) give channels_last
+    # part gradients, so a channels_last network stays channels_last.
+    backend, device = backend_and_device
+    parts = [
+        part.contiguous(memory_format=torch.channels_last).requires_grad_()
+        for part in make_parts(2, [(3, 4, 4), (2, 8, 8)], device=device, seed=25)
+    ]
+    result = upsample_concat(parts, (8, 8), backend=backend)
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    grad_output = random_tensor(result.shape, seed=26, device=device).contiguous(memory_format=torch.channels_last)
+    gradients = torch.autograd.grad(result, parts, grad_output)
+    if backend != "reference":
+        assert all(gradient.is_contiguous(memory_format=torch.channels_last) for gradient in gradients)
+    parts64 = [part.detach().cpu().double().requires_grad_() for part in parts]
+    expected = torch.autograd.grad(upsample_concat_reference(parts64, (8, 8)), parts64, grad_output.cpu().double())
+    for gradient, expected_gradient in zip(gradients, expected):
+        assert_close(gradient, expected_gradient, torch.float32)
+
+
 def test_backward_is_deterministic(backend_and_device):
     backend, device = backend_and_device
     parts = [part.requires_grad_() for part in make_parts(4, [(8, 7, 7), (4, 28, 28)], torch.float32, device, seed=7)]
@@ -318,9 +363,6 @@ def test_cpu_extension_random_shapes(batch, part_sizes, size, seed):
 # torch.library integration of the compiled ops.
 # ---------------------------------------------------------------------------
 
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
 def _opcheck_devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
 
@@ -380,6 +422,8 @@ def test_compiled_ops_reject_bad_input_themselves():
         ops.upsample_concat_out(torch.empty(1, 2, 3, 3), [torch.randn(2, 3, 3)], [0])
     with pytest.raises(RuntimeError, match=r"part 0 needs channels \[1, 3\) but the output has 2 channels"):
         ops.upsample_concat([part], [1], 2, 4, 4)
+    with pytest.raises(RuntimeError, match=r"parts have 2 channels in all but must tile the output's 3 channels"):
+        ops.upsample_concat([part], [0], 3, 4, 4)
     with pytest.raises(RuntimeError, match=r"\[0, 2\) and \[1, 3\) overlap"):
         ops.upsample_concat_out(torch.empty(1, 4, 3, 3), [part, part], [0, 1])
     with pytest.raises(RuntimeError, match=r"part 0 has dtype Double but out has dtype Float"):
@@ -527,6 +571,11 @@ _TRITON_WRAPPER_SCRIPT = textwrap.dedent(
         torch.library.opcheck(ops.upsample_concat_triton_backward.default,
                               (grad_output, [0, 3], [3, 2], [4, 8], [4, 8]))
 
+    def double_backward():
+        grad_output = torch.randn(1, 3, 2, 3, generator=generator, dtype=torch.float64).requires_grad_()
+        backward = torch.ops.ranet_fast.upsample_concat_triton_backward
+        assert torch.autograd.gradcheck(lambda g: tuple(backward(g, [2, 0], [1, 1], [1, 2], [2, 3])), (grad_output,))
+
     graph_ops = []
     def compiles_fullgraph():
         def recording_backend(graph_module, example_inputs):
@@ -540,6 +589,7 @@ _TRITON_WRAPPER_SCRIPT = textwrap.dedent(
     check("out_writes_only_its_slices", out_writes_only_its_slices)
     check("opcheck", opcheck)
     check("compiles_fullgraph", compiles_fullgraph)
+    check("double_backward", double_backward)
     report["graph_ops"] = graph_ops
     print(json.dumps(report))
     """
@@ -559,7 +609,9 @@ def triton_wrapper_report():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("check", ["forward_and_gradients", "out_writes_only_its_slices", "opcheck", "compiles_fullgraph"])
+@pytest.mark.parametrize(
+    "check", ["forward_and_gradients", "out_writes_only_its_slices", "opcheck", "compiles_fullgraph", "double_backward"]
+)
 def test_triton_backend_through_the_wrapper(triton_wrapper_report, check):
     assert triton_wrapper_report[check] == "ok", triton_wrapper_report[check]
     if check == "compiles_fullgraph":

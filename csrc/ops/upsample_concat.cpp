@@ -152,11 +152,27 @@ at::Tensor allocate_upsample_concat_output(
       height,
       ", ",
       width);
-  const at::Tensor& first = parts[0];
+  int64_t covered = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    TORCH_CHECK(
+        parts[i].dim() == 4,
+        "ranet_fast::upsample_concat: part ",
+        i,
+        " must have shape [N, C, H, W], got shape ",
+        parts[i].sizes());
+    covered += parts[i].size(1);
+  }
+  // With the slices disjoint and inside [0, channels) (checked when the parts
+  // are written), equal totals mean they tile the channels: no channel of the
+  // new tensor is left uninitialised.
   TORCH_CHECK(
-      first.dim() == 4,
-      "ranet_fast::upsample_concat: part 0 must have shape [N, C, H, W], got shape ",
-      first.sizes());
+      covered == channels,
+      "ranet_fast::upsample_concat: the parts have ",
+      covered,
+      " channels in all but must tile the output's ",
+      channels,
+      " channels exactly");
+  const at::Tensor& first = parts[0];
   const bool channels_last =
       first.is_contiguous(at::MemoryFormat::ChannelsLast) && !first.is_contiguous();
   return at::empty(
@@ -206,17 +222,24 @@ void check_upsample_concat_backward_args(
       grad_output.size(1));
 }
 
+bool upsample_concat_gradients_channels_last(const at::Tensor& grad_output) {
+  return grad_output.size(1) > 1 && grad_output.stride(1) == 1;
+}
+
 std::vector<at::Tensor> allocate_upsample_concat_part_gradients(
     const at::Tensor& grad_output,
     at::IntArrayRef part_channels,
     at::IntArrayRef part_heights,
     at::IntArrayRef part_widths) {
+  const at::MemoryFormat memory_format = upsample_concat_gradients_channels_last(grad_output)
+      ? at::MemoryFormat::ChannelsLast
+      : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> gradients;
   gradients.reserve(part_channels.size());
   for (size_t i = 0; i < part_channels.size(); ++i) {
     gradients.push_back(at::empty(
         {grad_output.size(0), part_channels[i], part_heights[i], part_widths[i]},
-        grad_output.options().memory_format(at::MemoryFormat::Contiguous)));
+        grad_output.options().memory_format(memory_format)));
   }
   return gradients;
 }

@@ -21,7 +21,8 @@ void check_upsample_concat_out_args(
 
 // Output of the functional op: [N, channels, height, width], channels_last
 // when parts[0] is channels_last (and not also NCHW-contiguous), else
-// contiguous. Checks that there is at least one part and the sizes are >= 1.
+// contiguous. Checks that there is at least one part, the sizes are >= 1 and
+// the parts' channels add up to `channels`.
 at::Tensor allocate_upsample_concat_output(
     at::TensorList parts,
     int64_t channels,
@@ -37,7 +38,14 @@ void check_upsample_concat_backward_args(
     at::IntArrayRef part_heights,
     at::IntArrayRef part_widths);
 
-// One contiguous [N, C_i, H_i, W_i] gradient per part.
+// Whether the part gradients are channels_last: when grad_output's channels
+// are innermost in memory (channels_last, or a channel slice of it), so that
+// the gathers and the stores both run along channels. Same rule as the Triton
+// kernels' gradient_memory_format and the Python fake implementation.
+bool upsample_concat_gradients_channels_last(const at::Tensor& grad_output);
+
+// One [N, C_i, H_i, W_i] gradient per part, channels_last or contiguous as
+// upsample_concat_gradients_channels_last says.
 std::vector<at::Tensor> allocate_upsample_concat_part_gradients(
     const at::Tensor& grad_output,
     at::IntArrayRef part_channels,

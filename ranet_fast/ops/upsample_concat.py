@@ -209,10 +209,26 @@ def _fake_upsample_concat_out(out, parts, channel_offsets):
     return None
 
 
+def _gradient_memory_format(grad_output: torch.Tensor) -> torch.memory_format:
+    # Same rule as upsample_concat_gradients_channels_last in
+    # csrc/ops/upsample_concat.cpp and gradient_memory_format in
+    # kernels/upsample_concat.py: channels_last part gradients when
+    # grad_output's channels are innermost in memory.
+    if grad_output.shape[1] > 1 and grad_output.stride(1) == 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _fake_upsample_concat_backward(grad_output, channel_offsets, part_channels, part_heights, part_widths):
     batch = grad_output.shape[0]
+    memory_format = _gradient_memory_format(grad_output)
     return [
-        grad_output.new_empty((batch, channels, height, width))
+        torch.empty(
+            (batch, channels, height, width),
+            dtype=grad_output.dtype,
+            device=grad_output.device,
+            memory_format=memory_format,
+        )
         for channels, height, width in zip(part_channels, part_heights, part_widths)
     ]
 
@@ -234,6 +250,43 @@ def _compiled_backward(ctx, grad_output):
     return list(part_gradients), None, None, None, None
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, channel_offsets, part_channels, part_heights, part_widths = inputs
+    ctx.grad_output_shape = tuple(grad_output.shape)
+    ctx.dtype, ctx.device = grad_output.dtype, grad_output.device
+    ctx.channel_offsets = list(channel_offsets)
+    ctx.part_shapes = list(zip(part_channels, part_heights, part_widths))
+
+
+def _transpose_of_backward(ctx, part_gradient_grads, functional_op):
+    """Gradient of the backward op with respect to grad_output.
+
+    The backward is linear in grad_output and its transpose is the forward:
+    each incoming gradient resized to the output size in its channel slice,
+    zeros elsewhere. Zero parts fill the channels no part covers (a direct
+    call of the backward op on some channels only), since the functional op
+    needs slices that tile the channels.
+    """
+    batch, channels, height, width = ctx.grad_output_shape
+    parts, offsets = [], list(ctx.channel_offsets)
+    for grad, shape in zip(part_gradient_grads, ctx.part_shapes):
+        parts.append(torch.zeros((batch, *shape), dtype=ctx.dtype, device=ctx.device) if grad is None else grad)
+    covered_until = 0
+    for offset, part_channels in sorted((offset, shape[0]) for offset, shape in zip(ctx.channel_offsets, ctx.part_shapes)):
+        if offset > covered_until:
+            parts.append(torch.zeros((batch, offset - covered_until, height, width), dtype=ctx.dtype, device=ctx.device))
+            offsets.append(covered_until)
+        covered_until = offset + part_channels
+    if covered_until < channels:
+        parts.append(torch.zeros((batch, channels - covered_until, height, width), dtype=ctx.dtype, device=ctx.device))
+        offsets.append(covered_until)
+    return functional_op(parts, offsets, channels, height, width), None, None, None, None
+
+
+def _compiled_double_backward(ctx, part_gradient_grads):
+    return _transpose_of_backward(ctx, part_gradient_grads, torch.ops.ranet_fast.upsample_concat)
+
+
 if _extension.extension_loaded():
     # The C++ extension defines the ops and their CPU/CUDA kernels; shapes,
     # dtypes and the gradient formula come from here.
@@ -241,6 +294,9 @@ if _extension.extension_loaded():
     torch.library.register_fake(OUT_OP_NAME)(_fake_upsample_concat_out)
     torch.library.register_fake(BACKWARD_OP_NAME)(_fake_upsample_concat_backward)
     torch.library.register_autograd(OP_NAME, _compiled_backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        BACKWARD_OP_NAME, _compiled_double_backward, setup_context=_setup_backward_context
+    )
 
 
 # The Triton backend: custom ops so that torch.compile treats each Triton
@@ -277,26 +333,20 @@ def _upsample_concat_triton_backward(
     return list(_triton_kernels().upsample_concat_backward_triton(grad_output, channel_offsets, part_shapes))
 
 
-def _fake_upsample_concat_triton_backward(grad_output, channel_offsets, part_channels, part_heights, part_widths):
-    # The Triton kernels choose the gradients' memory format from grad_output's strides.
-    memory_format = _triton_kernels().gradient_memory_format(grad_output)
-    return [
-        gradient.contiguous(memory_format=memory_format)
-        for gradient in _fake_upsample_concat_backward(
-            grad_output, channel_offsets, part_channels, part_heights, part_widths
-        )
-    ]
-
-
 def _triton_backward(ctx, grad_output):
     part_gradients = _upsample_concat_triton_backward(*_backward_arguments(ctx, grad_output))
     return list(part_gradients), None, None, None, None
 
 
+def _triton_double_backward(ctx, part_gradient_grads):
+    return _transpose_of_backward(ctx, part_gradient_grads, _upsample_concat_triton)
+
+
 _upsample_concat_triton.register_fake(_fake_upsample_concat)
 _upsample_concat_triton_out.register_fake(_fake_upsample_concat_out)
-_upsample_concat_triton_backward.register_fake(_fake_upsample_concat_triton_backward)
+_upsample_concat_triton_backward.register_fake(_fake_upsample_concat_backward)
 _upsample_concat_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+_upsample_concat_triton_backward.register_autograd(_triton_double_backward, setup_context=_setup_backward_context)
 
 
 def upsample_concat(

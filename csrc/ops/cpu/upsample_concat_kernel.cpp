@@ -136,20 +136,23 @@ void backward_rows(
       const int64_t y = local % in_h;
       const int64_t c = (local / in_h) % channels;
       const int64_t n = local / in_h / channels;
-      // Gradients are contiguous, so the row starts at `local * in_w`.
-      scalar_t* gradient_row = gradient.mutable_data_ptr<scalar_t>() + local * in_w;
+      scalar_t* gradient_row = gradient.mutable_data_ptr<scalar_t>() + n * gradient.stride(0) +
+          c * gradient.stride(1) + y * gradient.stride(2);
+      const int64_t gradient_stride_w = gradient.stride(3);
       const scalar_t* grad_plane = grad_data + n * grad_output.stride(0) +
           (channel_offsets[i] + c) * grad_output.stride(1);
       if (math::resize_is_identity(in_h, in_w, out_h, out_w)) {
         for (int64_t x = 0; x < in_w; ++x) {
-          gradient_row[x] = grad_plane[y * grad_output.stride(2) + x * grad_output.stride(3)];
+          gradient_row[x * gradient_stride_w] =
+              grad_plane[y * grad_output.stride(2) + x * grad_output.stride(3)];
         }
         continue;
       }
       const acc_t scale_h = math::source_scale<acc_t>(in_h, out_h);
       const acc_t scale_w = math::source_scale<acc_t>(in_w, out_w);
       for (int64_t x = 0; x < in_w; ++x) {
-        gradient_row[x] = static_cast<scalar_t>(math::bilinear_input_gradient<scalar_t, acc_t>(
+        gradient_row[x * gradient_stride_w] =
+            static_cast<scalar_t>(math::bilinear_input_gradient<scalar_t, acc_t>(
             grad_plane,
             grad_output.stride(2),
             grad_output.stride(3),

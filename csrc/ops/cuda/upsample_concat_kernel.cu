@@ -189,7 +189,9 @@ at::Tensor upsample_concat_cuda(
 
 template <typename scalar_t, typename acc_t>
 struct BackwardPart {
-  scalar_t* gradient;  // contiguous [N, channels, in_h, in_w]
+  // [N, channels, in_h, in_w], contiguous or channels_last as
+  // OutputGeometry::channels_innermost says.
+  scalar_t* gradient;
   int64_t channels;
   int64_t in_h;
   int64_t in_w;
@@ -219,10 +221,20 @@ __global__ void upsample_concat_backward_kernel(
     const BackwardPart<scalar_t, acc_t>& part =
         launch.parts[find_part(launch.parts, launch.num_parts, element)];
     const int64_t local = element - part.first_element;
-    const int64_t x = local % part.in_w;
-    const int64_t y = (local / part.in_w) % part.in_h;
-    const int64_t c = (local / part.in_w / part.in_h) % part.channels;
-    const int64_t n = local / part.in_w / part.in_h / part.channels;
+    // The gradient is dense in this enumeration order, so `local` is also
+    // the element's offset in it.
+    int64_t n, c, y, x;
+    if (geometry.channels_innermost) {
+      c = local % part.channels;
+      x = (local / part.channels) % part.in_w;
+      y = (local / part.channels / part.in_w) % part.in_h;
+      n = local / part.channels / part.in_w / part.in_h;
+    } else {
+      x = local % part.in_w;
+      y = (local / part.in_w) % part.in_h;
+      c = (local / part.in_w / part.in_h) % part.channels;
+      n = local / part.in_w / part.in_h / part.channels;
+    }
     const scalar_t* grad_plane =
         grad_output + n * geometry.stride_n + (part.channel_offset + c) * geometry.stride_c;
     if (part.identity) {
@@ -271,7 +283,7 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(
       grad_output.stride(1),
       grad_output.stride(2),
       grad_output.stride(3),
-      false};
+      upsample_concat_gradients_channels_last(grad_output)};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_output.scalar_type(), "upsample_concat_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
