@@ -74,8 +74,8 @@ def _source_scale(in_size, out_size, float32_scale, ACC_DTYPE: tl.constexpr):
 def _source_taps(dst, scale, in_size, ACC_DTYPE: tl.constexpr):
     """Forward taps of output positions dst: (i0, i1, l0, l1), exactly as torch computes them."""
     src = scale * dst.to(ACC_DTYPE)
-    i0 = src.to(tl.int64)  # src >= 0, so truncation is floor
-    i1 = i0 + (i0 < in_size - 1).to(tl.int64)
+    i0 = src.to(dst.dtype)  # src >= 0, so truncation is floor
+    i1 = i0 + (i0 < in_size - 1).to(dst.dtype)
     l1 = src - i0.to(ACC_DTYPE)
     l0 = 1.0 - l1
     return i0, i1, l0, l1
@@ -107,8 +107,9 @@ def _forward_part(
     CHANNELS_INNER: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
 ):
-    index = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = block.to(INDEX_DTYPE) * BLOCK + tl.arange(0, BLOCK)
     n, c, h, w = _split_index(index, part_channels, out_height, out_width, CHANNELS_INNER)
     # n < N exactly when index < N * C_i * H * W (a product that could overflow int32).
     mask = n < num_batches
@@ -156,31 +157,32 @@ def _upsample_concat_forward_kernel(
     CHANNELS_INNER: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < p0_end:
         _forward_part(pid, out_ptr, num_batches, out_height, out_width,
                       out_stride_n, out_stride_c, out_stride_h, out_stride_w,
                       p0_ptr, p0_c, p0_h, p0_w, p0_sn, p0_sc, p0_sh, p0_sw, p0_offset, p0_scale_h, p0_scale_w,
-                      IDENTITY0, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                      IDENTITY0, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 1:
         if (pid >= p0_end) & (pid < p1_end):
             _forward_part(pid - p0_end, out_ptr, num_batches, out_height, out_width,
                           out_stride_n, out_stride_c, out_stride_h, out_stride_w,
                           p1_ptr, p1_c, p1_h, p1_w, p1_sn, p1_sc, p1_sh, p1_sw, p1_offset, p1_scale_h, p1_scale_w,
-                          IDENTITY1, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                          IDENTITY1, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 2:
         if (pid >= p1_end) & (pid < p2_end):
             _forward_part(pid - p1_end, out_ptr, num_batches, out_height, out_width,
                           out_stride_n, out_stride_c, out_stride_h, out_stride_w,
                           p2_ptr, p2_c, p2_h, p2_w, p2_sn, p2_sc, p2_sh, p2_sw, p2_offset, p2_scale_h, p2_scale_w,
-                          IDENTITY2, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                          IDENTITY2, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 3:
         if (pid >= p2_end) & (pid < p3_end):
             _forward_part(pid - p2_end, out_ptr, num_batches, out_height, out_width,
                           out_stride_n, out_stride_c, out_stride_h, out_stride_w,
                           p3_ptr, p3_c, p3_h, p3_w, p3_sn, p3_sc, p3_sh, p3_sw, p3_offset, p3_scale_h, p3_scale_w,
-                          IDENTITY3, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                          IDENTITY3, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
 
 
 @triton.jit
@@ -227,8 +229,9 @@ def _backward_part(
     CHANNELS_INNER: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
 ):
-    index = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = block.to(INDEX_DTYPE) * BLOCK + tl.arange(0, BLOCK)
     n, c, ih, iw = _split_index(index, part_channels, part_height, part_width, CHANNELS_INNER)
     mask = n < num_batches  # index < N * C_i * H_i * W_i
     grad_base = grad_ptr + n * grad_stride_n + (channel_offset + c) * grad_stride_c
@@ -242,8 +245,8 @@ def _backward_part(
         # Starting one below absorbs rounding; the host sizes the candidate
         # counts to cover the rest, and the recomputed forward taps decide
         # which candidates actually read this input.
-        first_h = tl.maximum(((ih - 1).to(tl.float32) * outputs_per_input_h).to(tl.int64) - 1, 0)
-        first_w = tl.maximum(((iw - 1).to(tl.float32) * outputs_per_input_w).to(tl.int64) - 1, 0)
+        first_h = tl.maximum(((ih - 1).to(tl.float32) * outputs_per_input_h).to(INDEX_DTYPE) - 1, 0)
+        first_w = tl.maximum(((iw - 1).to(tl.float32) * outputs_per_input_w).to(INDEX_DTYPE) - 1, 0)
         total = tl.zeros((BLOCK,), ACC_DTYPE)
         for step_h in range(0, candidates_h):
             oh = first_h + step_h
@@ -290,6 +293,7 @@ def _upsample_concat_backward_kernel(
     CHANNELS_INNER: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < p0_end:
@@ -297,28 +301,28 @@ def _upsample_concat_backward_kernel(
                        grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
                        p0_ptr, p0_c, p0_h, p0_w, p0_sn, p0_sc, p0_sh, p0_sw, p0_offset, p0_scale_h, p0_scale_w,
                        p0_rate_h, p0_rate_w, p0_count_h, p0_count_w,
-                       IDENTITY0, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                       IDENTITY0, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 1:
         if (pid >= p0_end) & (pid < p1_end):
             _backward_part(pid - p0_end, grad_ptr, num_batches, out_height, out_width,
                            grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
                            p1_ptr, p1_c, p1_h, p1_w, p1_sn, p1_sc, p1_sh, p1_sw, p1_offset, p1_scale_h, p1_scale_w,
                            p1_rate_h, p1_rate_w, p1_count_h, p1_count_w,
-                           IDENTITY1, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                           IDENTITY1, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 2:
         if (pid >= p1_end) & (pid < p2_end):
             _backward_part(pid - p1_end, grad_ptr, num_batches, out_height, out_width,
                            grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
                            p2_ptr, p2_c, p2_h, p2_w, p2_sn, p2_sc, p2_sh, p2_sw, p2_offset, p2_scale_h, p2_scale_w,
                            p2_rate_h, p2_rate_w, p2_count_h, p2_count_w,
-                           IDENTITY2, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                           IDENTITY2, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
     if NUM_PARTS > 3:
         if (pid >= p2_end) & (pid < p3_end):
             _backward_part(pid - p2_end, grad_ptr, num_batches, out_height, out_width,
                            grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
                            p3_ptr, p3_c, p3_h, p3_w, p3_sn, p3_sc, p3_sh, p3_sw, p3_offset, p3_scale_h, p3_scale_w,
                            p3_rate_h, p3_rate_w, p3_count_h, p3_count_w,
-                           IDENTITY3, CHANNELS_INNER, BLOCK, ACC_DTYPE)
+                           IDENTITY3, CHANNELS_INNER, BLOCK, ACC_DTYPE, INDEX_DTYPE)
 
 
 # Whether this import got Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).
@@ -355,6 +359,19 @@ def _candidate_search(in_size: int, out_size: int) -> tuple[float, int]:
         return 0.0, 1
     rate = (out_size - 1) / (in_size - 1)
     return rate, min(out_size, math.ceil(2 * rate) + 4)
+
+
+def _index_dtype(tensors, largest_index_range: int):
+    """tl.int32 when every element index and memory offset fits in 31 bits, else tl.int64.
+
+    64-bit division and modulo cost several times more on the GPU, and the
+    index arithmetic is most of these memory-bound kernels' work.
+    """
+    limit = 2**31 - _FORWARD_BLOCK - _BACKWARD_BLOCK  # room for the last block's overshoot
+    largest_offset = max(
+        sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())) for tensor in tensors
+    )
+    return tl.int32 if max(largest_offset, largest_index_range) < limit else tl.int64
 
 
 def gradient_memory_format(grad_output: torch.Tensor) -> torch.memory_format:
@@ -404,6 +421,7 @@ def upsample_concat_forward_triton(out: torch.Tensor, parts, channel_offsets) ->
     if num_batches == 0 or not parts:
         return
     accumulation = _ACCUMULATION_TYPES[out.dtype]
+    index_dtype = _index_dtype([out, *parts], num_batches * out.shape[1] * out_height * out_width)
     for chunk in _chunks(len(parts)):
         part_arguments = []
         identity_flags = []
@@ -437,6 +455,7 @@ def upsample_concat_forward_triton(out: torch.Tensor, parts, channel_offsets) ->
             CHANNELS_INNER=_channels_inner(out),
             BLOCK=_FORWARD_BLOCK,
             ACC_DTYPE=accumulation,
+            INDEX_DTYPE=index_dtype,
         )
 
 
@@ -468,6 +487,7 @@ def upsample_concat_backward_triton(grad_output: torch.Tensor, channel_offsets, 
     if num_batches == 0 or not grads:
         return grads
     accumulation = _ACCUMULATION_TYPES[grad_output.dtype]
+    index_dtype = _index_dtype([grad_output, *grads], max(grad.numel() for grad in grads))
     for chunk in _chunks(len(grads)):
         part_arguments = []
         identity_flags = []
@@ -501,5 +521,6 @@ def upsample_concat_backward_triton(grad_output: torch.Tensor, channel_offsets, 
             CHANNELS_INNER=memory_format == torch.channels_last,
             BLOCK=_BACKWARD_BLOCK,
             ACC_DTYPE=accumulation,
+            INDEX_DTYPE=index_dtype,
         )
     return grads

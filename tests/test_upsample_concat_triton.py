@@ -280,7 +280,36 @@ def check_bad_slices_are_refused(device):
         kernels.upsample_concat_backward_triton(out, [0], [(3, 0, 2)])
 
 
+def check_64_bit_indexing(device):
+    """The int64 index path (taken only for tensors of 2**31 elements or more) on small cases."""
+    import triton.language as tl
+
+    kernels = kernels_module()
+    saved = kernels._index_dtype
+    kernels._index_dtype = lambda tensors, largest_index_range: tl.int64
+    try:
+        for name in ["six-parts-chunked", "channel-slice-out-channels-last-parts", "float16-odd"]:
+            check_forward(name, device)
+            check_backward(name, device)
+    finally:
+        kernels._index_dtype = saved
+
+
+def check_index_dtype_choice(device):
+    import triton.language as tl
+
+    kernels = kernels_module()
+    small = torch.empty((2, 3, 4, 5), device=device)
+    assert kernels._index_dtype([small], small.numel()) == tl.int32
+    # A view whose elements span more than 2**31 of memory, though it holds only 6.
+    huge_span = torch.empty((3, 1, 1, 1), device="meta").as_strided((3, 2, 1, 1), (2**30, 1, 1, 1))
+    assert kernels._index_dtype([small, huge_span], small.numel()) == tl.int64
+    assert kernels._index_dtype([small], 2**31) == tl.int64
+
+
 SPECIAL_CHECKS = {
+    "64-bit-indexing": check_64_bit_indexing,
+    "index-dtype-choice": check_index_dtype_choice,
     "torch-float32-arithmetic": check_matches_torch_float32_arithmetic,
     "batch-0-launches-nothing": check_batch_zero_launches_nothing,
     "bad-slices-refused": check_bad_slices_are_refused,
@@ -366,7 +395,7 @@ def test_gpu(check):
 # ---------------------------------------------------------------------------
 
 
-def _compile_for_hopper(kernel, pointer_type, accumulation, ones=()):
+def _compile_for_hopper(kernel, pointer_type, accumulation, index_type, ones=()):
     """Compiles kernel to a cubin for sm_90 with every part present; names in ones specialised to 1."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -374,7 +403,7 @@ def _compile_for_hopper(kernel, pointer_type, accumulation, ones=()):
 
     constants = dict(
         NUM_PARTS=4, IDENTITY0=False, IDENTITY1=True, IDENTITY2=False, IDENTITY3=False,
-        CHANNELS_INNER=True, BLOCK=256, ACC_DTYPE=accumulation,
+        CHANNELS_INNER=True, BLOCK=256, ACC_DTYPE=accumulation, INDEX_DTYPE=index_type,
     )
     constants.update({name: 1 for name in ones})
     signature = {}
@@ -409,7 +438,7 @@ def test_kernels_compile_for_gpu(direction):
     except ImportError as error:
         pytest.skip(f"Triton without its CUDA backend: {error}")
     kernel = getattr(kernels, f"_upsample_concat_{direction}_kernel")
-    assert "cubin" in _compile_for_hopper(kernel, "bf16", tl.float32).asm
+    assert "cubin" in _compile_for_hopper(kernel, "bf16", tl.float32, tl.int32).asm
     ones = ["num_batches", "out_height", "p0_h", "p0_w", "p1_c", "p0_sw", "p0_count_h"]
     ones = [name for name in ones if name in kernel.arg_names]
-    assert "cubin" in _compile_for_hopper(kernel, "fp64", tl.float64, ones=ones).asm
+    assert "cubin" in _compile_for_hopper(kernel, "fp64", tl.float64, tl.int64, ones=ones).asm
