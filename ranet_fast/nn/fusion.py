@@ -1,0 +1,45 @@
+"""Fusion layers of RANet on the fused ``upsample_concat`` op.
+
+The official fusion layer resizes the current features and the coarser flow's features with one
+``F.interpolate`` each (an identity copy when the size already matches) and concatenates them with
+the conv branch: three copies of the data plus a fourth in ``torch.cat``. Here one
+``upsample_concat`` launch resizes or copies every part straight into its channel slice.
+
+The classes subclass the official-structure modules and change only ``forward``, so parameters,
+buffers, state_dict keys and hooks stay exactly as they were; :func:`ranet_fast.convert` swaps them
+in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
+from ranet_fast.ops import upsample_concat
+
+
+class FastConvUpNormal(ConvUpNormal):
+    """``ConvUpNormal`` whose resize-and-concatenate is one ``upsample_concat``."""
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        x_low, x_cur = x
+        res = self.conv_normal(x_cur)
+        return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
+
+
+class FastBlockUpNormal(_BlockUpNormal):
+    """``_BlockUpNormal`` whose closing resize-and-concatenate is one ``upsample_concat``.
+
+    Its layers are converted separately (they are :class:`FastConvUpNormal` after
+    :func:`ranet_fast.convert`).
+    """
+
+    def forward(self, x: torch.Tensor, low_feat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outputs = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer([low_feat[i], x])
+            outputs.append(x)
+        x = upsample_concat([x, self.conv_last(low_feat[self.num_layers])], tuple(x.shape[-2:]))
+        if self.trans_flag:
+            x = self.trans(x)
+        return x, outputs
