@@ -37,6 +37,8 @@ setup() {
     fi
     "$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q triton \
         || echo "run.sh: triton could not be installed; the Triton backend will report itself unavailable" >&2
+    # ninja lets torch's extension builder compile in parallel (MAX_JOBS) and incrementally.
+    "$PY" -c "import ninja" 2>/dev/null || "$PY" -m pip install -q ninja
     local cuda_home
     if cuda_home=$(find_cuda_home); then
         export CUDA_HOME="$cuda_home"

@@ -272,7 +272,8 @@ def test_learning_rate_follows_the_official_schedule():
     assert learning_rate(cifar, 225, 0, 10) == pytest.approx(0.001)
     slower = parse_args(["--data", "cifar100", "--epochs", "300", "--decay-rate", "0.5"])
     assert learning_rate(slower, 299, 0, 10) == pytest.approx(0.025)
-    imagenet = parse_args(["--data", "ImageNet", "--epochs", "90"])
+    imagenet = parse_args(["--data", "ImageNet", "--epochs", "90", "--scale-list", "1-2-3-4",
+                          "--grFactor", "4-2-2-1", "--bnFactor", "4-2-2-1"])
     assert [learning_rate(imagenet, e, 0, 10) for e in (0, 29, 30, 60, 89)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.001, 0.001])
     cosine = parse_args(["--lr-type", "cosine", "--epochs", "10", "--lr", "0.2"])
