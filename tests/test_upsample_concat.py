@@ -395,7 +395,7 @@ def test_compiled_op_under_torch_compile_fullgraph():
         return graph_module.forward
 
     def fusion(low, high):
-        return upsample_concat([low * 2, high], high.shape[-2:]).relu()
+        return upsample_concat([low * 2, high], high.shape[-2:], backend="cpu").relu()
 
     compiled = torch.compile(fusion, fullgraph=True, backend=recording_backend)
     low = random_tensor((2, 3, 4, 4), seed=21)
@@ -503,8 +503,11 @@ def test_out_form_refuses_to_build_a_graph(backend):
 
 
 def test_automatic_backend_on_cpu(monkeypatch):
+    """The CPU kernel is the automatic choice unless the benchmarks put the reference ahead of it
+    (an entry of _AUTOMATIC_ORDER_OVERRIDES)."""
     monkeypatch.delenv("RANET_FAST_BACKEND", raising=False)
-    expected = "cpu" if _extension.extension_loaded() else "reference"
+    kernel_preferred = ("upsample_concat", "cpu") not in _extension._AUTOMATIC_ORDER_OVERRIDES
+    expected = "cpu" if _extension.extension_loaded() and kernel_preferred else "reference"
     assert _extension.resolve_backend("upsample_concat", torch.empty(1), None, "upsample_concat") == expected
 
 
