@@ -158,13 +158,8 @@ def backend_status(
 
 
 # Ops whose automatic choice on a device type differs from the default order, because the
-# benchmarks measured a later backend faster. upsample_concat's CPU kernel ran at 0.68x (forward)
-# and 0.52x (forward+backward) of eager on RANet C-1's fusion shapes (2-core CPU, float32,
-# benchmarks/results/upsample_concat-cpu-c1.json); the reference stays the automatic CPU choice
-# until the kernel beats it. Requesting "cpu" explicitly still runs the kernel.
-_AUTOMATIC_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("upsample_concat", "cpu"): ("reference",),
-}
+# benchmarks measured a later backend faster: (op name, device type) -> backends to try in order.
+_AUTOMATIC_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def _automatic_order(device: torch.device, op_name: str = "") -> tuple[str, ...]:

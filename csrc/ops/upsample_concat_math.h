@@ -10,11 +10,14 @@
 // formula would give the same finite numbers, but 0 * inf = NaN would leak a
 // neighbour's infinity into the copy.
 //
-// The backward is written in gather form: the gradient of input element i
+// The CUDA backward is written in gather form: the gradient of input element i
 // along an axis sums the output gradients of every d whose taps touch i.
 // candidate_range gives a superset of those d from the scale; the caller
 // recomputes the forward's taps for each candidate (tap_weight), so the set
-// and the weights are exactly the forward's and no atomics are needed.
+// and the weights are exactly the forward's and no atomics are needed. The CPU
+// backward instead has one thread own whole gradient planes and scatter into
+// them sequentially with the forward's taps (linear_taps), which is equally
+// deterministic (see csrc/ops/cpu/upsample_concat_kernel.cpp).
 //
 // C10_HOST_DEVICE expands to `__host__ __device__` under nvcc and to nothing
 // in a host-only (CppExtension) build.
