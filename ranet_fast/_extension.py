@@ -157,15 +157,7 @@ def backend_status(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-# Ops whose automatic choice on a device type differs from the default order, because the
-# benchmarks measured a later backend faster: (op name, device type) -> backends to try in order.
-_AUTOMATIC_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
-
-
-def _automatic_order(device: torch.device, op_name: str = "") -> tuple[str, ...]:
-    override = _AUTOMATIC_ORDER_OVERRIDES.get((op_name, device.type))
-    if override is not None:
-        return override
+def _automatic_order(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda":
         return ("cuda", "triton", "reference")
     if device.type == "cpu":
@@ -234,7 +226,7 @@ def _resolve_backend_for_device(
                 f"{device}: {reason}"
             )
         return requested
-    for candidate in _automatic_order(device, op_name):
+    for candidate in _automatic_order(device):
         if backend_status(candidate, device, triton_module)[0]:
             return candidate
     raise AssertionError("the reference backend is always available")
