@@ -123,6 +123,10 @@ def main(argv=None) -> dict:
 
     contenders = {"fused": fused_concat, "eager": eager_concat}
     if not options.no_compile:
+        # Every shape is its own specialisation; past dynamo's recompile limit (8 by default)
+        # the compiled contender would silently run eager.
+        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit_name, 4096)
         contenders["compile"] = torch.compile(eager_concat, dynamic=False)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     rows = []

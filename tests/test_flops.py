@@ -4,17 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from golden.common import NOTES_MFLOPS as OFFICIAL_MFLOPS
+from golden.common import NOTES_MPARAMS as OFFICIAL_MPARAMS
 from ranet_fast import count_flops
 from ranet_fast.models import RANet, ranet_config
-
-# Millions of multiply-adds per exit measured with the official op_counter (shared/ranet-notes.md).
-OFFICIAL_MFLOPS = {
-    "cifar-c1": [13.44, 28.91, 42.28, 47.98, 58.28, 61.27],
-    "cifar-c2": [15.8, 31.3, 44.6, 50.4, 88.8, 98.1, 127.4, 132.1],
-    "cifar-c3": [15.8, 31.3, 44.7, 50.4, 60.7, 63.6, 90.2, 94.9],
-    "imagenet-1": [246.5, 631.2, 860.4, 1041.1, 1869.8, 2160.4, 2734.3, 2828.3],
-}
-OFFICIAL_MPARAMS = {"cifar-c1": 2.45, "cifar-c3": 3.26}
 
 
 def image_size(args):

@@ -64,6 +64,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "imagenet-2": _config(_IMAGENET_DEFAULTS, nChannels=64),
 }
 
+# Per-exit FLOPs (millions) and total parameters (millions) that the official op_counter gave,
+# as listed in shared/ranet-notes.md (rounded there).
+NOTES_MFLOPS = {
+    "cifar-c1": [13.44, 28.91, 42.28, 47.98, 58.28, 61.27],
+    "cifar-c2": [15.8, 31.3, 44.6, 50.4, 88.8, 98.1, 127.4, 132.1],
+    "cifar-c3": [15.8, 31.3, 44.7, 50.4, 60.7, 63.6, 90.2, 94.9],
+    "imagenet-1": [246.5, 631.2, 860.4, 1041.1, 1869.8, 2160.4, 2734.3, 2828.3],
+}
+NOTES_MPARAMS = {"cifar-c1": 2.45, "cifar-c3": 3.26}
+
 # Batch size of the golden input per data set family.
 _BATCH = {"cifar": 4, "ImageNet": 2}
 

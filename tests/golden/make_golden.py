@@ -20,25 +20,15 @@ from types import ModuleType
 
 import torch
 
-from tests.golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, INPUT_SEED, WEIGHT_SEED, deterministic_state_dict,
-                                 golden_input, golden_path, image_size, make_args,
-                                 state_dict_fingerprint)
+from tests.golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, INPUT_SEED, NOTES_MFLOPS,
+                                 NOTES_MPARAMS, WEIGHT_SEED, deterministic_state_dict, golden_input,
+                                 golden_path, image_size, make_args, state_dict_fingerprint)
 
 # Commits of the official files the copies were taken from (search-tool read_file answers).
 OFFICIAL_SOURCES = {
     "models/RANet.py": "cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
     "op_counter.py": "dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
 }
-
-# Per-exit FLOPs (millions) and total parameters (millions) listed in /work/shared/ranet-notes.md;
-# printed next to the measured figures as a check of the official copy and the configurations.
-NOTES_MFLOPS = {
-    "cifar-c1": [13.44, 28.91, 42.28, 47.98, 58.28, 61.27],
-    "cifar-c2": [15.8, 31.3, 44.6, 50.4, 88.8, 98.1, 127.4, 132.1],
-    "cifar-c3": [15.8, 31.3, 44.7, 50.4, 60.7, 63.6, 90.2, 94.9],
-    "imagenet-1": [246.5, 631.2, 860.4, 1041.1, 1869.8, 2160.4, 2734.3, 2828.3],
-}
-NOTES_MPARAMS = {"cifar-c1": 2.45, "cifar-c3": 3.26}
 
 # Above this many bytes of BatchNorm statistics only the first and last few BN modules are kept.
 RUNNING_STATS_BUDGET = 1_500_000
