@@ -15,9 +15,12 @@ summary (geometric means), never by a unit test.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import statistics
+import subprocess
 from collections import OrderedDict
 
 import torch
@@ -104,6 +107,19 @@ def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repea
     return row
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with '-dirty' for uncommitted changes), or None outside git."""
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
 def geometric_mean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
@@ -153,7 +169,8 @@ def main(argv=None) -> dict:
             summary[f"{phase[:-2]}_speedup_vs_{other}"] = geometric_mean(
                 [row[phase][other] / row[phase]["fused"] for row in rows])
     print("geometric-mean speed-up of fused: " + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
-    result = {"benchmark": "upsample_concat", "device": str(device), "dtype": options.dtype,
+    result = {"benchmark": "upsample_concat", "date": datetime.date.today().isoformat(),
+              "commit": git_commit(), "device": str(device), "dtype": options.dtype,
               "layout": options.layout, "environment": environment_info(), "summary": summary, "rows": rows}
     if options.json:
         with open(options.json, "w") as handle:
