@@ -34,16 +34,15 @@ SCORES_HEADER = "epoch\tlr\ttrain_loss\tval_loss\ttrain_prec1\tval_prec1\ttrain_
 
 
 def maybe_convert(model: nn.Module, fast: bool, log=print) -> nn.Module:
-    """Hook for ranet_fast's fused layers (``--fast``): a no-op until ``ranet_fast.convert`` exists."""
+    """With ``--fast`` (the default), swap ranet_fast's fused layers in (``ranet_fast.convert``)."""
     if not fast:
         return model
-    import ranet_fast
+    from ranet_fast import convert
 
-    convert = getattr(ranet_fast, "convert", None)
-    if convert is None:
-        log("fast layers not available yet; training with the reference layers")
-        return model
-    return convert(model)
+    model = convert(model)
+    converted = ", ".join(f"{n} x {name}" for name, n in sorted(model.ranet_fast_converted.items()))
+    log(f"fast layers: {converted or 'none apply to this model'}")
+    return model
 
 
 def _model_dir(args) -> str:
