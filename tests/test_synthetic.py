@@ -155,3 +155,11 @@ def test_save_preview_writes_a_png_grid(tmp_path):
         assert image.format == "PNG"
         # 8 columns of 64-px tiles with 2-px padding; 2 rows.
         assert image.size == (8 * 66 + 2, 2 * 66 + 2)
+
+
+def test_model_tables_agree_with_the_generator():
+    from ranet_fast.models.configs import IMAGE_SIZES, NUM_CLASSES
+    from ranet_fast.data import synthetic
+
+    assert NUM_CLASSES["synthetic"] == synthetic.NUM_CLASSES
+    assert IMAGE_SIZES["synthetic"] == synthetic.IMAGE_SIZE

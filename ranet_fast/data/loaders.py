@@ -47,12 +47,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision import datasets, transforms
 
 from ranet_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ranet_fast.models.configs import DATA_SETS, IMAGE_SIZES, NUM_CLASSES
 
 from . import synthetic
-
-DATA_SETS = ("cifar10", "cifar100", "ImageNet", "synthetic")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ImageNet": 1000, "synthetic": synthetic.NUM_CLASSES}
-IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "ImageNet": 224, "synthetic": synthetic.IMAGE_SIZE}
 NORMALISATION = {  # (mean, std) per channel
     "cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),

@@ -12,7 +12,8 @@ import argparse
 import math
 from typing import Any
 
-# Classes per data set; 'synthetic' is the embedded procedural data set of ranet_fast.data.
+# Classes per data set; 'synthetic' is the embedded procedural data set of ranet_fast.data
+# (tests/test_synthetic.py checks its class count and image size against these tables).
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "ImageNet": 1000, "synthetic": 10}
 DATA_SETS = tuple(NUM_CLASSES)
 # Image side each data set is trained and evaluated at (the official IM_SIZE).

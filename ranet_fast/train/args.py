@@ -152,21 +152,18 @@ class ArgumentError(ValueError):
 
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     """Official post-processing plus the trainer's consistency checks; raises ArgumentError."""
-    from ranet_fast.models import parse_factor_list, validate_args
-
-    try:
-        for name in ("grFactor", "bnFactor", "scale_list"):
-            setattr(args, name, parse_factor_list(getattr(args, name)))
-    except ValueError as error:
-        raise ArgumentError(f"--grFactor/--bnFactor/--scale-list: {error}") from None
-    args.nScales = len(args.grFactor)
-    args.splits = ["train", "val", "test"] if args.use_valid else ["train", "val"]
     from ranet_fast.data import num_classes_for
+    from ranet_fast.models import finish_args as finish_architecture_args, validate_args
 
+    args.splits = ["train", "val", "test"] if args.use_valid else ["train", "val"]
     try:  # the official rule (cifar10 10, cifar100 100, ImageNet 1000), checking --num-classes
         args.num_classes = num_classes_for(args)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
+    try:  # factor lists parsed into ints and nScales, as the official args.py does
+        finish_architecture_args(args)
+    except ValueError as error:
+        raise ArgumentError(f"--grFactor/--bnFactor/--scale-list: {error}") from None
 
     try:
         validate_args(args)
