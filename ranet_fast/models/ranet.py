@@ -351,23 +351,64 @@ class RANet(nn.Module):
         )
         return ClassifierModule(conv, width, num_classes)
 
+    # Staged execution: the interface of ranet_fast.inference.early_exit. ``forward`` is built on
+    # it too, so the staged path is the model's own computation, not a copy of it.
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.classifier)
+
+    def _block_schedule(self) -> list[tuple[int, int]]:
+        """(flow, block index) of every block in execution order."""
+        return [(flow, index) for flow in range(self.nScales) for index in range(len(self.scale_flows[flow]))]
+
+    def early_exit_start(self, x: torch.Tensor) -> dict:
+        """The state before the first block: the base features of every scale.
+
+        The state is a dict of (lists of) tensors whose dim 0 is the batch; its structure is fixed
+        by the exit it precedes, so an engine may compact every tensor in it with one index.
+        """
+        base = self.FirstLayer(x)
+        return {"h": base[0], "base": base[1:], "low": {}, "features": []}
+
+    def early_exit_stage(self, exit_index: int, state: dict) -> tuple[torch.Tensor, dict]:
+        """Run the blocks from after exit ``exit_index - 1`` through exit ``exit_index``'s block and
+        classifier; return that exit's logits and the state the next stage needs.
+
+        The returned state holds only what later blocks read: the current features ``h``, the
+        current flow's per-block outputs (the next flow's fusion blocks reuse them; dropped in the
+        last flow), the coarser flow's outputs not yet fused (``low``, keyed by block index) and
+        the base features of the flows still to come.
+        """
+        if not 0 <= exit_index < self.num_exits:
+            raise IndexError(f"RANet has {self.num_exits} exits; exit_index {exit_index} is out of range")
+        schedule = self._block_schedule()
+        exit_blocks = [position for position, (flow, index) in enumerate(schedule)
+                       if self.scale_flows[flow][index]._blockType() == "norm"]
+        first = exit_blocks[exit_index - 1] + 1 if exit_index > 0 else 0
+        h, base, low, features = state["h"], list(state["base"]), dict(state["low"]), list(state["features"])
+        for flow, index in schedule[first:exit_blocks[exit_index] + 1]:
+            if index == 0 and flow > 0:  # a new, finer flow starts from its base features
+                low = dict(enumerate(features))
+                features = []
+                h = base.pop(0)
+            block = self.scale_flows[flow][index]
+            if block._blockType() == "up":
+                h, outputs = block(h, low.pop(index))
+            else:
+                h, outputs = block(h)
+            features.append(outputs)
+        flow = schedule[exit_blocks[exit_index]][0]
+        logits = self.classifier[exit_index](h)
+        last_flow = flow == self.nScales - 1
+        return logits, {"h": h, "base": base, "low": low, "features": [] if last_flow else features}
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        base_features = self.FirstLayer(x)
+        state = self.early_exit_start(x)
         logits = []
-        exit_index = 0
-        low_features: list[list[torch.Tensor]] = []
-        for flow in range(self.nScales):
-            h = base_features[flow]
-            flow_features = []
-            for index, block in enumerate(self.scale_flows[flow]):
-                if block._blockType() == "up":
-                    h, outputs = block(h, low_features[index])
-                else:
-                    h, outputs = block(h)
-                    logits.append(self.classifier[exit_index](h))
-                    exit_index += 1
-                flow_features.append(outputs)
-            low_features = flow_features
+        for exit_index in range(self.num_exits):
+            exit_logits, state = self.early_exit_stage(exit_index, state)
+            logits.append(exit_logits)
         return logits
 
 
