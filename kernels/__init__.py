@@ -8,5 +8,7 @@ which mode this import got.
 """
 
 from .exit_confidence import INTERPRETED, exit_confidence_triton
+from .exit_partition import exit_partition_triton
+from .scatter_exits import scatter_exits_triton
 
-__all__ = ["INTERPRETED", "exit_confidence_triton"]
+__all__ = ["INTERPRETED", "exit_confidence_triton", "exit_partition_triton", "scatter_exits_triton"]

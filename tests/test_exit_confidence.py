@@ -61,6 +61,7 @@ def special_logits(dtype):
             [inf, 1.0, inf, 2.0],  # infinite maximum: NaN confidence, first +inf
             [2.0, 5.0, 5.0, 1.0],  # tie: first index
             [-inf, 3.0, -inf, 0.0],  # -inf entries contribute nothing
+            [-inf, -inf, 3.0, 0.0],  # ... also several before the maximum (-inf - -inf is NaN)
             [7.0, 7.0, 7.0, 7.0],  # all equal: confidence 1/C, index 0
         ],
         dtype=dtype,

@@ -13,23 +13,25 @@
 
 namespace ranet_fast::ops {
 
-void check_exit_confidence_input(const at::Tensor& logits) {
+void check_exit_confidence_input(const at::Tensor& logits, const char* op_name) {
   TORCH_CHECK(
       logits.dim() == 2,
-      "ranet_fast::exit_confidence expects logits of shape [N, C], got ",
+      op_name,
+      " expects logits of shape [N, C], got ",
       logits.dim(),
       "-D tensor of shape ",
       logits.sizes());
   TORCH_CHECK(
       logits.size(1) >= 1,
-      "ranet_fast::exit_confidence needs at least one class (C >= 1), got shape ",
+      op_name,
+      " needs at least one class (C >= 1), got shape ",
       logits.sizes());
   const at::ScalarType dtype = logits.scalar_type();
   TORCH_CHECK(
       dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
           dtype == at::kDouble,
-      "ranet_fast::exit_confidence expects float16, bfloat16, float32 or "
-      "float64 logits, got ",
+      op_name,
+      " expects float16, bfloat16, float32 or float64 logits, got ",
       dtype);
 }
 

@@ -7,8 +7,11 @@ namespace ranet_fast::ops {
 
 // Rejects anything other than a floating [N, C] tensor with C >= 1. The Python
 // wrapper validates first with friendlier messages; this guards direct calls of
-// torch.ops.ranet_fast.exit_confidence.
-void check_exit_confidence_input(const at::Tensor& logits);
+// torch.ops.ranet_fast.exit_confidence (and of exit_partition, which takes the
+// same logits and passes its own name for the messages).
+void check_exit_confidence_input(
+    const at::Tensor& logits,
+    const char* op_name = "ranet_fast::exit_confidence");
 
 // Confidence is accumulated and returned in float for half, bfloat16 and float
 // logits and in double for double logits (at::opmath_type).

@@ -46,6 +46,17 @@ C10_HOST_DEVICE inline bool is_finite(acc_t x) {
       x >= std::numeric_limits<acc_t>::lowest();
 }
 
+// exp(d), the weight of a term d = x - max relative to the maximum, with NaN
+// counted as 0. d is NaN only for -inf - (-inf), +inf - (+inf) or a NaN
+// operand. In the last two cases the maximum stays non-finite for good and
+// the confidence is NaN whatever the sum. In the first, the -inf terms weigh
+// exactly 0 once a finite maximum arrives; a NaN there would poison the sum
+// (rows like [-inf, -inf, 3]).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t weight(acc_t d) {
+  return is_nan(d) ? acc_t(0) : exp_acc(d);
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline RowState<acc_t> empty_state() {
   return RowState<acc_t>{acc_t(0), acc_t(0), -1};
@@ -91,10 +102,9 @@ C10_HOST_DEVICE inline RowState<acc_t> combine(
   const RowState<acc_t>& winner = a_wins ? a : b;
   const RowState<acc_t>& loser = a_wins ? b : a;
   RowState<acc_t> merged = winner;
-  // Rescale the loser's sum to the winner's maximum. Non-finite maxima give
-  // NaN here, which confidence() overrides anyway.
+  // Rescale the loser's sum to the winner's maximum.
   merged.sum_exp = winner.sum_exp +
-      loser.sum_exp * exp_acc(loser.max_value - winner.max_value);
+      loser.sum_exp * weight(loser.max_value - winner.max_value);
   return merged;
 }
 
@@ -108,11 +118,11 @@ C10_HOST_DEVICE inline void update(RowState<acc_t>& state, acc_t x, int64_t colu
   if (takes_over) {
     state.sum_exp = state.index < 0
         ? acc_t(1)
-        : acc_t(1) + state.sum_exp * exp_acc(state.max_value - x);
+        : acc_t(1) + state.sum_exp * weight(state.max_value - x);
     state.max_value = x;
     state.index = column;
   } else {
-    state.sum_exp += exp_acc(x - state.max_value);
+    state.sum_exp += weight(x - state.max_value);
   }
 }
 

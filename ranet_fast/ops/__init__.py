@@ -1,6 +1,17 @@
 """Operators of ranet_fast with compiled, Triton and pure-PyTorch backends."""
 
 from .exit_confidence import exit_confidence, exit_confidence_reference
+from .exit_partition import exit_partition, exit_partition_reference
+from .scatter_exits import scatter_exits, scatter_exits_reference
 from .upsample_concat import upsample_concat, upsample_concat_reference
 
-__all__ = ["exit_confidence", "exit_confidence_reference", "upsample_concat", "upsample_concat_reference"]
+__all__ = [
+    "exit_confidence",
+    "exit_confidence_reference",
+    "exit_partition",
+    "exit_partition_reference",
+    "scatter_exits",
+    "scatter_exits_reference",
+    "upsample_concat",
+    "upsample_concat_reference",
+]

@@ -32,22 +32,25 @@ def _confidence_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def validate_logits(logits: object) -> None:
-    """Raises TypeError/ValueError unless ``logits`` is a floating [N, C] tensor, C >= 1."""
+def validate_logits(logits: object, op_name: str = "exit_confidence") -> None:
+    """Raises TypeError/ValueError unless ``logits`` is a floating [N, C] tensor, C >= 1.
+
+    ``op_name`` is the op the messages name (exit_partition validates the same way).
+    """
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"exit_confidence expects a torch.Tensor of logits, got {type(logits).__name__}")
+        raise TypeError(f"{op_name} expects a torch.Tensor of logits, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(
-            f"exit_confidence expects logits of shape [N, C]; got a {logits.dim()}-D tensor "
+            f"{op_name} expects logits of shape [N, C]; got a {logits.dim()}-D tensor "
             f"of shape {tuple(logits.shape)}"
         )
     if logits.shape[1] < 1:
         raise ValueError(
-            f"exit_confidence needs at least one class (C >= 1); got logits of shape {tuple(logits.shape)}"
+            f"{op_name} needs at least one class (C >= 1); got logits of shape {tuple(logits.shape)}"
         )
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            "exit_confidence supports float16, bfloat16, float32 and float64 logits; "
+            f"{op_name} supports float16, bfloat16, float32 and float64 logits; "
             f"got {logits.dtype}"
         )
 

@@ -1,0 +1,245 @@
+// CUDA kernels of ranet_fast::exit_partition, two launches on one stream:
+//
+// 1. confidences: one warp per row, as exit_confidence's kernel. Each lane
+//    folds a strided slice of the row's columns into a PartitionState and the
+//    32 partial states are merged with warp shuffles.
+// 2. stable partition: one block. N is a batch size (up to tens of
+//    thousands), so a single block looping over chunks of kThreads rows
+//    costs a few microseconds and needs no inter-block coordination. A first
+//    sweep counts the continuing rows (the leaving rows start after them); a
+//    second sweep computes each chunk's exclusive prefix sum of "continues"
+//    with a block scan, carries the running total across chunks and writes
+//    every row index to its slot of `order`. The count lands in num_continue
+//    on the device; nothing is copied to the host.
+#include "../exit_confidence.h"
+#include "../exit_partition.h"
+#include "../exit_partition_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+namespace ranet_fast::ops {
+
+namespace {
+
+namespace math = exit_partition_math;
+using math::Criterion;
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+// Threads of the partition block: the most a block may have, so that each
+// sweep over N rows takes the fewest chunks.
+constexpr int kPartitionThreads = 1024;
+constexpr int kPartitionWarps = kPartitionThreads / kWarpSize;
+
+template <typename acc_t>
+__device__ math::PartitionState<acc_t> shuffle_down(
+    const math::PartitionState<acc_t>& state,
+    int offset) {
+  math::PartitionState<acc_t> other;
+  other.row.max_value =
+      __shfl_down_sync(kFullWarpMask, state.row.max_value, offset);
+  other.row.sum_exp = __shfl_down_sync(kFullWarpMask, state.row.sum_exp, offset);
+  other.row.index = __shfl_down_sync(
+      kFullWarpMask, static_cast<long long>(state.row.index), offset);
+  other.weighted_sum =
+      __shfl_down_sync(kFullWarpMask, state.weighted_sum, offset);
+  return other;
+}
+
+template <Criterion criterion, typename scalar_t, typename acc_t>
+__global__ void confidence_warp_per_row_kernel(
+    const scalar_t* __restrict__ logits,
+    int64_t num_rows,
+    int64_t num_classes,
+    acc_t* __restrict__ confidence,
+    int64_t* __restrict__ prediction) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
+      threadIdx.x / kWarpSize;
+  // The whole warp shares `row`, so it leaves together and the full-mask
+  // shuffles below only ever run with all 32 lanes present.
+  if (row >= num_rows) {
+    return;
+  }
+  const scalar_t* row_logits = logits + row * num_classes;
+  math::PartitionState<acc_t> state = math::empty_state<acc_t>();
+  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
+    math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    state = math::combine<criterion>(state, shuffle_down(state, offset));
+  }
+  if (lane == 0) {
+    confidence[row] = math::confidence<criterion>(state, num_classes);
+    prediction[row] = state.row.index;
+  }
+}
+
+// Inclusive prefix sum of `value` over the block's threads in thread order;
+// also returns the block's total in `block_total`. Every thread of the block
+// must call it. `warp_sums` is shared scratch of kPartitionWarps entries.
+__device__ int block_inclusive_scan(int value, int* warp_sums, int& block_total) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int neighbour = __shfl_up_sync(kFullWarpMask, value, offset);
+    if (lane >= offset) {
+      value += neighbour;
+    }
+  }
+  if (lane == kWarpSize - 1) {
+    warp_sums[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    // kPartitionWarps == kWarpSize, so one warp scans the warp totals.
+    int warp_total = warp_sums[lane];
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const int neighbour = __shfl_up_sync(kFullWarpMask, warp_total, offset);
+      if (lane >= offset) {
+        warp_total += neighbour;
+      }
+    }
+    warp_sums[lane] = warp_total;
+  }
+  __syncthreads();
+  if (warp > 0) {
+    value += warp_sums[warp - 1];
+  }
+  block_total = warp_sums[kPartitionWarps - 1];
+  // warp_sums is overwritten by the next call.
+  __syncthreads();
+  return value;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
+    const acc_t* __restrict__ confidence,
+    int64_t num_rows,
+    acc_t threshold,
+    int64_t* __restrict__ order,
+    int64_t* __restrict__ num_continue_out) {
+  static_assert(
+      kPartitionWarps == kWarpSize, "the second scan level is one warp wide");
+  __shared__ int warp_sums[kPartitionWarps];
+  int chunk_total = 0;
+
+  int64_t num_continue = 0;
+  for (int64_t start = 0; start < num_rows; start += kPartitionThreads) {
+    const int64_t row = start + threadIdx.x;
+    const int continues =
+        row < num_rows && !math::leaves(confidence[row], threshold) ? 1 : 0;
+    block_inclusive_scan(continues, warp_sums, chunk_total);
+    num_continue += chunk_total;
+  }
+
+  int64_t continuing_before_chunk = 0;
+  for (int64_t start = 0; start < num_rows; start += kPartitionThreads) {
+    const int64_t row = start + threadIdx.x;
+    const bool valid = row < num_rows;
+    const bool leaves_now = valid && math::leaves(confidence[row], threshold);
+    const int continues = valid && !leaves_now ? 1 : 0;
+    const int inclusive = block_inclusive_scan(continues, warp_sums, chunk_total);
+    if (valid) {
+      const int64_t continuing_before =
+          continuing_before_chunk + inclusive - continues;
+      order[math::partition_destination(
+          leaves_now, row, continuing_before, num_continue)] = row;
+    }
+    continuing_before_chunk += chunk_total;
+  }
+  if (threadIdx.x == 0) {
+    *num_continue_out = num_continue;
+  }
+}
+
+template <Criterion criterion, typename scalar_t>
+void launch_confidence(
+    const at::Tensor& input,
+    at::Tensor& confidence,
+    at::Tensor& prediction,
+    cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_rows = input.size(0);
+  const int64_t num_blocks = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(
+      num_blocks <= std::numeric_limits<int>::max(),
+      "exit_partition_cuda: too many rows (",
+      num_rows,
+      ")");
+  confidence_warp_per_row_kernel<criterion, scalar_t, acc_t>
+      <<<static_cast<unsigned>(num_blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(),
+          num_rows,
+          input.size(1),
+          confidence.mutable_data_ptr<acc_t>(),
+          prediction.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_partition_cuda(
+    const at::Tensor& logits,
+    double threshold,
+    c10::string_view criterion_name) {
+  check_exit_partition_input(logits, threshold);
+  const Criterion criterion = parse_criterion(criterion_name);
+  TORCH_CHECK(
+      logits.device().is_cuda(),
+      "exit_partition_cuda got a tensor on ",
+      logits.device());
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const at::Tensor input = logits.contiguous();
+  const int64_t num_rows = input.size(0);
+  at::Tensor confidence = at::empty(
+      {num_rows},
+      input.options().dtype(exit_confidence_output_dtype(input.scalar_type())));
+  at::Tensor prediction = at::empty({num_rows}, input.options().dtype(at::kLong));
+  at::Tensor order = at::empty({num_rows}, input.options().dtype(at::kLong));
+  at::Tensor num_continue = at::empty({}, input.options().dtype(at::kLong));
+  // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
+  // forwards to; ATen/cuda/CUDAContext.h would also pull in cuBLAS/cuSPARSE
+  // headers that a minimal CUDA toolkit lacks.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "exit_partition_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (num_rows > 0) {
+          if (criterion == Criterion::kEntropy) {
+            launch_confidence<Criterion::kEntropy, scalar_t>(
+                input, confidence, prediction, stream);
+          } else {
+            launch_confidence<Criterion::kMaxSoftmax, scalar_t>(
+                input, confidence, prediction, stream);
+          }
+        }
+        // Launched for N == 0 too: it writes num_continue = 0. The threshold
+        // is rounded to the confidence's type once, on the host, as
+        // `tensor >= float` does in PyTorch.
+        stable_partition_kernel<acc_t><<<1, kPartitionThreads, 0, stream>>>(
+            confidence.const_data_ptr<acc_t>(),
+            num_rows,
+            static_cast<acc_t>(threshold),
+            order.mutable_data_ptr<int64_t>(),
+            num_continue.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {confidence, prediction, order, num_continue};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
+  m.impl("exit_partition", &exit_partition_cuda);
+}
+
+} // namespace ranet_fast::ops

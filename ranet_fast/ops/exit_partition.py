@@ -1,0 +1,153 @@
+"""exit_partition: which samples leave at an exit, as a stable partition.
+
+For logits of shape [N, C], a threshold and a criterion the op returns
+
+* ``confidence[N]`` -- float32 (float64 for float64 logits):
+  ``"max_softmax"``: the largest softmax probability (as exit_confidence);
+  ``"entropy"``: ``1 - H(p) / log C`` with ``H(p) = -sum_c p_c log p_c`` the
+  natural-log entropy of the softmax (``0 log 0 = 0``), in [0, 1], higher is
+  more confident; 1 when C == 1;
+* ``prediction[N]`` -- the argmax of each row (int64, as torch.argmax);
+* ``order[N]`` -- int64, the indices of the continuing samples in increasing
+  order followed by those of the leaving samples in increasing order;
+* ``num_continue`` -- a 0-dim int64 tensor on the logits' device: how many
+  samples continue. The op never synchronises with the host; the caller reads
+  ``int(num_continue)`` once per exit to slice ``order[:num_continue]``.
+
+A sample leaves when ``confidence >= threshold``, compared in the confidence's
+dtype (as ``tensor >= float`` in PyTorch). A NaN confidence (a row with a NaN,
+a +inf or only -inf logits) never leaves. The threshold -inf lets every other
+sample leave, +inf keeps all; a NaN threshold is refused.
+
+Like exit_confidence this is a decision, not a training signal: the input is
+detached and the outputs never require grad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _extension
+from .exit_confidence import exit_confidence_reference, validate_logits
+
+OP_NAME = "ranet_fast::exit_partition"
+TRITON_OP_NAME = "ranet_fast::exit_partition_triton"
+CRITERIA = ("max_softmax", "entropy")
+
+
+def _confidence_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def validate_exit_partition_args(logits: object, threshold: object, criterion: object) -> None:
+    """Raises TypeError/ValueError naming the bad argument."""
+    validate_logits(logits, op_name="exit_partition")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymFloat)):
+        raise TypeError(f"exit_partition expects threshold to be a Python float, got {type(threshold).__name__}")
+    # Not math.isnan: under torch.compile(dynamic=True) the threshold is a
+    # SymFloat, which the comparison handles and math.isnan does not.
+    if threshold != threshold:
+        raise ValueError("exit_partition: threshold is NaN; use -inf (every sample leaves) or +inf (none leaves)")
+    if criterion not in CRITERIA:
+        raise ValueError(f"exit_partition: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def _entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
+    probabilities = torch.softmax(logits.to(_confidence_dtype(logits.dtype)), dim=1)
+    # xlogy(0, 0) == 0: classes with zero probability add nothing.
+    entropy = -torch.special.xlogy(probabilities, probabilities).sum(dim=1)
+    num_classes = logits.shape[1]
+    # For C == 1 the entropy is 0 (or NaN), and log C would divide by zero.
+    confidence = 1.0 - (entropy / math.log(num_classes) if num_classes > 1 else entropy)
+    # The exact value lies in [0, 1]; rounding can step just outside (a uniform
+    # row's computed entropy can exceed the computed log C). clamp keeps NaN.
+    return confidence.clamp(0.0, 1.0)
+
+
+def stable_partition(leaves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, num_continue) for a bool [N] mask of leaving samples, without a host sync."""
+    # A stable sort on the 0/1 key puts continuing (0) before leaving (1)
+    # samples and keeps increasing indices within each group.
+    order = torch.argsort(leaves.to(torch.uint8), stable=True)
+    num_continue = (~leaves).sum(dtype=torch.int64)
+    return order, num_continue
+
+
+def exit_partition_reference(
+    logits: torch.Tensor, threshold: float, criterion: str = "max_softmax"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch exit_partition: the definition the kernels are tested against.
+
+    Computes the confidence in float32 (float64 for float64 logits). Runs on
+    any device; also the fallback when no compiled or Triton kernel applies.
+    """
+    validate_exit_partition_args(logits, threshold, criterion)
+    logits = logits.detach()
+    if criterion == "max_softmax":
+        confidence, prediction = exit_confidence_reference(logits)
+    else:
+        confidence = _entropy_confidence(logits)
+        prediction = torch.argmax(logits, dim=1)
+    order, num_continue = stable_partition(confidence >= threshold)
+    return confidence, prediction, order, num_continue
+
+
+def _fake_exit_partition(
+    logits: torch.Tensor, threshold: float, criterion: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch._check(logits.dim() == 2, lambda: f"expected [N, C] logits, got shape {tuple(logits.shape)}")
+    torch._check(logits.shape[1] >= 1, lambda: "exit_partition needs C >= 1")
+    num_rows = logits.shape[0]
+    confidence = logits.new_empty(num_rows, dtype=_confidence_dtype(logits.dtype))
+    prediction = logits.new_empty(num_rows, dtype=torch.int64)
+    order = logits.new_empty(num_rows, dtype=torch.int64)
+    num_continue = logits.new_empty((), dtype=torch.int64)
+    return confidence, prediction, order, num_continue
+
+
+if _extension.extension_loaded():
+    torch.library.register_fake(OP_NAME)(_fake_exit_partition)
+
+
+@torch.library.custom_op(TRITON_OP_NAME, mutates_args=())
+def _exit_partition_triton(
+    logits: torch.Tensor, threshold: float, criterion: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op so that torch.compile treats the Triton launches as one opaque call.
+    return _extension.triton_kernels().exit_partition_triton(logits, threshold, criterion)
+
+
+_exit_partition_triton.register_fake(_fake_exit_partition)
+
+
+def exit_partition(
+    logits: torch.Tensor, threshold: float, criterion: str = "max_softmax", backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Confidence, prediction and the stable continue/leave partition of [N, C] logits.
+
+    Args:
+        logits: float16/bfloat16/float32/float64 tensor of shape [N, C], C >= 1,
+            any strides. Its autograd history is ignored.
+        threshold: a sample leaves when its confidence >= threshold; not NaN.
+        criterion: "max_softmax" or "entropy" (see the module docstring).
+        backend: None (automatic, or the RANET_FAST_BACKEND environment variable),
+            "cuda", "triton", "cpu" or "reference"; see ranet_fast._extension.
+
+    Returns:
+        (confidence, prediction, order, num_continue) on the logits' device:
+        [N] float32 (float64 for float64 logits), [N] int64, [N] int64 and a
+        0-dim int64 tensor.
+    """
+    validate_exit_partition_args(logits, threshold, criterion)
+    chosen = _extension.resolve_backend("exit_partition", logits, backend, triton_module="exit_partition")
+    logits = logits.detach()
+    if isinstance(threshold, int):
+        # The schemas take a float; a SymFloat stays symbolic under torch.compile.
+        threshold = float(threshold)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.ranet_fast.exit_partition(logits, threshold, criterion)
+    if chosen == "triton":
+        return _exit_partition_triton(logits, threshold, criterion)
+    return exit_partition_reference(logits, threshold, criterion)

@@ -1,0 +1,463 @@
+"""exit_partition: every available backend against the float64 reference.
+
+Decisions (order, num_continue) are compared exactly with the float64
+reference only for thresholds that no confidence comes near (midpoints of wide
+gaps between the reference's confidences), since a float32 confidence may
+legitimately round across a threshold it nearly touches. Every call is also
+checked for self-consistency at any threshold: order must be the stable
+partition of the op's own ``confidence >= threshold``.
+
+The Triton kernels run on CPU tensors under the Triton interpreter in a
+subprocess (see tests/test_exit_confidence.py for why).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ranet_fast import _extension
+from ranet_fast.ops import exit_partition, exit_partition_reference
+
+CRITERIA = ("max_softmax", "entropy")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SHAPES = [(0, 10), (1, 1), (1, 10), (7, 1), (64, 10), (33, 100), (16, 1000), (5000, 10)]
+NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
+NO_GPU = "no GPU"
+
+# Backends accumulate in float32 from the same input values the reference sees.
+# max_softmax: as exit_confidence. entropy: confidence = 1 - H / log C, so an
+# absolute error of H of a few float32 ulps summed over C classes (measured up
+# to 1.3e-6 for C = 2500; the float32 reference itself is off by 3e-7) is an
+# absolute error of the confidence; near-uniform rows have confidence ~0, where
+# only an absolute tolerance can hold.
+TOLERANCE = {
+    "max_softmax": dict(rtol=1e-5, atol=1e-7),
+    "entropy": dict(rtol=1e-5, atol=2e-6),
+}
+FLOAT64_TOLERANCE = dict(rtol=1e-12, atol=1e-12)
+# Gaps between reference confidences wider than this hold a threshold no
+# backend's rounding can cross.
+SAFE_GAP = 1e-4
+
+
+def random_logits(shape, dtype, seed, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def seed_of(*parts):
+    return zlib.crc32(repr(parts).encode())
+
+
+def special_logits(dtype):
+    nan, inf = float("nan"), float("inf")
+    return torch.tensor(
+        [
+            [1.0, nan, 3.0, nan],  # NaN: confidence NaN (never leaves), argmax first NaN
+            [-inf, -inf, -inf, -inf],  # all -inf: NaN
+            [inf, 1.0, inf, 2.0],  # infinite maximum: NaN, first +inf
+            [2.0, 5.0, 5.0, 1.0],  # tie: first index
+            [-inf, -inf, 3.0, 0.0],  # -inf entries contribute nothing (0 log 0 = 0)
+            [7.0, 7.0, 7.0, 7.0],  # uniform: entropy confidence 0
+            [0.0, -inf, -inf, -inf],  # one finite class: confidence 1 for both criteria
+            [9.0, -2.0, 0.5, 1.0],
+        ],
+        dtype=dtype,
+    )
+
+
+def separating_thresholds(reference_confidence):
+    """Thresholds at the middle of wide gaps of the reference confidences, near 1/4, 1/2, 3/4."""
+    values = torch.unique(reference_confidence[~reference_confidence.isnan()]).tolist()
+    thresholds = []
+    for fraction in (0.25, 0.5, 0.75):
+        target = int(fraction * len(values))
+        candidates = [k for k in range(1, len(values)) if values[k] - values[k - 1] > SAFE_GAP]
+        if candidates:
+            k = min(candidates, key=lambda k: abs(k - target))
+            thresholds.append((values[k - 1] + values[k]) / 2)
+    return thresholds
+
+
+def expected_partition(confidence, threshold):
+    leaves = confidence >= threshold
+    indices = torch.arange(confidence.shape[0], device=confidence.device)
+    return torch.cat([indices[~leaves], indices[leaves]]), int((~leaves).sum())
+
+
+def check_outputs(logits, threshold, criterion, outputs, exact_decisions=True):
+    """Compares one call's outputs with the float64 reference and with themselves."""
+    confidence, prediction, order, num_continue = outputs
+    num_rows = logits.shape[0]
+    expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert confidence.dtype == expected_dtype and confidence.shape == (num_rows,)
+    assert prediction.dtype == order.dtype == num_continue.dtype == torch.int64
+    assert prediction.shape == order.shape == (num_rows,) and num_continue.shape == ()
+    for tensor in outputs:
+        assert tensor.device == logits.device and not tensor.requires_grad
+    reference = exit_partition_reference(logits.detach().cpu().double(), threshold, criterion)
+    tolerance = FLOAT64_TOLERANCE if logits.dtype == torch.float64 else TOLERANCE[criterion]
+    torch.testing.assert_close(confidence.cpu().double(), reference[0], equal_nan=True, **tolerance)
+    assert torch.equal(prediction.cpu(), reference[1])
+    # Self-consistency holds for every threshold, including one a confidence equals.
+    own_order, own_num_continue = expected_partition(confidence.cpu(), threshold)
+    assert torch.equal(order.cpu(), own_order)
+    assert int(num_continue) == own_num_continue
+    if exact_decisions:
+        assert torch.equal(order.cpu(), reference[2])
+        assert torch.equal(num_continue.cpu(), reference[3])
+
+
+def check_all_thresholds(logits, criterion, backend):
+    reference_confidence = exit_partition_reference(logits.detach().cpu().double(), 0.0, criterion)[0]
+    thresholds = [-math.inf, math.inf, -1e300, 1e300, 0.0, 1.0] + separating_thresholds(reference_confidence)
+    leaving_counts = set()
+    for threshold in thresholds:
+        outputs = exit_partition(logits, threshold, criterion, backend=backend)
+        # 0.0 and 1.0 are exactly attained confidences (entropy of uniform and
+        # one-class rows): compare those decisions only with the op itself.
+        check_outputs(logits, threshold, criterion, outputs, exact_decisions=threshold not in (0.0, 1.0))
+        leaving_counts.add(logits.shape[0] - int(outputs[3]))
+    return leaving_counts
+
+
+# ---------------------------------------------------------------------------
+# In-process backends.
+# ---------------------------------------------------------------------------
+
+
+def _in_process_backends():
+    has_gpu = torch.cuda.is_available()
+    return [
+        pytest.param(("reference", "cpu"), id="reference"),
+        pytest.param(
+            ("cpu", "cpu"),
+            id="cpu-extension",
+            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
+        ),
+        pytest.param(
+            ("cuda", "cuda"),
+            id="cuda-extension",
+            marks=pytest.mark.skipif(
+                not (has_gpu and _extension.extension_built_with_cuda()),
+                reason=NO_GPU if not has_gpu else "extension built without CUDA",
+            ),
+        ),
+        pytest.param(
+            ("triton", "cuda"),
+            id="triton-gpu",
+            marks=pytest.mark.skipif(not has_gpu, reason=NO_GPU),
+        ),
+    ]
+
+
+@pytest.fixture(params=_in_process_backends())
+def backend_and_device(request):
+    return request.param
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_backend_matches_reference(backend_and_device, shape, dtype, criterion):
+    backend, device = backend_and_device
+    logits = random_logits(shape, dtype, seed_of(shape, dtype, criterion)).to(device)
+    leaving_counts = check_all_thresholds(logits, criterion, backend)
+    # -inf sends everyone out, +inf no one; some threshold splits a real batch
+    # (with C == 1 every confidence is 1, so nothing can split it).
+    assert {0, shape[0]} <= leaving_counts
+    if shape[0] >= 7 and shape[1] > 1:
+        assert len(leaving_counts) > 2
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_backend_ties(backend_and_device, criterion):
+    backend, device = backend_and_device
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randint(-2, 3, (300, 6), generator=generator).float().to(device)
+    row_maxima = logits.max(dim=1, keepdim=True).values
+    assert ((logits == row_maxima).sum(dim=1) > 1).any()
+    check_all_thresholds(logits, criterion, backend)
+    # Equal rows have equal confidences: a threshold equal to one of them sends
+    # every such row out, in increasing order after the continuing ones.
+    confidence = exit_partition(logits, 0.0, criterion, backend=backend)[0]
+    threshold = float(confidence[0])
+    outputs = exit_partition(logits, threshold, criterion, backend=backend)
+    check_outputs(logits, threshold, criterion, outputs, exact_decisions=False)
+    assert 0 in outputs[2][int(outputs[3]) :].tolist()
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backend_non_finite_rows(backend_and_device, dtype, criterion):
+    backend, device = backend_and_device
+    logits = special_logits(dtype).to(device)
+    for threshold in (-math.inf, 0.5, math.inf):
+        outputs = exit_partition(logits, threshold, criterion, backend=backend)
+        check_outputs(logits, threshold, criterion, outputs)
+    # NaN confidences never leave, not even at -inf: rows 0, 1, 2 continue.
+    confidence, _, order, num_continue = exit_partition(logits, -math.inf, criterion, backend=backend)
+    assert confidence[:3].isnan().all() and not confidence[3:].isnan().any()
+    assert int(num_continue) == 3 and order.tolist() == list(range(8))
+    if criterion == "entropy":
+        assert confidence[5].item() == pytest.approx(0.0, abs=1e-6)
+        assert confidence[6].item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_backend_non_contiguous_logits(backend_and_device, criterion):
+    backend, device = backend_and_device
+    every_other_column = random_logits((40, 300), torch.float32, seed=3).to(device)[:, ::2]
+    transposed = random_logits((100, 40), torch.float16, seed=4).to(device).t()
+    every_third_row = random_logits((90, 10), torch.bfloat16, seed=5).to(device)[::3]
+    for logits in (every_other_column, transposed, every_third_row):
+        assert not logits.is_contiguous()
+        check_all_thresholds(logits, criterion, backend)
+
+
+def test_backend_ignores_autograd_history(backend_and_device):
+    backend, device = backend_and_device
+    logits = random_logits((6, 5), torch.float32, seed=6).to(device).requires_grad_()
+    outputs = exit_partition(logits * 2, 0.5, "entropy", backend=backend)
+    check_outputs((logits * 2).detach(), 0.5, "entropy", outputs)
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@settings(max_examples=60, deadline=None)
+@given(
+    num_rows=st.integers(0, 300),
+    num_classes=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    criterion=st.sampled_from(CRITERIA),
+    scale=st.sampled_from([0.01, 1.0, 30.0]),
+    threshold=st.floats(min_value=-0.1, max_value=1.1) | st.sampled_from([-math.inf, math.inf]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_extension_partition_properties(num_rows, num_classes, dtype, criterion, scale, threshold, seed):
+    logits = random_logits((num_rows, num_classes), dtype, seed, scale)
+    confidence, _, order, num_continue = outputs = exit_partition(logits, threshold, criterion, backend="cpu")
+    num_continue = int(num_continue)
+    # A permutation: every sample exactly once.
+    assert sorted(order.tolist()) == list(range(num_rows))
+    continuing, leaving = order[:num_continue], order[num_continue:]
+    # Stable: increasing within each group.
+    assert (continuing.diff() > 0).all() and (leaving.diff() > 0).all()
+    assert (confidence[leaving] >= threshold).all()
+    assert not (confidence[continuing] >= threshold).any()
+    check_outputs(logits, threshold, criterion, outputs, exact_decisions=False)
+
+
+# ---------------------------------------------------------------------------
+# Triton on CPU tensors under the interpreter (subprocess).
+# ---------------------------------------------------------------------------
+
+_TRITON_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, traceback
+    import torch
+    from ranet_fast import _extension
+    from ranet_fast.ops import exit_partition
+
+    cases = torch.load(sys.argv[1])
+    report = {"interpreted": _extension.triton_kernels().INTERPRETED}
+    outputs = {
+        name: exit_partition(logits, threshold, criterion, backend="triton")
+        for name, (logits, threshold, criterion) in cases.items()
+    }
+    torch.save(outputs, sys.argv[2])
+
+    logits = cases["opcheck"][0]
+    try:
+        for criterion in ("max_softmax", "entropy"):
+            torch.library.opcheck(torch.ops.ranet_fast.exit_partition_triton.default, (logits, 0.4, criterion))
+        report["opcheck"] = "ok"
+    except Exception:
+        report["opcheck"] = traceback.format_exc()
+
+    graph_ops = []
+    def recording_backend(graph_module, example_inputs):
+        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+    compiled = torch.compile(
+        lambda x: exit_partition(x, 0.4, "entropy", backend="triton"), fullgraph=True, backend=recording_backend
+    )
+    expected = exit_partition(logits, 0.4, "entropy", backend="triton")
+    report["compiled_equal"] = all(torch.equal(a, b) for a, b in zip(compiled(logits), expected))
+    report["graph_ops"] = graph_ops
+    print(json.dumps(report))
+    """
+)
+
+
+def _triton_cases():
+    cases = {}
+    for criterion in CRITERIA:
+        for shape in SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                logits = random_logits(shape, dtype, seed_of(shape, dtype, criterion, "triton"))
+                reference = exit_partition_reference(logits.double(), 0.0, criterion)[0]
+                for threshold in [-math.inf, math.inf] + separating_thresholds(reference)[1:2]:
+                    cases[f"{criterion}-{shape}-{dtype}-{threshold}"] = (logits, threshold, criterion)
+        cases[f"{criterion}-float64"] = (random_logits((9, 1000), torch.float64, seed=100), 0.3, criterion)
+        cases[f"{criterion}-special"] = (special_logits(torch.float32), 0.5, criterion)
+        cases[f"{criterion}-special-everyone"] = (special_logits(torch.float16), -math.inf, criterion)
+        cases[f"{criterion}-strided"] = (random_logits((40, 300), torch.float32, seed=3)[:, ::2], 0.1, criterion)
+        cases[f"{criterion}-transposed"] = (random_logits((100, 40), torch.float16, seed=4).t(), 0.5, criterion)
+    cases["opcheck"] = (random_logits((8, 10), torch.float32, seed=10), 0.4, "max_softmax")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter_run(tmp_path_factory):
+    if _extension.triton_import_error() is not None:
+        pytest.skip(_extension.triton_import_error())
+    directory = tmp_path_factory.mktemp("triton_interpreter")
+    cases = _triton_cases()
+    torch.save(cases, directory / "cases.pt")
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    environment.pop("RANET_FAST_BACKEND", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", _TRITON_INTERPRETER_SCRIPT, str(directory / "cases.pt"), str(directory / "out.pt")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    return cases, torch.load(directory / "out.pt"), report
+
+
+@pytest.mark.parametrize("case", list(_triton_cases()))
+def test_triton_interpreter_matches_reference(triton_interpreter_run, case):
+    cases, outputs, report = triton_interpreter_run
+    assert report["interpreted"]
+    logits, threshold, criterion = cases[case]
+    check_outputs(logits, threshold, criterion, outputs[case])
+
+
+def test_triton_op_passes_opcheck(triton_interpreter_run):
+    assert triton_interpreter_run[2]["opcheck"] == "ok"
+
+
+def test_triton_op_compiles_fullgraph(triton_interpreter_run):
+    report = triton_interpreter_run[2]
+    assert report["compiled_equal"]
+    assert any(op.startswith("ranet_fast.exit_partition_triton") for op in report["graph_ops"])
+
+
+# ---------------------------------------------------------------------------
+# torch.library integration of the compiled op.
+# ---------------------------------------------------------------------------
+
+needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+
+
+@needs_extension
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize(
+    "logits",
+    [
+        random_logits((8, 10), torch.float32, seed=11),
+        random_logits((0, 3), torch.bfloat16, seed=12),
+        random_logits((7, 20), torch.float16, seed=13)[:, ::3],
+        random_logits((5, 1), torch.float64, seed=14),
+    ],
+    ids=["float32", "empty-bfloat16", "strided-float16", "float64-one-class"],
+)
+def test_compiled_op_passes_opcheck(logits, criterion):
+    torch.library.opcheck(torch.ops.ranet_fast.exit_partition.default, (logits, 0.3, criterion))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.skipif(not _extension.extension_built_with_cuda(), reason="extension built without CUDA")
+def test_cuda_op_passes_opcheck():
+    logits = random_logits((8, 10), torch.float16, seed=15).cuda()
+    for criterion in CRITERIA:
+        torch.library.opcheck(torch.ops.ranet_fast.exit_partition.default, (logits, 0.3, criterion))
+
+
+@needs_extension
+def test_compiled_op_under_torch_compile_fullgraph():
+    graph_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    def decide(logits, threshold):
+        confidence, prediction, order, num_continue = exit_partition(logits, threshold, "entropy")
+        return confidence, prediction, order, num_continue + 0
+
+    compiled = torch.compile(decide, fullgraph=True, dynamic=True, backend=recording_backend)
+    for num_rows, threshold in ((5, 0.3), (12, 0.6)):
+        logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
+        for got, expected in zip(compiled(logits, threshold), decide(logits, threshold)):
+            assert torch.equal(got, expected)
+    assert any(op.startswith("ranet_fast.exit_partition") for op in graph_ops)
+
+
+@needs_extension
+def test_compiled_op_rejects_bad_input_itself():
+    # Direct torch.ops calls bypass the Python validation; the kernel must still refuse.
+    with pytest.raises(RuntimeError, match=r"exit_partition expects logits of shape \[N, C\]"):
+        torch.ops.ranet_fast.exit_partition(torch.randn(3), 0.5, "entropy")
+    with pytest.raises(RuntimeError, match=r"C >= 1"):
+        torch.ops.ranet_fast.exit_partition(torch.randn(3, 0), 0.5, "entropy")
+    with pytest.raises(RuntimeError, match=r"float16, bfloat16, float32 or float64"):
+        torch.ops.ranet_fast.exit_partition(torch.ones(3, 4, dtype=torch.int32), 0.5, "entropy")
+    with pytest.raises(RuntimeError, match=r"unknown criterion 'margin'"):
+        torch.ops.ranet_fast.exit_partition(torch.randn(3, 4), 0.5, "margin")
+    with pytest.raises(RuntimeError, match=r"threshold is NaN"):
+        torch.ops.ranet_fast.exit_partition(torch.randn(3, 4), math.nan, "entropy")
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_bad_input_raises_clear_error(backend):
+    logits = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"exit_partition expects logits of shape \[N, C\]; got a 1-D tensor"):
+        exit_partition(torch.randn(10), 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"exit_partition needs at least one class \(C >= 1\)"):
+        exit_partition(torch.randn(4, 0), 0.5, backend=backend)
+    with pytest.raises(TypeError, match=r"exit_partition supports float16, bfloat16, float32 and float64 logits"):
+        exit_partition(torch.ones(4, 3, dtype=torch.int64), 0.5, backend=backend)
+    with pytest.raises(TypeError, match=r"expects a torch.Tensor of logits, got list"):
+        exit_partition([[1.0, 2.0]], 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        exit_partition(logits, math.nan, backend=backend)
+    with pytest.raises(TypeError, match=r"threshold to be a Python float, got Tensor"):
+        exit_partition(logits, torch.tensor(0.5), backend=backend)
+    with pytest.raises(TypeError, match=r"threshold to be a Python float, got bool"):
+        exit_partition(logits, True, backend=backend)
+    with pytest.raises(ValueError, match=r"unknown criterion 'margin'; choose one of max_softmax, entropy"):
+        exit_partition(logits, 0.5, "margin", backend=backend)
+
+
+def test_integer_threshold_is_accepted():
+    logits = random_logits((20, 5), torch.float32, seed=21)
+    for got, expected in zip(exit_partition(logits, 1), exit_partition(logits, 1.0)):
+        assert torch.equal(got, expected)
+
+
+def test_reference_definition_of_entropy():
+    # Independent of softmax: H = -sum p log p with p = exp(x) / sum exp(x).
+    logits = random_logits((50, 17), torch.float64, seed=22)
+    probabilities = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)
+    entropy = -(probabilities * torch.log(probabilities)).sum(dim=1)
+    confidence = exit_partition_reference(logits, 0.5, "entropy")[0]
+    torch.testing.assert_close(confidence, 1 - entropy / math.log(17), **FLOAT64_TOLERANCE)
+    assert ((confidence > 0) & (confidence < 1)).all()
