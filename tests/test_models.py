@@ -7,21 +7,17 @@ train-mode forward and op_counter FLOPs. The weights are regenerated here from t
 """
 
 import argparse
-import copy
 
 import pytest
 import torch
 
-from golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, deterministic_state_dict, golden_input, image_size,
-                           load_golden, make_args, state_dict_fingerprint)
+from golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, assert_eval_logits_match,
+                           assert_train_forward_matches, golden_input, golden_weights, image_size, load_golden,
+                           make_args, state_dict_fingerprint)
 from ranet_fast import count_flops
 from ranet_fast.models import RANet, ranet_config, validate_args
 
 NAMES = sorted(CONFIGS)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -30,10 +26,7 @@ def golden_case(request):
     and the recorded weights; each test loads the weights afresh before using the model."""
     name = request.param
     golden = load_golden(name)
-    layout = [(key, tuple(shape)) for key, shape in golden["keys_and_shapes"]]
-    weights = deterministic_state_dict(layout, golden["weight_seed"])
-    assert torch.equal(state_dict_fingerprint(weights, [k for k, _ in layout]), golden["weight_fingerprint"]), \
-        "the deterministic weight generator changed; the golden data no longer applies"
+    layout, weights = golden_weights(golden)
     args = make_args(name)
     model = RANet(args)
     assert args.num_exits == golden["num_exits"]
@@ -48,44 +41,13 @@ def test_state_dict_layout_is_official(golden_case):
 def test_eval_logits_equal_official(golden_case):
     name, golden, _, weights, model = golden_case
     model.load_state_dict(weights, strict=True)
-    model.eval()
-    with torch.no_grad():
-        logits = model(golden_input(name))
-    assert len(logits) == golden["num_exits"]
-    for exit_index, (ours, official) in enumerate(zip(logits, golden["eval_logits"])):
-        assert ours.shape == official.shape
-        assert relative_error(ours, official) < 1e-5, f"exit {exit_index}"
+    assert_eval_logits_match(model, golden, golden_input(name))
 
 
 def test_train_logits_and_running_statistics_equal_official(golden_case):
     name, golden, _, weights, model = golden_case
     model.load_state_dict(weights, strict=True)
-    model.train()
-    reference = copy.deepcopy(model).double()
-    with torch.no_grad():
-        logits = model(golden_input(name))
-        exact = reference(golden_input(name).double())
-    for exit_index, (ours, official, truth) in enumerate(zip(logits, golden["train_logits"], exact)):
-        # Train-mode BN over the 2 to 4 golden images divides by tiny batch deviations, so the
-        # fp32 rounding of ~50 layers grows past 1e-5 at the ImageNet exits (measured: 1.2e-5
-        # between our fp32 and fp64 logits, 1.7e-5 between the official fp32 ones and our fp64
-        # ones). The bound is 1e-5 or three times that measured fp32 noise, whichever is larger.
-        noise = relative_error(ours.double(), truth)
-        assert relative_error(ours, official) < max(1e-5, 3 * noise), f"exit {exit_index}"
-    state = model.state_dict()
-    assert golden["train_running_stats"], "golden file holds no running statistics"
-    for key, official in golden["train_running_stats"].items():
-        if official.dtype == torch.int64:
-            assert torch.equal(state[key], official), key
-        elif key.endswith("running_mean"):
-            # A batch mean's rounding error scales with the spread of the values averaged, not with
-            # the mean, which cancellation can make tiny (measured here: 1e-8 absolute on a mean of
-            # 1e-3, whose fp32 summands are O(1)). The layer's running variance bounds that spread.
-            spread = golden["train_running_stats"][key[:-len("mean")] + "var"].sqrt().max()
-            scale = torch.maximum(official.abs().max(), spread)
-            assert ((state[key] - official).abs().max() / scale).item() < 1e-5, key
-        else:
-            assert relative_error(state[key], official) < 1e-5, key
+    assert_train_forward_matches(model, golden, golden_input(name))
 
 
 def test_flops_equal_official_op_counter(golden_case):

@@ -1,7 +1,7 @@
 """Shared definitions of the golden reference data (used by make_golden.py and by the tests).
 
-The golden files were produced by the official RANet code (yangle15/RANet-pytorch), which is not
-part of this repository. They hold only what that code computed: state_dict layout, per-exit
+The golden files were produced by the official RANet code (yangle15/RANet-pytorch) and the
+official MSDNet code (kalviny/MSDNet-PyTorch), neither of which is part of this repository. They hold only what that code computed: state_dict layout, per-exit
 logits in eval and train mode, BatchNorm running statistics and op_counter FLOPs. The weights and
 inputs are not stored; they are regenerated here from fixed seeds, so a test rebuilds exactly the
 same weights for its own model from the recorded key/shape list.
@@ -10,6 +10,7 @@ same weights for its own model from the recorded key/shape list.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 from typing import Any
@@ -23,6 +24,9 @@ INPUT_SEED = 7
 # Seed before building a model whose own initialisation is compared (initial_weights.pt).
 INIT_SEED = 0
 INITIAL_WEIGHTS_PATH = os.path.join(GOLDEN_DIR, "initial_weights.pt")
+# One initial-weights file per architecture (RANet's keeps its original name).
+INITIAL_WEIGHTS_PATHS = {"RANet": INITIAL_WEIGHTS_PATH,
+                         "MSDNet": os.path.join(GOLDEN_DIR, "msdnet_initial_weights.pt")}
 
 # Value every num_batches_tracked buffer is set to, so the train-mode update (7 -> 8) is visible.
 NUM_BATCHES_TRACKED = 7
@@ -42,7 +46,7 @@ _IMAGENET_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _config(base: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def _config(base: dict[str, Any], /, **fields: Any) -> dict[str, Any]:
     config = dict(base, **fields)
     config["nScales"] = len(config["grFactor"])
     return config
@@ -64,6 +68,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "imagenet-2": _config(_IMAGENET_DEFAULTS, nChannels=64),
 }
 
+# MSDNet: the official args.py namespace after main.py's post-processing. The official constructor
+# reads nBlocks, base, step, stepmode, nChannels, growthRate, grFactor, bnFactor, nScales, prune,
+# bottleneck, reduction and data (the class count follows data); arch and num_classes are carried
+# for ranet_fast (the official arch name is 'msdnet').
+_MSDNET_CIFAR: dict[str, Any] = dict(
+    arch="MSDNet", nBlocks=7, stepmode="even", step=2, base=4, nChannels=16, growthRate=6,
+    grFactor=[1, 2, 4], bnFactor=[1, 2, 4], prune="max", bottleneck=True, reduction=0.5,
+)
+
+MSDNET_CONFIGS: dict[str, dict[str, Any]] = {
+    # The official README's anytime-prediction command (block=7), on both CIFARs.
+    "msdnet-cifar10": _config(_MSDNET_CIFAR, data="cifar10", num_classes=10),
+    "msdnet-cifar100": _config(_MSDNET_CIFAR, data="cifar100", num_classes=100),
+    # The README's budgeted-batch command (block=5): linearly growing blocks.
+    "msdnet-cifar100-lin-grow": _config(_MSDNET_CIFAR, data="cifar100", num_classes=100, nBlocks=5,
+                                        stepmode="lin_grow", step=1, base=1),
+    # The README's ImageNet command (block=5, step=4), the pre-trained models' settings.
+    "msdnet-imagenet": _config(_MSDNET_CIFAR, data="ImageNet", num_classes=1000, nBlocks=5, step=4,
+                               nChannels=32, growthRate=16, grFactor=[1, 2, 4, 4], bnFactor=[1, 2, 4, 4]),
+    # Not a README command: the other branches of the constructor (prune 'min' with its
+    # transitions at one and two thirds, ConvBN without the bottleneck).
+    "msdnet-cifar10-min-nobottleneck": _config(_MSDNET_CIFAR, data="cifar10", num_classes=10, nBlocks=3,
+                                               base=2, prune="min", bottleneck=False),
+}
+
+# Every golden configuration, RANet's and MSDNet's.
+ALL_CONFIGS: dict[str, dict[str, Any]] = {**CONFIGS, **MSDNET_CONFIGS}
+
 # Per-exit FLOPs (millions) and total parameters (millions) that the official op_counter gave,
 # as listed in shared/ranet-notes.md (rounded there).
 NOTES_MFLOPS = {
@@ -80,16 +112,16 @@ _BATCH = {"cifar": 4, "ImageNet": 2}
 
 def make_args(name: str) -> argparse.Namespace:
     """A fresh namespace for configuration ``name`` (fresh lists: the constructor mutates args)."""
-    config = CONFIGS[name]
+    config = ALL_CONFIGS[name]
     return argparse.Namespace(**{k: list(v) if isinstance(v, list) else v for k, v in config.items()})
 
 
 def image_size(name: str) -> int:
-    return 224 if CONFIGS[name]["data"] == "ImageNet" else 32
+    return 224 if ALL_CONFIGS[name]["data"] == "ImageNet" else 32
 
 
 def default_batch(name: str) -> int:
-    return _BATCH["ImageNet" if CONFIGS[name]["data"] == "ImageNet" else "cifar"]
+    return _BATCH["ImageNet" if ALL_CONFIGS[name]["data"] == "ImageNet" else "cifar"]
 
 
 def golden_input(name: str, batch: int | None = None, seed: int = INPUT_SEED) -> torch.Tensor:
@@ -162,3 +194,62 @@ def golden_path(name: str) -> str:
 def load_golden(name: str) -> dict[str, Any]:
     """The recorded reference data of configuration ``name`` (see README.md for the fields)."""
     return torch.load(golden_path(name), map_location="cpu", weights_only=True)
+
+
+# Comparisons shared by the parity tests of every architecture.
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def assert_eval_logits_match(model: torch.nn.Module, golden: dict[str, Any], x: torch.Tensor) -> None:
+    """``model`` (holding the golden weights) in eval mode gives the official logits to 1e-5."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert len(logits) == golden["num_exits"]
+    for exit_index, (ours, official) in enumerate(zip(logits, golden["eval_logits"])):
+        assert ours.shape == official.shape
+        assert relative_error(ours, official) < 1e-5, f"exit {exit_index}"
+
+
+def assert_train_forward_matches(model: torch.nn.Module, golden: dict[str, Any], x: torch.Tensor) -> None:
+    """One train-mode forward of ``model`` (holding the golden weights) gives the official logits
+    and leaves the official BatchNorm running statistics."""
+    model.train()
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        logits = model(x)
+        exact = reference(x.double())
+    assert len(logits) == golden["num_exits"]
+    for exit_index, (ours, official, truth) in enumerate(zip(logits, golden["train_logits"], exact)):
+        # Train-mode BN over the 2 to 4 golden images divides by tiny batch deviations, so the
+        # fp32 rounding of ~50 layers grows past 1e-5 at the ImageNet exits (measured: 1.2e-5
+        # between our fp32 and fp64 logits, 1.7e-5 between the official fp32 ones and our fp64
+        # ones). The bound is 1e-5 or three times that measured fp32 noise, whichever is larger.
+        noise = relative_error(ours.double(), truth)
+        assert relative_error(ours, official) < max(1e-5, 3 * noise), f"exit {exit_index}"
+    state = model.state_dict()
+    assert golden["train_running_stats"], "golden file holds no running statistics"
+    for key, official in golden["train_running_stats"].items():
+        if official.dtype == torch.int64:
+            assert torch.equal(state[key], official), key
+        elif key.endswith("running_mean"):
+            # A batch mean's rounding error scales with the spread of the values averaged, not with
+            # the mean, which cancellation can make tiny (measured here: 1e-8 absolute on a mean of
+            # 1e-3, whose fp32 summands are O(1)). The layer's running variance bounds that spread.
+            spread = golden["train_running_stats"][key[:-len("mean")] + "var"].sqrt().max()
+            scale = torch.maximum(official.abs().max(), spread)
+            assert ((state[key] - official).abs().max() / scale).item() < 1e-5, key
+        else:
+            assert relative_error(state[key], official) < 1e-5, key
+
+
+def golden_weights(golden: dict[str, Any]) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, torch.Tensor]]:
+    """The recorded state_dict layout and the deterministic weights regenerated for it, checked
+    against the recorded fingerprint."""
+    layout = [(key, tuple(shape)) for key, shape in golden["keys_and_shapes"]]
+    weights = deterministic_state_dict(layout, golden["weight_seed"])
+    assert torch.equal(state_dict_fingerprint(weights, [k for k, _ in layout]), golden["weight_fingerprint"]), \
+        "the deterministic weight generator changed; the golden data no longer applies"
+    return layout, weights

@@ -1,33 +1,55 @@
-"""Record golden reference data from the official RANet code.
+"""Record golden reference data from the official RANet or MSDNet code.
 
 Usage (from the repository root; the official code lives outside this repository):
 
     python -m tests.golden.make_golden --official-dir /tmp/official [--only NAME ...]
+    python -m tests.golden.make_golden --arch MSDNet --official-dir /tmp/official-msdnet [--only NAME ...]
 
-``--official-dir`` must hold unmodified copies of yangle15/RANet-pytorch ``models/RANet.py``
-(without its ``__main__`` block) and ``op_counter.py``. One ``<name>.pt`` per configuration in
-``common.CONFIGS`` is written next to this file; see README.md for the fields.
+For RANet (the default) ``--official-dir`` must hold unmodified copies of yangle15/RANet-pytorch
+``models/RANet.py`` (without its ``__main__`` block) and ``op_counter.py``; for MSDNet, of
+kalviny/MSDNet-PyTorch ``models/msdnet.py`` and ``op_counter.py``. One ``<name>.pt`` per
+configuration of that architecture (``common.CONFIGS`` or ``common.MSDNET_CONFIGS``) is written next
+to this file; see README.md for the fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
+import io
 import os
 import tempfile
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-from tests.golden.common import (CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATH, INPUT_SEED, NOTES_MFLOPS,
+from tests.golden.common import (ALL_CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATHS, INPUT_SEED, NOTES_MFLOPS,
                                  NOTES_MPARAMS, WEIGHT_SEED, deterministic_state_dict, golden_input,
                                  golden_path, image_size, make_args, state_dict_fingerprint)
 
-# Commits of the official files the copies were taken from (search-tool read_file answers).
-OFFICIAL_SOURCES = {
-    "models/RANet.py": "cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
-    "op_counter.py": "dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
+
+class Official(NamedTuple):
+    """Where an architecture's official code comes from and what the generator loads of it."""
+
+    repository: str
+    model_file: str  # file name in --official-dir
+    model_class: str
+    # Commits of the official files the copies were taken from (search-tool read_file answers).
+    sources: dict[str, str]
+
+
+OFFICIAL = {
+    "RANet": Official("yangle15/RANet-pytorch", "RANet.py", "RANet", {
+        "models/RANet.py": "cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
+        "op_counter.py": "dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
+    }),
+    "MSDNet": Official("kalviny/MSDNet-PyTorch", "msdnet.py", "MSDNet", {
+        "models/msdnet.py": "9a6386e3ae9fed4f48a11644a152124b0a49a6d5",
+        "op_counter.py": "6c08a22672641ed4a7a2b3030318fb6c0782319c",
+    }),
 }
 
 # Above this many bytes of BatchNorm statistics only the first and last few BN modules are kept.
@@ -35,12 +57,16 @@ RUNNING_STATS_BUDGET = 1_500_000
 RUNNING_STATS_SUBSET = 3
 
 
-def load_official(official_dir: str) -> tuple[ModuleType, ModuleType]:
+def configs_of(arch: str) -> list[str]:
+    return [name for name, config in ALL_CONFIGS.items() if config["arch"] == arch]
+
+
+def load_official(official_dir: str, official: Official) -> tuple[ModuleType, ModuleType]:
     modules = []
-    for module_name, file_name in (("official_ranet", "RANet.py"), ("official_op_counter", "op_counter.py")):
+    for module_name, file_name in (("official_model", official.model_file), ("official_op_counter", "op_counter.py")):
         path = os.path.join(official_dir, file_name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"official file {path} not found (copy it from yangle15/RANet-pytorch)")
+            raise FileNotFoundError(f"official file {path} not found (copy it from {official.repository})")
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -48,9 +74,11 @@ def load_official(official_dir: str) -> tuple[ModuleType, ModuleType]:
     return modules[0], modules[1]
 
 
-def build_official(ranet: ModuleType, name: str, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+def build_official(module: ModuleType, name: str, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     args = make_args(name)
-    model = ranet.RANet(args)
+    model_class = getattr(module, OFFICIAL[ALL_CONFIGS[name]["arch"]].model_class)
+    with contextlib.redirect_stdout(io.StringIO()):  # the official MSDNet prints its layer plan
+        model = model_class(args)
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.float()
@@ -72,13 +100,14 @@ def running_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in stats.items() if k.rsplit(".", 1)[0] in keep}
 
 
-def measure_flops(ranet: ModuleType, op_counter: ModuleType, name: str) -> tuple[list[float], list[int]]:
+def measure_flops(official: ModuleType, op_counter: ModuleType, name: str) -> tuple[list[float], list[int]]:
     # cls_ops / cls_params are module globals that measure_model appends to and never clears.
     op_counter.cls_ops = []
     op_counter.cls_params = []
-    model = build_official(ranet, name, None)
+    model = build_official(official, name, None)
     size = image_size(name)
-    flops, params = op_counter.measure_model(model, size, size)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per exit
+        flops, params = op_counter.measure_model(model, size, size)
     return [float(f) for f in flops], [int(p) for p in params]
 
 
@@ -126,39 +155,44 @@ def save_atomic(obj: dict, path: str) -> None:
         raise
 
 
-def record(ranet: ModuleType, op_counter: ModuleType, name: str) -> dict:
+def record(official: ModuleType, op_counter: ModuleType, name: str) -> dict:
     print(f"{name}:")
-    template = build_official(ranet, name, None)
+    template = build_official(official, name, None)
     official_state = template.state_dict()
     keys_and_shapes = [[key, list(value.shape)] for key, value in official_state.items()]
     state = deterministic_state_dict({k: tuple(s) for k, s in keys_and_shapes}, WEIGHT_SEED)
     x = golden_input(name, seed=INPUT_SEED)
 
-    eval_model = build_official(ranet, name, state).eval()
+    eval_model = build_official(official, name, state).eval()
     with torch.no_grad():
         eval_logits = [y.detach().clone().float() for y in eval_model(x)]
     num_exits = len(eval_logits)
     check_logits("eval", eval_logits)
 
-    train_model = build_official(ranet, name, copy.deepcopy(state)).train()
+    train_model = build_official(official, name, copy.deepcopy(state)).train()
     with torch.no_grad():
         train_logits = [y.detach().clone().float() for y in train_model(x)]
     check_logits("train", train_logits)
     stats = running_stats(train_model)
 
-    flops, params = measure_flops(ranet, op_counter, name)
+    flops, params = measure_flops(official, op_counter, name)
     if len(flops) != num_exits:
         raise RuntimeError(f"op_counter reported {len(flops)} exits, the model has {num_exits}")
     total_params = sum(p.numel() for p in template.parameters())
     report_flops(name, flops, params, total_params)
 
-    args = make_args(name)
-    ranet.RANet(args)
-    if args.num_exits != num_exits:
-        raise RuntimeError(f"official args.num_exits {args.num_exits} != {num_exits} logits")
+    arch = ALL_CONFIGS[name]["arch"]
+    if arch == "RANet":  # the official RANet reports its exit count in args
+        args = make_args(name)
+        official.RANet(args)
+        expected_exits = args.num_exits
+    else:  # MSDNet: one exit per block
+        expected_exits = ALL_CONFIGS[name]["nBlocks"]
+    if expected_exits != num_exits:
+        raise RuntimeError(f"the official configuration has {expected_exits} exits, the model gave {num_exits} logits")
 
     return {
-        "config": copy.deepcopy(CONFIGS[name]),
+        "config": copy.deepcopy(ALL_CONFIGS[name]),
         "num_exits": num_exits,
         "keys_and_shapes": keys_and_shapes,
         "weight_seed": WEIGHT_SEED,
@@ -171,41 +205,48 @@ def record(ranet: ModuleType, op_counter: ModuleType, name: str) -> dict:
         "flops": flops,
         "params": params,
         "total_params": total_params,
-        "official_sources": dict(OFFICIAL_SOURCES),
+        "official_sources": dict(OFFICIAL[arch].sources),
         "torch_version": str(torch.__version__),
     }
 
 
-def record_initial_weights(ranet: ModuleType) -> dict[str, torch.Tensor]:
+def record_initial_weights(official: ModuleType, arch: str) -> dict[str, torch.Tensor]:
     """Fingerprints of the official models' own initialisation after ``torch.manual_seed(INIT_SEED)``
     (CIFAR configurations: the ImageNet ones only add time), so a test can show that building
     ours after the same seed gives the same weights."""
     fingerprints = {}
-    for name, config in CONFIGS.items():
-        if config["data"] == "ImageNet":
+    for name in configs_of(arch):
+        if ALL_CONFIGS[name]["data"] == "ImageNet":
             continue
         torch.manual_seed(INIT_SEED)
-        state = ranet.RANet(make_args(name)).state_dict()
+        state = build_official(official, name, None).state_dict()
         fingerprints[name] = state_dict_fingerprint(state, list(state))
     return fingerprints
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official-dir", required=True, help="folder with the official RANet.py and op_counter.py")
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="record only these configurations")
+    parser.add_argument("--arch", choices=sorted(OFFICIAL), default="RANet", help="whose official code (default: RANet)")
+    parser.add_argument("--official-dir", required=True,
+                        help="folder with the official model file (RANet.py or msdnet.py) and op_counter.py")
+    parser.add_argument("--only", nargs="+", choices=sorted(ALL_CONFIGS), help="record only these configurations")
     options = parser.parse_args(argv)
+    names = options.only or configs_of(options.arch)
+    wrong = [name for name in names if ALL_CONFIGS[name]["arch"] != options.arch]
+    if wrong:
+        parser.error(f"--only {' '.join(wrong)}: not {options.arch} configurations")
 
     torch.set_num_threads(2)
-    ranet, op_counter = load_official(options.official_dir)
-    for name in options.only or CONFIGS:
-        data = record(ranet, op_counter, name)
+    official, op_counter = load_official(options.official_dir, OFFICIAL[options.arch])
+    for name in names:
+        data = record(official, op_counter, name)
         save_atomic(data, golden_path(name))
         reloaded = torch.load(golden_path(name), weights_only=True)
         assert reloaded["num_exits"] == data["num_exits"]
         print(f"  wrote {golden_path(name)} ({os.path.getsize(golden_path(name)) / 1e3:.0f} kB)")
-    save_atomic(record_initial_weights(ranet), INITIAL_WEIGHTS_PATH)
-    print(f"  wrote {INITIAL_WEIGHTS_PATH}")
+    initial_weights_path = INITIAL_WEIGHTS_PATHS[options.arch]
+    save_atomic(record_initial_weights(official, options.arch), initial_weights_path)
+    print(f"  wrote {initial_weights_path}")
 
 
 if __name__ == "__main__":
