@@ -105,10 +105,10 @@ def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int
     """The seeded model on the CPU, its FLOPs per exit and parameter count (saved on rank 0)."""
     from ranet_fast import count_flops
     from ranet_fast.data import image_size
-    from ranet_fast.models import RANet
+    from ranet_fast.models import build_model
 
     seed_everything(args.seed)
-    model = RANet(args)
+    model = build_model(args)
     args.num_exits = len(model.classifier)
     flops = count_flops(model, image_size(args))
     params = sum(p.numel() for p in model.parameters())

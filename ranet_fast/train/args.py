@@ -5,9 +5,14 @@ official README commands run unchanged; ``--data`` also accepts ``synthetic``. T
 (``--download``, ``--amp``, ``--channels-last``, ``--device``, ``--fast``, ``--synthetic-size``,
 ``--num-classes``, ``--max-steps-per-epoch``) only add behaviour.
 
+``--arch MSDNet`` (or the official ``msdnet``) builds kalviny/MSDNet-PyTorch's MSDNet and adds its
+flags (``--base``, ``--prune``, ``--bottleneck``, ``--stepmode lin_grow``); the flags both official
+scripts have (``--nBlocks``, ``--nChannels``, ``--grFactor``, ``--bnFactor``, ``--step``,
+``--stepmode``) then take MSDNet's official defaults.
+
 After parsing, the namespace is post-processed like the official one: the factor flags become
 lists of int, ``nScales``, ``splits`` and ``num_classes`` are filled in, and the architecture is
-checked with ``ranet_fast.models.validate_args``.
+checked (``ranet_fast.models.validate_model_args``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,22 @@ import sys
 import time
 from typing import NoReturn, Sequence
 
+from ranet_fast.models.msdnet_configs import MSDNET_DEFAULTS
+
 DATA_CHOICES = ["cifar10", "cifar100", "ImageNet", "synthetic"]
-ARCH_CHOICES = ["RANet"]
+ARCH_CHOICES = ["RANet", "MSDNet", "msdnet"]  # 'msdnet': the official MSDNet README's spelling
+# The official MSDNet args.py defaults of the architecture flags it shares with RANet's.
+MSDNET_SHARED_DEFAULTS = {flag: MSDNET_DEFAULTS[flag]
+                          for flag in ("nBlocks", "nChannels", "grFactor", "bnFactor", "step", "stepmode")}
+
+
+def _bool_word(text: str) -> bool:
+    # The official --bottleneck has type=bool, which makes any non-empty word, 'False' included,
+    # True; the word is read for what it says instead.
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return words[text.lower()]
 
 
 def _synthetic_size(text: str) -> tuple[int, int, int]:
@@ -104,9 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--scale-list", default="1-2-3", type=str)
     arch.add_argument("--compress-factor", default=0.25, type=float)
     arch.add_argument("--step", type=int, default=4)
-    arch.add_argument("--stepmode", type=str, default="even", choices=["even", "lg"])
+    arch.add_argument("--stepmode", type=str, default="even", choices=["even", "lg", "lin_grow"],
+                      help="RANet: even or lg (default: even); MSDNet: even or lin_grow (default: none, "
+                           "which grows like lin_grow)")
     # Official flag: store_true with default True, i.e. always on; kept for command compatibility.
     arch.add_argument("--bnAfter", action="store_true", default=True)
+    # MSDNet only (official MSDNet args.py).
+    arch.add_argument("--base", type=int, default=4, help="MSDNet: layers of the first block (default: 4)")
+    arch.add_argument("--prune", default="max", choices=["min", "max"],
+                      help="MSDNet: where the finest scales are dropped (default: max)")
+    arch.add_argument("--bottleneck", default=True, type=_bool_word,
+                      help="MSDNet: 1x1 bottleneck convolutions, True or False (default: True)")
 
     optim = parser.add_argument_group("optimization", "optimization setting")
     optim.add_argument("--epochs", default=300, type=int, metavar="N",
@@ -153,20 +180,22 @@ class ArgumentError(ValueError):
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     """Official post-processing plus the trainer's consistency checks; raises ArgumentError."""
     from ranet_fast.data import num_classes_for
-    from ranet_fast.models import finish_args as finish_architecture_args, validate_args
+    from ranet_fast.models import finish_model_args, validate_model_args
 
+    if args.arch == "msdnet":
+        args.arch = "MSDNet"
     args.splits = ["train", "val", "test"] if args.use_valid else ["train", "val"]
     try:  # the official rule (cifar10 10, cifar100 100, ImageNet 1000), checking --num-classes
         args.num_classes = num_classes_for(args)
     except ValueError as error:
         raise ArgumentError(str(error)) from None
     try:  # factor lists parsed into ints and nScales, as the official args.py does
-        finish_architecture_args(args)
+        finish_model_args(args)
     except ValueError as error:
         raise ArgumentError(f"--grFactor/--bnFactor/--scale-list: {error}") from None
 
     try:
-        validate_args(args)
+        validate_model_args(args)
     except ValueError as error:
         raise ArgumentError(" ".join(str(error).split())) from None
 
@@ -193,7 +222,11 @@ def report_argument_error(message: str) -> NoReturn:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and post-process the command line; bad flags exit with status 2 and a one-line error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.arch in ("MSDNet", "msdnet"):
+        parser.set_defaults(**MSDNET_SHARED_DEFAULTS)
+        args = parser.parse_args(argv)
     try:
         return finish_args(args)
     except ArgumentError as error:
