@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .flops import count_flops
-from .models import RANet, ranet_config
+from .models import MSDNet, RANet, msdnet_config, ranet_config
 from .nn import convert
 
-__all__ = ["RANet", "convert", "count_flops", "ranet_config", "__version__"]
+__all__ = ["MSDNet", "RANet", "convert", "count_flops", "msdnet_config", "ranet_config", "__version__"]

@@ -227,6 +227,7 @@ def _flags(**changes):
     (dict(grFactor=[1, 2], bnFactor=[1, 2]), "reaches them at 16x16"),
     (dict(grFactor=[1, 2, 4, 4], bnFactor=[1, 2, 4, 4]), "reaches them at 4x4"),
     (dict(data="ImageNet"), "reaches them at 14x14"),
+    (dict(grFactor="1-2-4", bnFactor="1-2-4"), "not parsed into a list of int; apply finish_msdnet_args"),
 ])
 def test_invalid_configurations_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

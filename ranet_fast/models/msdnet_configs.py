@@ -132,6 +132,11 @@ def validate_msdnet_args(args: argparse.Namespace) -> None:
     first forward) or, for some flags, silently builds something else; these checks state the
     rule that was broken instead.
     """
+    unparsed = [f"--{name} {getattr(args, name)!r}" for name in ("grFactor", "bnFactor")
+                if isinstance(getattr(args, name), str)]
+    if unparsed:
+        raise ValueError(f"invalid MSDNet configuration: {' and '.join(unparsed)} not parsed into a list of "
+                         "int; apply finish_msdnet_args (the official main.py post-processing) first")
     problems = []
     data = getattr(args, "data", None)
     if data not in NUM_CLASSES:
