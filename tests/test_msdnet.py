@@ -196,6 +196,19 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
+def test_channels_last_and_non_contiguous_inputs_give_the_same_logits():
+    torch.manual_seed(0)
+    model = MSDNet(_small()).eval().double()
+    strided = torch.randn(2, 6, 32, 32, dtype=torch.float64)[:, ::2]
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        expected = model(strided.contiguous())
+        for variant, weights in ((strided, model), (strided.contiguous(memory_format=torch.channels_last),
+                                                    copy.deepcopy(model).to(memory_format=torch.channels_last))):
+            for ours, ref in zip(weights(variant), expected):
+                torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_synthetic_data_and_class_override():
     args = msdnet_config("cifar-batch", data="synthetic", num_classes=7)
     model = build_model(args)
