@@ -232,8 +232,8 @@ def check_gradients(backend, device):
     # Finite values (random_values' NaNs and infinities would make finite differences meaningless).
     generator = torch.Generator().manual_seed(4)
     randn = lambda *shape: torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-    nchw = randn(4, 2, 3, 3).requires_grad_()
-    channels_last = randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    nchw = randn(4, 2, 1, 2).requires_grad_()
+    channels_last = randn(4, 2, 2, 1).contiguous(memory_format=torch.channels_last).requires_grad_()
     vector = randn(4).requires_grad_()
     positions = torch.arange(4, device=device)
     index = torch.tensor([3, 1, 1, 0, 3, 3], device=device)
@@ -243,8 +243,9 @@ def check_gradients(backend, device):
         assert not outputs[1].requires_grad
         return outputs[0], outputs[2], outputs[3]
 
-    assert torch.autograd.gradcheck(function, (nchw, channels_last, vector))
-    assert torch.autograd.gradgradcheck(function, (nchw, channels_last, vector))
+    # fast_mode: random projections of the Jacobians instead of every entry (the Triton interpreter is slow).
+    assert torch.autograd.gradcheck(function, (nchw, channels_last, vector), fast_mode=True)
+    assert torch.autograd.gradgradcheck(function, (nchw, channels_last, vector), fast_mode=True)
     # Rows never selected (row 2) get zero gradient.
     (grad,) = torch.autograd.grad(function(nchw, channels_last, vector)[0].sum(), nchw)
     assert torch.equal(grad[2], torch.zeros_like(grad[2]))
