@@ -183,9 +183,8 @@ def check_mixed(backend, device, batch, index_name):
         assert_bitwise_equal(out, want)
         assert_layout(out, tensor, index.numel())
     assert_no_alias(outputs, tensors)
-    for out, want in zip(outputs, expected):
-        # A value that differs from the copied ones somewhere (random data is never constant).
-        out.fill_(1 if want.numel() == 0 or not want.flatten()[0].item() == 1 else 0)
+    for out in outputs:
+        out.fill_(0)  # the inputs are random, so zeros written through an alias would show
     for tensor, original in zip(tensors, originals):
         assert_bitwise_equal(tensor, original)  # writing the outputs leaves the inputs alone
 
