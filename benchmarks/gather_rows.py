@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
 
     dtype = DTYPES[options.dtype]
     rows = []
-    print(f"{'config':<9} {'batch':>5} {'kept':>5} {'tensors':>7} {'MB':>8} {'gather_rows':>12} {'loop':>12} "
+    print(f"{'config':<9} {'batch':>5} {'kept':>5} {'tensors':>7} {'MiB':>8} {'gather_rows':>12} {'loop':>12} "
           f"{'copy':>12} {'vs loop':>8} {'copy fraction':>13} {'GB/s':>7}")
     for config in options.configs:
         for batch in options.batch:
