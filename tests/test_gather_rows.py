@@ -93,6 +93,7 @@ MIXED = [
     ((16, 8, 8), torch.float32, "contiguous"),
     ((16, 8, 8), torch.float32, "channels_last"),
     ((3, 40, 40), torch.float32, "contiguous"),  # 1200 16-byte units: two work items per row
+    ((4, 64, 16), torch.float32, "contiguous"),  # exactly one work item (1024 16-byte units) per row
     ((6, 4, 4), torch.bfloat16, "channels_last"),
     ((5, 3, 3), torch.float16, "contiguous"),
     ((4, 5, 6), torch.float64, "channels_last"),
@@ -432,11 +433,20 @@ def recording_backend(graph_ops):
 
 
 def compile_check(backend, op_name):
-    """torch.compile(fullgraph=True) of a compaction step: the op shows up in the graph; aot_eager gradients."""
+    """torch.compile(fullgraph=True) of a compaction step: the op shows up in the graph; aot_eager gradients.
+
+    The engine's check_index=False and the checked form: the index check lives inside the op, so
+    neither breaks the graph.
+    """
+    for check_index in (False, True):
+        compile_step(backend, op_name, check_index)
+
+
+def compile_step(backend, op_name, check_index):
     graph_ops = []
 
     def step(features, positions, index):
-        kept_features, kept_positions = gather_rows([features * 2, positions], index, check_index=False,
+        kept_features, kept_positions = gather_rows([features * 2, positions], index, check_index=check_index,
                                                     backend=backend)
         return kept_features.relu(), kept_positions + 1
 
