@@ -33,9 +33,15 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # Units per program (a power of two: the block of tl.arange).
 UNITS_PER_ITEM = 1024
-# Columns of the descriptor table, in order: source address, destination
-# address, source row stride in units, units per row, rows per item, chunks
-# per row, first item, unit bytes (see build_table).
+# Columns of the descriptor table (one row per tensor, see build_table).
+_SRC = tl.constexpr(0)  # source base address
+_DST = tl.constexpr(1)  # destination base address
+_SRC_STRIDE_UNITS = tl.constexpr(2)  # source row stride, in units
+_UNITS_PER_ROW = tl.constexpr(3)
+_ROWS_PER_ITEM = tl.constexpr(4)
+_CHUNKS_PER_ROW = tl.constexpr(5)
+_FIRST_ITEM = tl.constexpr(6)  # prefix sum of the items of the tensors before
+_UNIT_BYTES = tl.constexpr(7)
 _FIELDS = 8
 
 
@@ -65,18 +71,18 @@ def _gather_rows_kernel(table_ptr, index_ptr, num_tensors, rows_out,
     high = low + num_tensors
     while high - low > 1:
         middle = (low + high) // 2
-        below = tl.load(table_ptr + middle * FIELDS + 6) <= item
+        below = tl.load(table_ptr + middle * FIELDS + _FIRST_ITEM) <= item
         low = tl.where(below, middle, low)
         high = tl.where(below, high, middle)
     entry = table_ptr + low * FIELDS
-    src_address = tl.load(entry + 0)
-    dst_address = tl.load(entry + 1)
-    src_stride_units = tl.load(entry + 2)
-    units_per_row = tl.load(entry + 3)
-    rows_per_item = tl.load(entry + 4)
-    chunks_per_row = tl.load(entry + 5)
-    local_item = item - tl.load(entry + 6)
-    unit_bytes = tl.load(entry + 7)
+    src_address = tl.load(entry + _SRC)
+    dst_address = tl.load(entry + _DST)
+    src_stride_units = tl.load(entry + _SRC_STRIDE_UNITS)
+    units_per_row = tl.load(entry + _UNITS_PER_ROW)
+    rows_per_item = tl.load(entry + _ROWS_PER_ITEM)
+    chunks_per_row = tl.load(entry + _CHUNKS_PER_ROW)
+    local_item = item - tl.load(entry + _FIRST_ITEM)
+    unit_bytes = tl.load(entry + _UNIT_BYTES)
     row_group = local_item // chunks_per_row
     chunk = local_item - row_group * chunks_per_row
     row_begin = row_group * rows_per_item
@@ -132,6 +138,7 @@ def build_table(outputs: list[torch.Tensor], sources: list[torch.Tensor]) -> tup
         units_per_row, rows_per_item, chunks_per_row, items = plan_rows(row_bytes, unit_bytes, rows_out, UNITS_PER_ITEM)
         if items == 0:
             continue
+        # In the order of the _SRC ... _UNIT_BYTES columns.
         table.append([source.data_ptr(), out.data_ptr(), src_stride_bytes // unit_bytes, units_per_row,
                       rows_per_item, chunks_per_row, num_items, unit_bytes])
         num_items += items
