@@ -19,9 +19,10 @@ output keeps its input's order of inner dims in memory, densely packed, with
 the batch stride equal to the row's size, so ``out_i[r]`` is a plain memcpy of
 ``t_i[index[r]]`` and channels_last stays channels_last (see
 ``output_strides``). An input that is not row-dense (a channel slice, a
-transposed view of inner dims, an expanded inner dim) is first copied whole
-into that dense layout by the op, which costs one extra copy of that tensor;
-the engine's tensors are row-dense and take no such copy.
+strided view such as ``t[..., ::2]``, an expanded inner dim, a tensor with the
+batch dim innermost) is first copied whole into that dense layout by the op,
+which costs one extra copy of that tensor; the engine's tensors are row-dense
+and take no such copy. (A permutation of the inner dims is row-dense.)
 
 Index check. ``check_index=True`` raises IndexError for any value outside
 ``[0, N)`` before anything is copied; on CUDA this costs one synchronisation
