@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import upsample_concat
+from benchmarks import gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -12,5 +12,17 @@ def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
     shapes = upsample_concat.fusion_shapes("cifar-c1")
     assert len(result["rows"]) == len(shapes) == 30
     assert set(result["summary"]) == {"forward_speedup_vs_eager", "train_speedup_vs_eager"}
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_gather_rows_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = gather_rows.main(["--configs", "cifar-c1", "--batch", "2", "--device", "cpu", "--repeats", "1",
+                               "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    # The first layer's 3 scales, the 12 blocks, and the positions vector.
+    assert row["tensors"] == len(gather_rows.live_shapes("cifar-c1")) + 1 == 16
+    assert row["kept"] == 1 and set(row["seconds"]) == {"gather_rows", "loop", "copy"}
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
