@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import gather_rows, upsample_concat
+from benchmarks import early_exit, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -26,3 +26,17 @@ def test_gather_rows_benchmark_runs_and_writes_json(tmp_path):
     assert row["kept"] == 1 and set(row["seconds"]) == {"gather_rows", "loop", "copy"}
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_early_exit_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "early_exit.json"
+    result = early_exit.main(["--configs", "cifar-c1", "--batch", "8", "--budgets", "0.5", "1.5",
+                              "--val-images", "16", "--device", "cpu", "--repeats", "1",
+                              "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    assert [budget["p"] for budget in row["budgets"]] == [0.5, 1.5]
+    for budget in row["budgets"]:
+        assert sum(budget["exit_counts"]) == 8
+        assert budget["predicted_speedup"] == row["flops_per_exit"][-1] / budget["flops_per_image"]
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "early_exit" and saved["summary"]["realised_over_predicted_min"] > 0
