@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import upsample_concat
+from benchmarks import early_exit, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -14,3 +14,29 @@ def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
     assert set(result["summary"]) == {"forward_speedup_vs_eager", "train_speedup_vs_eager"}
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_gather_rows_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = gather_rows.main(["--configs", "cifar-c1", "--batch", "2", "--device", "cpu", "--repeats", "1",
+                               "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    # The first layer's 3 scales, the 12 blocks, and the positions vector.
+    assert row["tensors"] == len(gather_rows.live_shapes("cifar-c1")) + 1 == 16
+    assert row["kept"] == 1 and set(row["seconds"]) == {"gather_rows", "loop", "copy"}
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_early_exit_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "early_exit.json"
+    result = early_exit.main(["--configs", "cifar-c1", "--batch", "8", "--budgets", "0.5", "1.5",
+                              "--val-images", "16", "--device", "cpu", "--repeats", "1",
+                              "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    assert [budget["p"] for budget in row["budgets"]] == [0.5, 1.5]
+    for budget in row["budgets"]:
+        assert sum(budget["exit_counts"]) == 8
+        assert budget["predicted_speedup"] == row["flops_per_exit"][-1] / budget["flops_per_image"]
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "early_exit" and saved["summary"]["realised_over_predicted_min"] > 0

@@ -108,6 +108,20 @@ def test_training_run_writes_checkpoints_scores_results_and_plot(straight_run):
     assert re.match(r"^ @1\*\* flops \d+\.\d\dM prec@1 \d+\.\d{3} prec@5 \d+\.\d{3}$", anytime[1])
     dynamic = (save / "dynamic.txt").read_text().splitlines()
     assert len(dynamic) == 39 and all(len(line.split("\t")) == 2 for line in dynamic)
+    # Real early exit ran at every budget on the whole (16-image) test split.
+    real = results["early_exit"]
+    assert real["images"] == 16 and real["full_network_images_per_s"] > 0 and len(real["budgets"]) == 39
+    for simulated, measured in zip(results["dynamic"], real["budgets"]):
+        assert measured["p"] == simulated["p"] and measured["images_per_s"] > 0
+        assert sum(measured["exit_counts"]) == 16
+        # The thresholds are confidences of these very images (val split = test split here), so the
+        # image that set a threshold may land one exit away from the simulation by rounding: at
+        # most one per threshold, each moving between two neighbouring counts.
+        moved = sum(abs(a - b) for a, b in zip(measured["exit_counts"], simulated["exit_counts"]))
+        assert moved <= 2 * (results["num_exits"] - 1)
+        if moved == 0:
+            assert measured["top1"] == pytest.approx(simulated["test_accuracy"], abs=1e-9)
+            assert measured["flops_per_image"] == pytest.approx(simulated["expected_flops"], rel=1e-9)
     assert (save / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,10 +1,14 @@
-"""Budgeted batch classification with the official RANet/MSDNet exit-threshold search."""
+"""Budgeted batch classification: the official exit-threshold search, and real early exit."""
 
 from ranet_fast.ops import exit_confidence
 
+from .early_exit import EarlyExitResult, early_exit, exit_flops
 from .thresholds import (
     DEFAULT_BUDGETS,
+    Calibration,
     ThresholdResult,
+    assign_exits,
+    calibrate_thresholds,
     dynamic_evaluation,
     evaluate_thresholds,
     exit_probabilities,
@@ -13,10 +17,16 @@ from .thresholds import (
 
 __all__ = [
     "DEFAULT_BUDGETS",
+    "Calibration",
+    "EarlyExitResult",
     "ThresholdResult",
+    "assign_exits",
+    "calibrate_thresholds",
     "dynamic_evaluation",
+    "early_exit",
     "evaluate_thresholds",
     "exit_confidence",
+    "exit_flops",
     "exit_probabilities",
     "find_thresholds",
 ]

@@ -109,6 +109,16 @@ def find_thresholds(confidence: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     return thresholds
 
 
+def assign_exits(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """[N] int64: the first exit at which each sample's confidence reaches the threshold (the last
+    exit takes everyone left, whatever its threshold)."""
+    confidence = confidence.detach().cpu()
+    passes = confidence >= thresholds.detach().cpu().to(confidence.dtype)[:, None]
+    passes[-1] = True
+    # Index of the first exit a sample passes = number of exits it fails before that.
+    return (~passes).to(torch.int64).cumprod(dim=0).sum(dim=0)
+
+
 def evaluate_thresholds(confidence: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor,
                         thresholds: torch.Tensor, flops: Sequence[float] | torch.Tensor) -> ThresholdResult:
     """Official ``dynamic_eval_with_threshold``: send each sample out at its first confident exit.
@@ -131,11 +141,7 @@ def evaluate_thresholds(confidence: torch.Tensor, predictions: torch.Tensor, tar
     if flops.shape != (num_exits,):
         raise ValueError(f"flops must hold one value per exit ({num_exits}), got shape {tuple(flops.shape)}")
 
-    confidence = confidence.detach().cpu()
-    passes = confidence >= thresholds.detach().cpu().to(confidence.dtype)[:, None]
-    passes[-1] = True  # the last exit takes everyone left, whatever its threshold
-    # Index of the first exit a sample passes = number of exits it fails before that.
-    exit_index = (~passes).to(torch.int64).cumprod(dim=0).sum(dim=0)
+    exit_index = assign_exits(confidence, thresholds)
     chosen = predictions.detach().cpu().gather(0, exit_index[None]).squeeze(0)
     correct = int((chosen.to(torch.int64) == targets.detach().cpu().to(torch.int64)).sum())
     counts = torch.bincount(exit_index, minlength=num_exits)
@@ -194,3 +200,66 @@ def dynamic_evaluation(val_logits: torch.Tensor, val_targets: torch.Tensor,
             "thresholds": thresholds.tolist(),
         })
     return results
+
+
+@dataclass
+class Calibration:
+    """Exit thresholds fitted on validation logits for one budget."""
+
+    p: float                 # the budget parameter of the official schedule q_k ~ p^k
+    thresholds: torch.Tensor  # [K], for early_exit or evaluate_thresholds
+    expected_flops: float    # average multiply-adds per image on the validation set
+    exit_counts: list[int]   # validation samples leaving at each exit
+
+
+# Budget parameters searched for a FLOPs target: the official 39 and a fine geometric grid around
+# them, so that very small and very large budgets are reachable too.
+_P_GRID = tuple(sorted(set(DEFAULT_BUDGETS) | {10.0 ** (e / 40) for e in range(-120, 121)}))
+
+
+def _calibrate_p(confidence: torch.Tensor, flops: torch.Tensor, p: float) -> Calibration:
+    thresholds = find_thresholds(confidence, exit_probabilities(p, confidence.shape[0]))
+    counts = torch.bincount(assign_exits(confidence, thresholds), minlength=confidence.shape[0])
+    expected = float((counts.to(torch.float64) * flops).sum() / confidence.shape[1])
+    return Calibration(p=float(p), thresholds=thresholds, expected_flops=expected, exit_counts=counts.tolist())
+
+
+def calibrate_thresholds(val_logits: torch.Tensor, flops: Sequence[float] | torch.Tensor, *,
+                         p: float | None = None, budget_flops: float | None = None) -> Calibration:
+    """Thresholds for real early exit, fitted on validation logits with the official search.
+
+    Give exactly one of
+        p: a budget parameter of the official schedule (exit fractions ~ p^k; the official
+            evaluation uses p = 1/20 ... 39/20);
+        budget_flops: a target average of multiply-adds per image: the thresholds of the budget
+            parameter whose validation cost is the largest not above the target (searched over the
+            official values and a geometric grid from 1e-3 to 1e3).
+
+    Args:
+        val_logits: [K, N, C] logits of every exit on the validation set.
+        flops: K cumulative per-exit costs (``count_flops``).
+    """
+    confidence, _ = _confidences(val_logits, "val_logits")
+    num_exits = confidence.shape[0]
+    flops = torch.as_tensor(flops, dtype=torch.float64).detach().cpu()
+    if flops.shape != (num_exits,):
+        raise ValueError(f"flops must hold one value per exit ({num_exits}), got shape {tuple(flops.shape)}")
+    if (p is None) == (budget_flops is None):
+        raise ValueError("calibrate_thresholds needs exactly one of p= and budget_flops=")
+    if p is not None:
+        if isinstance(p, bool) or not (isinstance(p, numbers.Real) and math.isfinite(p) and p > 0):
+            raise ValueError(f"p must be a positive finite number, got {p!r}")
+        return _calibrate_p(confidence, flops, float(p))
+    if isinstance(budget_flops, bool) or not (isinstance(budget_flops, numbers.Real) and math.isfinite(budget_flops)):
+        raise ValueError(f"budget_flops must be a finite number, got {budget_flops!r}")
+    best = None
+    for candidate in _P_GRID:
+        calibration = _calibrate_p(confidence, flops, candidate)
+        if calibration.expected_flops <= budget_flops and (
+                best is None or calibration.expected_flops > best.expected_flops):
+            best = calibration
+    if best is None:
+        cheapest = _calibrate_p(confidence, flops, _P_GRID[0]).expected_flops
+        raise ValueError(f"budget_flops={budget_flops:.6g} is below the cheapest reachable budget "
+                         f"({cheapest:.6g} multiply-adds per image on these validation logits)")
+    return best

@@ -62,6 +62,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 class _StoreGpu(argparse.Action):
     """Store --gpu and remember that it was given: torchrun launches apply only an explicit one,
     because the official default '0' would put every process on the same GPU."""
@@ -166,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the channels_last memory format for the model and its inputs")
     run.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                      help="swap in ranet_fast's fused layers when they are available (default: --fast)")
+    run.add_argument("--early-exit-images", type=_non_negative_int, default=1000, metavar="N",
+                     help="dynamic evaluation also runs real early exit at every budget on the first N "
+                          "test images and reports its throughput (0: skip; default: 1000)")
     run.add_argument("--max-steps-per-epoch", type=_positive_int, default=None, metavar="N",
                      help="stop every training epoch after N batches (smoke tests and demos; the "
                           "learning-rate schedule then treats N as the epoch length; default: none)")

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import time
 from typing import Any, Sequence
 
 import torch
@@ -74,6 +75,66 @@ def dynamic_results(val_logits: torch.Tensor, val_targets: torch.Tensor, test_lo
     from ranet_fast.inference import dynamic_evaluation
 
     return dynamic_evaluation(val_logits, val_targets, test_logits, test_targets, list(flops))
+
+
+@torch.no_grad()
+def measure_early_exit(model: nn.Module, test_loader: DataLoader, dynamic: list[dict], *, device: torch.device,
+                       max_images: int, amp: str = "none", channels_last: bool = False,
+                       progress: Progress | None = None) -> dict:
+    """Real early exit (``ranet_fast.inference.early_exit``) at every budget of ``dynamic``.
+
+    Runs on the first ``max_images`` test images, collected on the device first so that only the
+    network is timed, in batches of the loader's size: once with every threshold +inf (the full
+    network through the same engine) and once per budget with its thresholds. Returns the full
+    network's figures and, in ``budgets`` (in the order of ``dynamic``), each budget's images/s,
+    measured speed-up over the full network, FLOPs-predicted speed-up, exit counts and top-1 of the
+    real run (equal to the simulation's on the same images except where a confidence is within
+    rounding of a threshold).
+    """
+    from ranet_fast.inference import early_exit
+
+    model.eval()
+    batches, targets, seen = [], [], 0
+    for images, target in test_loader:
+        images, target = _to_device(images[:max_images - seen], target[:max_images - seen], device, channels_last)
+        batches.append(images)
+        targets.append(target.cpu())
+        seen += images.shape[0]
+        if seen >= max_images:
+            break
+    targets = torch.cat(targets).long()
+
+    def run(thresholds) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+        predictions, exits, spent = [], [], 0.0
+        start = time.perf_counter()
+        for images in batches:
+            with _autocast(device, amp):
+                result = early_exit(model, images, thresholds)
+            predictions.append(result.logits.argmax(dim=1))
+            exits.append(result.exit_index)
+            spent += result.flops
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return seconds, torch.cat(predictions).cpu(), torch.cat(exits).cpu(), spent / seen
+
+    num_exits = len(dynamic[0]["thresholds"])
+    run([math.inf] * num_exits)  # warm-up: allocator, oneDNN primitives, CUDA kernels
+    full_seconds, _, _, full_flops = run([math.inf] * num_exits)
+    budgets = []
+    bar = progress.bar(dynamic, len(dynamic), "real early exit") if progress is not None else dynamic
+    for row in bar:
+        seconds, predictions, exits, flops = run([float(t) for t in row["thresholds"]])
+        budgets.append({
+            "p": row["p"], "images_per_s": seen / seconds, "flops_per_image": flops,
+            "speedup": full_seconds / seconds, "flops_predicted_speedup": full_flops / flops,
+            "top1": float((predictions == targets).double().mean() * 100.0),
+            "exit_counts": torch.bincount(exits, minlength=num_exits).tolist(),
+        })
+    if progress is not None:
+        bar.close()
+    return {"images": seen, "full_network_images_per_s": seen / full_seconds, "full_network_flops": full_flops,
+            "budgets": budgets}
 
 
 def to_jsonable(value: Any) -> Any:
@@ -148,10 +209,23 @@ def format_summary(results: dict) -> str:
                   for row in results["anytime"]]
     if results.get("dynamic"):
         lines.append("dynamic (thresholds from the validation split, applied to the test split)")
-        lines.append(f"{'budget p':>8} {'MFLOPs':>10} {'test top-1 %':>13} {'val top-1 %':>12}")
-        lines += [f"{float(row['p']):>8.2f} {float(row['expected_flops']) / 1e6:>10.2f} "
-                  f"{float(row['test_accuracy']):>13.3f} {float(row['val_accuracy']):>12.3f}"
-                  for row in results["dynamic"]]
+        real = results.get("early_exit")
+        header = f"{'budget p':>8} {'MFLOPs':>10} {'test top-1 %':>13} {'val top-1 %':>12}"
+        if real:
+            header += (f" | real early exit on {real['images']} test images: {'img/s':>9} {'speed-up':>8} "
+                       f"{'FLOPs-predicted':>15} {'top-1 %':>8}")
+        lines.append(header)
+        for index, row in enumerate(results["dynamic"]):
+            line = (f"{float(row['p']):>8.2f} {float(row['expected_flops']) / 1e6:>10.2f} "
+                    f"{float(row['test_accuracy']):>13.3f} {float(row['val_accuracy']):>12.3f}")
+            if real:
+                measured = real["budgets"][index]
+                line += (f" | {'':>{len(str(real['images'])) + 31}}{measured['images_per_s']:>9.1f} "
+                         f"{measured['speedup']:>7.2f}x {measured['flops_predicted_speedup']:>14.2f}x "
+                         f"{measured['top1']:>8.3f}")
+            lines.append(line)
+        if real:
+            lines.append(f"full network through the same engine: {real['full_network_images_per_s']:.1f} img/s")
     for name in ("results_json", "plot"):
         if results.get(name):
             lines.append(f"{name.replace('_', ' ')}: {results[name]}")
@@ -170,6 +244,7 @@ def evaluate(model: nn.Module, *, mode: str, val_loader: DataLoader, test_loader
     results: dict[str, Any] = {
         "data": args.data, "checkpoint": checkpoint, "mode": mode, "num_exits": test_logits.shape[0],
         "flops": [int(f) for f in flops], "params": int(params), "anytime": None, "dynamic": None,
+        "early_exit": None,
     }
     os.makedirs(save_dir, exist_ok=True)
     if mode in ("anytime", "both"):
@@ -181,8 +256,15 @@ def evaluate(model: nn.Module, *, mode: str, val_loader: DataLoader, test_loader
             val_logits, val_targets = test_logits, test_targets
         else:
             val_logits, val_targets = collect_logits(model, val_loader, desc="val logits", **options)
-        results["dynamic"] = to_jsonable(dynamic_results(val_logits, val_targets, test_logits,
-                                                         test_targets, flops))
+        dynamic = dynamic_results(val_logits, val_targets, test_logits, test_targets, flops)
+        max_images = getattr(args, "early_exit_images", 0)
+        if max_images > 0 and hasattr(model, "early_exit_stage"):
+            results["early_exit"] = measure_early_exit(
+                model, test_loader, dynamic, device=device, max_images=max_images, amp=args.amp,
+                channels_last=args.channels_last, progress=progress)
+        results["dynamic"] = to_jsonable(dynamic)
+        if results["early_exit"] is not None:
+            results["early_exit"] = to_jsonable(results["early_exit"])
         write_file_atomic(os.path.join(save_dir, DYNAMIC_TXT), format_dynamic(results["dynamic"]))
 
     title = f"{args.arch} on {args.data}: accuracy vs FLOPs"
