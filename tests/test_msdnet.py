@@ -24,9 +24,11 @@ from golden.common import (INIT_SEED, INITIAL_WEIGHTS_PATHS, MSDNET_CONFIGS, ass
                            make_args, state_dict_fingerprint)
 from ranet_fast import count_flops
 from ranet_fast.checkpoint import load_official_checkpoint
+from ranet_fast.inference import early_exit
 from ranet_fast.models import MSDNET_CONFIGS as README_CONFIGS
 from ranet_fast.models import MSDNet, build_model, msdnet_config, plan_msdnet, validate_msdnet_args
 from ranet_fast.train import parse_args
+from test_early_exit import assert_matches_simulation, calibrated, images
 
 NAMES = sorted(MSDNET_CONFIGS)
 
@@ -179,6 +181,60 @@ def test_compacted_state_gives_the_full_forward_rows():
                 rows = rows[keep]
 
 
+def _engine_model(dtype=torch.float64, **overrides):
+    """A small MSDNet in eval mode with random BN affine parameters and statistics, so that no
+    layer is the identity it starts as (as tests/test_early_exit.py builds its RANets)."""
+    torch.manual_seed(0)
+    model = MSDNet(_small(**overrides)).to(dtype).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data = 0.5 + torch.rand(module.weight.shape, generator=generator, dtype=dtype)
+            module.bias.data = 0.2 * torch.randn(module.bias.shape, generator=generator, dtype=dtype)
+            module.running_mean = 0.1 * torch.randn(module.running_mean.shape, generator=generator, dtype=dtype)
+            module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=generator, dtype=dtype)
+    return model
+
+
+@pytest.mark.parametrize("prune", ["max", "min"])
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.95])
+def test_real_early_exit_matches_the_official_simulation(prune, p):
+    """ranet_fast.inference.early_exit on MSDNet picks the exit the official simulation (full
+    forwards, first confident exit) picks and returns the same logits, float64."""
+    model = _engine_model(prune=prune)
+    result = assert_matches_simulation(model, images(53, seed=1), calibrated(model, p))
+    if p in (0.5, 1.0):  # mixed budgets really send samples out early and on to the end
+        assert result.exit_counts[0] > 0 and result.exit_counts[-1] > 0
+
+
+def test_real_early_exit_runs_later_blocks_only_on_the_samples_still_running():
+    model = _engine_model()
+    x = images(40, seed=5)
+    thresholds = calibrated(model, 1.0)
+    seen = []
+    for classifier in model.classifier:  # its input is the list of per-scale features
+        classifier.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][-1].shape[0]))
+    # (Counting the FLOPs spent runs a one-image forward, which the hooks would see too.)
+    result = early_exit(model, x, thresholds, count_flops_spent=False)
+    remaining = [40 - sum(result.exit_counts[:k]) for k in range(model.num_exits)]
+    assert result.stage_batch_sizes == remaining and remaining[-1] < 40
+    assert seen == [n for n in remaining if n > 0]
+
+
+def test_real_early_exit_flops_spent_are_the_expected_flops():
+    model = _engine_model()
+    result = early_exit(model, images(30, seed=6), calibrated(model, 1.0))
+    flops = count_flops(model, 32)
+    assert result.flops == pytest.approx(sum(c * f for c, f in zip(result.exit_counts, flops)), rel=1e-12)
+    assert flops[0] <= result.flops_per_image <= flops[-1]
+
+
+def test_real_early_exit_float32_channels_last():
+    model = _engine_model(torch.float32).to(memory_format=torch.channels_last)
+    x = images(24, seed=8, dtype=torch.float32).to(memory_format=torch.channels_last)
+    assert_matches_simulation(model, x, calibrated(model, 1.0), rtol=1e-5, atol=1e-5)
+
+
 def test_early_exit_stage_rejects_an_unknown_exit():
     model = MSDNet(_small())
     state = model.early_exit_start(torch.randn(1, 3, 32, 32))
@@ -309,6 +365,10 @@ def test_trainer_trains_and_evaluates_a_tiny_msdnet(tmp_path):
     assert results["flops"] == count_flops(model, 32)
     assert results["params"] == sum(p.numel() for p in model.parameters())
     assert len(results["dynamic"]) == 39
+    # Dynamic evaluation also ran MSDNet through the real early-exit engine at every budget.
+    real = results["early_exit"]
+    assert real["images"] == 16 and len(real["budgets"]) == 39
+    assert all(sum(budget["exit_counts"]) == 16 for budget in real["budgets"])
     assert (save / "scores.tsv").read_text().count("\n") == 2
 
     evaluated = tmp_path / "eval"
