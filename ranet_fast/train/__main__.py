@@ -117,7 +117,7 @@ def run(args) -> dict | None:
 
 
 def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int]:
-    """The seeded model on the CPU, its FLOPs per exit and parameter count (saved on rank 0)."""
+    """The seeded model on the CPU, its FLOPs per exit and its parameter count."""
     from ranet_fast import count_flops
     from ranet_fast.data import image_size
     from ranet_fast.models import RANet
@@ -130,11 +130,16 @@ def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int
     log(f"{args.arch} on {args.data}: {args.num_exits} exits, {params / 1e6:.2f} M parameters, "
         f"MFLOPs per exit {', '.join(f'{f / 1e6:.2f}' for f in flops)}; device {runtime.device}"
         + (f", {runtime.world_size} processes" if runtime.distributed else ""))
+    return model, flops, params
+
+
+def _write_run_files(args, runtime: Runtime, flops: list[int]) -> None:
+    """flops.pth and args.txt (rank 0). Written only once any checkpoint to load has been loaded,
+    so that a refused --resume or --evaluate-from leaves the files of an existing run alone."""
     if runtime.is_main:
         os.makedirs(args.save, exist_ok=True)
         save_checkpoint(flops, os.path.join(args.save, "flops.pth"))
         write_file_atomic(os.path.join(args.save, "args.txt"), f"{args}\n")
-    return model, flops, params
 
 
 def _dataloaders(args, runtime: Runtime):
@@ -157,6 +162,7 @@ def _evaluate_checkpoint(args, runtime: Runtime, model, flops, params, loaders, 
     _, val_loader, test_loader = loaders
     load_official_checkpoint(model, args.evaluate_from)
     progress.log(f"=> loaded '{args.evaluate_from}'")
+    _write_run_files(args, runtime, flops)
     model = _to_device(model, args, runtime.device, progress.log)
     results = None
     if runtime.is_main:
@@ -188,6 +194,7 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
             partial = resumed_partial_epoch(checkpoint, resume_path, runtime, args)
             log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']}"
                 + (f"; continuing epoch {args.start_epoch} at step {partial.step})" if partial else ")"))
+    _write_run_files(args, runtime, flops)
 
     model = _to_device(model, args, device, log)
     optimizer = build_optimizer(args, model.parameters())
