@@ -26,10 +26,10 @@ from ranet_fast.train.interrupt import GracefulStop
 from ranet_fast.train.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
-# 48 training images in batches of 4: 12 steps per epoch, so a signal sent after step 3 lands
-# well inside the epoch. One loader worker: the replay on resume must reproduce its generator
+# 64 training images in batches of 4: 16 steps per epoch, so a signal sent after step 3 lands
+# well inside the epoch even on a busy machine. One loader worker: the replay on resume must reproduce its generator
 # state too, and it must survive the signal sent to the whole process group.
-FLAGS = ["--data", "synthetic", "--synthetic-size", "48,16,16", "-b", "4", "-j", "1", "-p", "1",
+FLAGS = ["--data", "synthetic", "--synthetic-size", "64,16,16", "-b", "4", "-j", "1", "-p", "1",
          "--nChannels", "4", "--growthRate", "4", "--step", "1", "--nBlocks", "1", "--block-step", "1",
          "--device", "cpu", "--epochs", "2"]
 TIMEOUT = 120
@@ -105,7 +105,7 @@ def test_sigterm_then_sigint_mid_epoch_then_resume_equals_an_uninterrupted_run(u
     models = save / "save_models"
 
     first = _start(save)
-    _wait_for(first, "Epoch: [0][3/12]")
+    _wait_for(first, "Epoch: [0][3/16]")
     os.killpg(first.pid, signal.SIGTERM)
     returncode, _, err = _finish(first)
     assert returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -114,8 +114,8 @@ def test_sigterm_then_sigint_mid_epoch_then_resume_equals_an_uninterrupted_run(u
     stopped = _checkpoint(save, "interrupted.pth.tar")
     entry = stopped["interrupted"]
     # Nothing completed yet; the epoch stopped after the step the marker reported or a later one.
-    assert stopped["epoch"] == -1 and entry["epoch"] == 0 and 3 <= entry["step"] < 12
-    assert entry["num_batches"] == 12 and entry["world_size"] == 1 and entry["batch_size"] == 4
+    assert stopped["epoch"] == -1 and entry["epoch"] == 0 and 3 <= entry["step"] < 16
+    assert entry["num_batches"] == 16 and entry["world_size"] == 1 and entry["batch_size"] == 4
     assert len(entry["ranks"]) == 1 and entry["ranks"][0]["totals"]["count"] == 4 * entry["step"]
     assert not list(models.glob("checkpoint_*")) and not list(save.rglob("*.tmp"))
 
@@ -129,7 +129,7 @@ def test_sigterm_then_sigint_mid_epoch_then_resume_equals_an_uninterrupted_run(u
     assert "interrupted.pth.tar" in error and "--batch-size 4" in error and "this run has 1 and 8" in error
 
     second = _start(save, "--resume")
-    log = _wait_for(second, "Epoch: [1][3/12]")
+    log = _wait_for(second, "Epoch: [1][3/16]")
     assert f"continuing epoch 0 at step {entry['step']}" in log
     os.killpg(second.pid, signal.SIGINT)
     returncode, _, err = _finish(second)

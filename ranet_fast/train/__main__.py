@@ -223,6 +223,7 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
         return state
 
     shield_loader_workers(train_loader)
+    shield_loader_workers(epoch_val_loader)
     last_checkpoint = None
     with GracefulStop(runtime) as stop:
         for epoch in range(args.start_epoch, args.epochs):
