@@ -119,14 +119,22 @@ def test_sigterm_then_sigint_mid_epoch_then_resume_equals_an_uninterrupted_run(u
     assert len(entry["ranks"]) == 1 and entry["ranks"][0]["totals"]["count"] == 4 * entry["step"]
     assert not list(models.glob("checkpoint_*")) and not list(save.rglob("*.tmp"))
 
-    # Continuing the epoch with another batch size would train on other batches: refused.
+    # Continuing the epoch with another batch size or epoch length would train on other batches:
+    # refused, and the run's files stay as they were.
     mismatch = tmp_path / "mismatch"
     shutil.copytree(save, mismatch)
+    files = {p: p.read_bytes() for p in mismatch.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as caught:
         trainer.main(FLAGS + ["--save", str(mismatch), "--resume", "-b", "8", "-j", "0"])
     assert caught.value.code == 1
     error = capsys.readouterr().err
     assert "interrupted.pth.tar" in error and "--batch-size 4" in error and "this run has 1 and 8" in error
+    with pytest.raises(SystemExit) as caught:
+        trainer.main(FLAGS + ["--save", str(mismatch), "--resume", "--max-steps-per-epoch", "5", "-j", "0"])
+    assert caught.value.code == 1
+    error = capsys.readouterr().err
+    assert "interrupted.pth.tar" in error and "of an epoch of 16 batches, but this run's epochs have 5" in error
+    assert {p: p.read_bytes() for p in mismatch.rglob("*") if p.is_file()} == files
 
     second = _start(save, "--resume")
     log = _wait_for(second, "Epoch: [1][3/16]")

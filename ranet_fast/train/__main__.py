@@ -30,8 +30,9 @@ from ranet_fast.checkpoint import CheckpointError, load_official_checkpoint, sav
 from .args import parse_args
 from .evaluate import evaluate, format_summary
 from .interrupt import (INTERRUPTED_CHECKPOINT, GracefulStop, TrainingInterrupted, interrupted_entry,
-                        resumed_partial_epoch, shield_loader_workers)
-from .loop import PartialEpoch, Progress, build_optimizer, prepare_epoch, seed_everything, train_epoch, validate
+                        require_same_epoch_length, resumed_partial_epoch, shield_loader_workers)
+from .loop import (PartialEpoch, Progress, build_optimizer, epoch_length, prepare_epoch, seed_everything,
+                   train_epoch, validate)
 from .runtime import (Runtime, apply_gpu_flag, args_to_dict, restore_rng_state, rng_state, setup_runtime,
                       shard_loaders)
 
@@ -194,7 +195,6 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
             partial = resumed_partial_epoch(checkpoint, resume_path, runtime, args)
             log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']}"
                 + (f"; continuing epoch {args.start_epoch} at step {partial.step})" if partial else ")"))
-    _write_run_files(args, runtime, flops)
 
     model = _to_device(model, args, device, log)
     optimizer = build_optimizer(args, model.parameters())
@@ -222,6 +222,9 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
             state["scaler"] = scaler.state_dict()
         return state
 
+    if partial is not None:
+        require_same_epoch_length(partial, epoch_length(train_loader, args), resume_path)
+    _write_run_files(args, runtime, flops)
     shield_loader_workers(train_loader)
     shield_loader_workers(epoch_val_loader)
     last_checkpoint = None

@@ -161,3 +161,13 @@ def resumed_partial_epoch(checkpoint: dict, path: str, runtime: Runtime, args) -
     own = entry["ranks"][runtime.rank]
     return PartialEpoch(step=entry["step"], num_batches=entry["num_batches"], first_lr=entry["first_lr"],
                         totals=own["totals"], rng=own["rng"])
+
+
+def require_same_epoch_length(partial: PartialEpoch, num_batches: int, path: str) -> None:
+    """Raises ``CheckpointError`` (naming ``path``) unless this run's epochs have the interrupted
+    epoch's length: another ``--max-steps-per-epoch`` or data set would change the batches."""
+    if partial.num_batches != num_batches:
+        raise CheckpointError(
+            f"checkpoint '{path}' stopped at step {partial.step} of an epoch of {partial.num_batches} batches, "
+            f"but this run's epochs have {num_batches} (another --max-steps-per-epoch or data set?); "
+            "continuing that epoch exactly needs the same")
