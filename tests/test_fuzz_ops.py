@@ -161,8 +161,7 @@ def check_exit_partition(backend, case, criterion, data):
 
 def _buffer(rows: int, cols: int, dtype, layout: str, seed: int) -> torch.Tensor:
     """A writable [rows, cols] buffer full of poison values (no expanded layouts: it is written)."""
-    return _matrix(rows, cols, dtype, "normal", layout, seed).mul_(1000) if rows * cols else torch.empty(
-        rows, cols, dtype=dtype)
+    return _matrix(rows, cols, dtype, "normal", layout, seed).mul_(1000)
 
 
 def _index_vector(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -280,17 +279,21 @@ def check_upsample_concat(backend, case):
 
 
 def check_upsample_concat_gradients(backend, case):
-    """Gradients of finite float32/float64 inputs against autograd through the reference."""
+    """float32/float64 gradients against autograd through the reference. The op is linear, so the
+    gradients depend on the output gradient and the layouts, not on the input values."""
     dtype = torch.float64 if case["dtype"] == torch.float64 else torch.float32
-    kind = case["kind"] if case["kind"] in ("normal", "ties") else "large"
-    parts = [_part(case["batch"], c, h, w, dtype, kind, layout, case["seed"] + index).requires_grad_()
+    parts = [_part(case["batch"], c, h, w, dtype, "normal", layout, case["seed"] + index).requires_grad_()
              for index, (c, h, w, layout) in enumerate(case["parts"])]
     result = upsample_concat(parts, case["size"], backend=backend)
     grad_output = _values(result.shape, dtype, "normal", case["seed"] + 7)
     gradients = torch.autograd.grad(result, parts, grad_output, allow_unused=True)
     leaves = [part.detach().contiguous().requires_grad_() for part in parts]
     expected = torch.autograd.grad(upsample_concat_reference(leaves, case["size"]), leaves, grad_output)
-    magnitude = 3.0 * 4 * max(1, max(h * w for _, h, w, _ in case["parts"]))
+    # An input element gathers at most about (2 * ceil(out / in) + 1) output gradients per axis,
+    # each at most 12 in magnitude (normal values are clamped to 4 * 3).
+    height, width = case["size"]
+    fan_in = max((2 * -(-height // h) + 1) * (2 * -(-width // w) + 1) for _, h, w, _ in case["parts"])
+    magnitude = 12.0 * fan_in
     for gradient, expected_gradient in zip(gradients, expected, strict=True):
         _assert_resized_close(gradient, expected_gradient, magnitude)
 

@@ -28,7 +28,8 @@ still holds, plus an ``'interrupted'`` entry describing the unfinished epoch:
 the generators and continues (``loop.train_epoch``), so the resumed run's losses and weights
 equal an uninterrupted run's on deterministic devices (CPU). Under torchrun every process must
 stop after the same step, so the request is all-reduced after every step (one 1-element
-all-reduce per step): a signal delivered to only some of the processes stops all of them.
+all-reduce and a host synchronisation per step): a signal delivered to only some of the processes
+stops all of them.
 """
 
 from __future__ import annotations
