@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import random
 from collections import OrderedDict
 
@@ -193,3 +194,63 @@ def test_trainer_checkpoint_dict_loads_with_weights_only(tmp_path):
     fresh.load_state_dict(loaded["optimizer"])
     assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"],
                        optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``open(marker, 'w')``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused_before_anything_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "malicious.pth.tar"
+    torch.save({"state_dict": _small_model().state_dict(), "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    target = _small_model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"refusing to load checkpoint '.*malicious\.pth\.tar'.*io\.open"):
+        load_official_checkpoint(target, path)
+    assert not marker.exists()
+    assert _tensors_equal(target.state_dict(), before)
+
+
+def test_official_checkpoint_loads_into_a_ddp_wrapped_model(tmp_path):
+    """A DataParallel checkpoint ('module.' keys) loads into the module a DDP wrapper holds."""
+    import torch.distributed as dist
+
+    source = _small_model()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(-1.0)
+    path = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": OrderedDict(("module." + k, v) for k, v in source.state_dict().items())}, path)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(_small_model())
+        load_official_checkpoint(wrapped, path)
+        assert _tensors_equal(wrapped.module.state_dict(), source.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_with_other_architecture_names_file_and_keys_and_writes_nothing(tmp_path, capsys):
+    """--resume with flags that build another RANet stops with the mismatch and leaves the run's files alone."""
+    import ranet_fast.train.__main__ as trainer
+
+    tiny = ["--data", "synthetic", "--synthetic-size", "16,8,8", "-b", "8", "-j", "0", "--nChannels", "4",
+            "--step", "1", "--nBlocks", "1", "--block-step", "1", "--device", "cpu", "--epochs", "2",
+            "--max-steps-per-epoch", "1", "--save", str(tmp_path / "run")]
+    trainer.main(tiny + ["--growthRate", "4", "--epochs", "1"])
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as caught:
+        trainer.main(tiny + ["--growthRate", "8", "--resume"])
+    assert caught.value.code == 1
+    error = capsys.readouterr().err
+    assert re.search(r"checkpoint '.*checkpoint_000\.pth\.tar' does not match the model \(\d+ shape mismatches: ", error)
+    assert re.search(r"\(checkpoint \(\d+,\), model \(\d+,\)\)", error) and "check that the architecture flags match" in error
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from ._memory import require_no_overlap
 from .exit_confidence import SUPPORTED_DTYPES
 
 OP_NAME = "ranet_fast::scatter_exits"
@@ -97,6 +98,8 @@ def validate_scatter_exits_args(
                 f"scatter_exits expects every tensor on the logits' device {logits.device}; "
                 f"{name} is on {tensor.device}"
             )
+    require_no_overlap("scatter_exits", "result_logits", result_logits)
+    require_no_overlap("scatter_exits", "result_exit", result_exit)
 
 
 def scatter_exits_reference(

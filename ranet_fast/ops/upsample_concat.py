@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from ._memory import require_no_overlap
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OP_NAME = "ranet_fast::upsample_concat"
@@ -152,6 +153,7 @@ def _validate(parts, size, channel_offsets, out):
             raise ValueError(
                 f"upsample_concat: part {index} needs channels [{offset}, {end}) but out has {out.shape[1]} channels"
             )
+    require_no_overlap("upsample_concat", "out", out)
     return parts, (height, width), offsets, out.shape[1]
 
 

@@ -7,6 +7,9 @@ Behaves like the official RANet-pytorch ``main.py`` with the same flags (see ``a
   ``<save>/scores.tsv``, ``flops.pth`` and ``args.txt``; all files are written atomically;
 * ``--resume`` continues from ``latest.txt`` and reproduces an uninterrupted run exactly on
   deterministic devices (CPU): every epoch re-seeds all generators from (seed, epoch);
+* SIGTERM or SIGINT during training finish the current step, save
+  ``save_models/interrupted.pth.tar`` and exit with status 128 + the signal number; ``--resume``
+  continues from that step (see ``interrupt.py``);
 * ``--evalmode anytime|dynamic|both --evaluate-from CKPT`` evaluates a checkpoint (official ones,
   with ``module.`` prefixes, load too);
 * after training, a final anytime + dynamic evaluation on the test split writes
@@ -26,7 +29,10 @@ from ranet_fast.checkpoint import CheckpointError, load_official_checkpoint, sav
 
 from .args import parse_args
 from .evaluate import evaluate, format_summary
-from .loop import Progress, build_optimizer, prepare_epoch, seed_everything, train_epoch, validate
+from .interrupt import (INTERRUPTED_CHECKPOINT, GracefulStop, TrainingInterrupted, interrupted_entry,
+                        require_same_epoch_length, resumed_partial_epoch, shield_loader_workers)
+from .loop import (PartialEpoch, Progress, build_optimizer, epoch_length, prepare_epoch, seed_everything,
+                   train_epoch, validate)
 from .runtime import (Runtime, apply_gpu_flag, args_to_dict, restore_rng_state, rng_state, setup_runtime,
                       shard_loaders)
 
@@ -80,10 +86,20 @@ def save_epoch(state: dict, args, epoch: int, is_best: bool, scores: list[str]) 
     if is_best:
         save_checkpoint(state, os.path.join(model_dir, "model_best.pth.tar"))
         write_file_atomic(os.path.join(model_dir, "best_model_epoch.txt"), checkpoint_path)
-    previous = os.path.join(model_dir, "checkpoint_%03d.pth.tar" % (epoch - 1))
-    if os.path.exists(previous):
-        os.remove(previous)
+    # Only now that latest.txt names the new checkpoint may the older ones go.
+    for stale in ("checkpoint_%03d.pth.tar" % (epoch - 1), INTERRUPTED_CHECKPOINT):
+        if os.path.exists(os.path.join(model_dir, stale)):
+            os.remove(os.path.join(model_dir, stale))
     return checkpoint_path
+
+
+def save_interrupted(state: dict, args) -> str:
+    """Write the checkpoint of an interrupted epoch and point latest.txt at it."""
+    model_dir = _model_dir(args)
+    path = os.path.join(model_dir, INTERRUPTED_CHECKPOINT)
+    save_checkpoint(state, path)
+    write_file_atomic(os.path.join(model_dir, "latest.txt"), path)
+    return path
 
 
 def run(args) -> dict | None:
@@ -102,7 +118,7 @@ def run(args) -> dict | None:
 
 
 def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int]:
-    """The seeded model on the CPU, its FLOPs per exit and parameter count (saved on rank 0)."""
+    """The seeded model on the CPU, its FLOPs per exit and its parameter count."""
     from ranet_fast import count_flops
     from ranet_fast.data import image_size
     from ranet_fast.models import build_model
@@ -115,11 +131,16 @@ def _build_model(args, runtime: Runtime, log) -> tuple[nn.Module, list[int], int
     log(f"{args.arch} on {args.data}: {args.num_exits} exits, {params / 1e6:.2f} M parameters, "
         f"MFLOPs per exit {', '.join(f'{f / 1e6:.2f}' for f in flops)}; device {runtime.device}"
         + (f", {runtime.world_size} processes" if runtime.distributed else ""))
+    return model, flops, params
+
+
+def _write_run_files(args, runtime: Runtime, flops: list[int]) -> None:
+    """flops.pth and args.txt (rank 0). Written only once any checkpoint to load has been loaded,
+    so that a refused --resume or --evaluate-from leaves the files of an existing run alone."""
     if runtime.is_main:
         os.makedirs(args.save, exist_ok=True)
         save_checkpoint(flops, os.path.join(args.save, "flops.pth"))
         write_file_atomic(os.path.join(args.save, "args.txt"), f"{args}\n")
-    return model, flops, params
 
 
 def _dataloaders(args, runtime: Runtime):
@@ -142,6 +163,7 @@ def _evaluate_checkpoint(args, runtime: Runtime, model, flops, params, loaders, 
     _, val_loader, test_loader = loaders
     load_official_checkpoint(model, args.evaluate_from)
     progress.log(f"=> loaded '{args.evaluate_from}'")
+    _write_run_files(args, runtime, flops)
     model = _to_device(model, args, runtime.device, progress.log)
     results = None
     if runtime.is_main:
@@ -159,7 +181,7 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
     log, device = progress.log, runtime.device
     best_prec1, best_epoch = 0.0, 0
     scores = [SCORES_HEADER]
-    checkpoint = None
+    checkpoint = partial = None
     if args.resume:
         resume_path = latest_checkpoint_path(args)
         if resume_path is None:
@@ -170,7 +192,9 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
             best_prec1 = checkpoint["best_prec1"]
             best_epoch = checkpoint.get("best_epoch", checkpoint["epoch"])
             scores = list(checkpoint.get("scores", scores))
-            log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']})")
+            partial = resumed_partial_epoch(checkpoint, resume_path, runtime, args)
+            log(f"=> resumed from '{resume_path}' (epoch {checkpoint['epoch']}"
+                + (f"; continuing epoch {args.start_epoch} at step {partial.step})" if partial else ")"))
 
     model = _to_device(model, args, device, log)
     optimizer = build_optimizer(args, model.parameters())
@@ -188,32 +212,53 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def state_after(epoch: int) -> dict:
+        state = {
+            "epoch": epoch, "arch": args.arch, "state_dict": model.state_dict(),
+            "best_prec1": best_prec1, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
+            "scores": scores, "args": args_to_dict(args), "rng": rng_state(),
+        }
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    if partial is not None:
+        require_same_epoch_length(partial, epoch_length(train_loader, args), resume_path)
+    _write_run_files(args, runtime, flops)
+    shield_loader_workers(train_loader)
+    shield_loader_workers(epoch_val_loader)
     last_checkpoint = None
-    for epoch in range(args.start_epoch, args.epochs):
-        prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
-        train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
-                            device=device, progress=progress, scaler=scaler)
-        runtime.sync_buffers(model)
-        # The unwrapped model: validation needs no gradient synchronisation.
-        val = validate(model, epoch_val_loader, args, num_exits=args.num_exits, device=device,
-                       progress=progress)
-        scores.append(("{}\t{:.3f}" + "\t{:.4f}" * 6).format(
-            epoch, train.lr, train.loss, val.loss, train.top1, val.top1[-1], train.top5, val.top5[-1]))
-        is_best = val.top1[-1] > best_prec1
-        if is_best:
-            best_prec1, best_epoch = val.top1[-1], epoch
-        log(f"epoch {epoch + 1}/{args.epochs}  lr {train.lr:.4g}  train loss {train.loss:.4f} "
-            f"top-1 {train.top1:.2f}  val loss {val.loss:.4f} top-1 {val.top1[-1]:.2f}  "
-            f"(best {best_prec1:.2f} at epoch {best_epoch})")
-        if runtime.is_main:
-            state = {
-                "epoch": epoch, "arch": args.arch, "state_dict": model.state_dict(),
-                "best_prec1": best_prec1, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-                "scores": scores, "args": args_to_dict(args), "rng": rng_state(),
-            }
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            last_checkpoint = save_epoch(state, args, epoch, is_best, scores)
+    with GracefulStop(runtime) as stop:
+        for epoch in range(args.start_epoch, args.epochs):
+            prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
+            train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
+                                device=device, progress=progress, scaler=scaler, resume=partial,
+                                stop=stop.requested)
+            partial = None
+            if isinstance(train, PartialEpoch):
+                entry = interrupted_entry(train, epoch, runtime, args)
+                if runtime.is_main:
+                    last_checkpoint = save_interrupted(dict(state_after(epoch - 1), interrupted=entry), args)
+                runtime.barrier()
+                raise TrainingInterrupted(stop.signum, last_checkpoint)
+            runtime.sync_buffers(model)
+            # The unwrapped model: validation needs no gradient synchronisation.
+            val = validate(model, epoch_val_loader, args, num_exits=args.num_exits, device=device,
+                           progress=progress)
+            scores.append(("{}\t{:.3f}" + "\t{:.4f}" * 6).format(
+                epoch, train.lr, train.loss, val.loss, train.top1, val.top1[-1], train.top5, val.top5[-1]))
+            is_best = val.top1[-1] > best_prec1
+            if is_best:
+                best_prec1, best_epoch = val.top1[-1], epoch
+            log(f"epoch {epoch + 1}/{args.epochs}  lr {train.lr:.4g}  train loss {train.loss:.4f} "
+                f"top-1 {train.top1:.2f}  val loss {val.loss:.4f} top-1 {val.top1[-1]:.2f}  "
+                f"(best {best_prec1:.2f} at epoch {best_epoch})")
+            if runtime.is_main:
+                last_checkpoint = save_epoch(state_after(epoch), args, epoch, is_best, scores)
+            # A signal during validation or saving: the epoch's checkpoint is complete, stop here.
+            if stop.requested():
+                runtime.barrier()
+                raise TrainingInterrupted(stop.signum, last_checkpoint)
     log(f"Best val_prec1: {best_prec1:.4f} at epoch {best_epoch}")
 
     results = None
@@ -238,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (DatasetNotFoundError, CheckpointError) as error:
         print(f"ranet-train: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except TrainingInterrupted as interrupted:
+        if interrupted.checkpoint:
+            print(f"ranet-train: {interrupted}; continue with --resume", file=sys.stderr)
+        raise SystemExit(interrupted.exit_status) from None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .runtime import restore_rng_state, rng_state
+
 
 def learning_rate(args, epoch: int, batch: int, num_batches: int) -> float:
     """The official schedule (main.py ``adjust_learning_rate``) at ``batch`` of ``epoch``.
@@ -127,6 +129,18 @@ class _Totals:
         self.correct5 = packed[1 + exits:1 + 2 * exits]
         self.count = int(packed[-1].item())
 
+    def state_dict(self) -> dict:
+        """The running sums, for a checkpoint of an interrupted epoch."""
+        return {"loss": self.loss.cpu(), "correct1": self.correct1.cpu(), "correct5": self.correct5.cpu(),
+                "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.loss.device
+        self.loss = state["loss"].to(device)
+        self.correct1 = state["correct1"].to(device)
+        self.correct5 = state["correct5"].to(device)
+        self.count = int(state["count"])
+
     def averages(self) -> tuple[float, list[float], list[float]]:
         count = max(self.count, 1)
         return (self.loss.item() / count,
@@ -140,6 +154,31 @@ class TrainStats:
     top1: float  # last exit, percent
     top5: float
     lr: float  # learning rate at the first batch of the epoch (official scores.tsv)
+
+
+@dataclass
+class PartialEpoch:
+    """Where an interrupted training epoch stopped, from one process's point of view.
+
+    Together with the model, optimizer and scaler state this is what continuing the epoch
+    exactly needs: the data order is a function of (seed, epoch, rank, world size) only (see
+    ``prepare_epoch``), so ``step`` says where in it to continue; ``totals`` are the epoch's
+    running loss/accuracy sums so far, so the epoch's reported figures come out the same;
+    ``rng`` is every global generator's state after the last trained step.
+    """
+
+    step: int  # batches of the epoch already trained
+    num_batches: int  # the epoch's length (loader length capped by --max-steps-per-epoch)
+    first_lr: float
+    totals: dict  # _Totals.state_dict()
+    rng: dict  # runtime.rng_state()
+
+
+def epoch_length(loader: DataLoader, args) -> int:
+    """Batches per training epoch: the loader's length, capped by ``--max-steps-per-epoch``."""
+    if args.max_steps_per_epoch is None:
+        return len(loader)
+    return min(len(loader), args.max_steps_per_epoch)
 
 
 @dataclass
@@ -184,19 +223,41 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epoch: int, args, *,
                 num_exits: int, device: torch.device, progress: Progress,
-                scaler: torch.amp.GradScaler | None = None) -> TrainStats:
-    """Train ``model`` for one epoch (at most ``args.max_steps_per_epoch`` batches)."""
+                scaler: torch.amp.GradScaler | None = None, resume: PartialEpoch | None = None,
+                stop: Callable[[], bool] | None = None) -> TrainStats | PartialEpoch:
+    """Train ``model`` for one epoch (at most ``args.max_steps_per_epoch`` batches).
+
+    ``stop`` is asked after every step; when it answers True the epoch ends there and a
+    ``PartialEpoch`` is returned instead of the statistics. ``resume`` continues such an
+    epoch: the loader (already prepared for this epoch by ``prepare_epoch``) is replayed up
+    to ``resume.step`` by drawing and discarding its batches, which reproduces the data order,
+    the augmentation draws and the worker processes' generator states exactly whatever
+    ``--workers`` is, at the cost of loading those batches (no forward or backward). The
+    global generators are then set to ``resume.rng``, the state after the interrupted run's
+    last step, so that anything the model draws continues as it would have.
+    """
     criterion = nn.CrossEntropyLoss()
-    num_batches = len(loader)
-    if args.max_steps_per_epoch is not None:
-        num_batches = min(num_batches, args.max_steps_per_epoch)
+    num_batches = epoch_length(loader, args)
     totals = _Totals(num_exits, device)
     first_lr = None
+    start = 0
+    iterator = iter(loader)
+    if resume is not None:
+        if resume.num_batches != num_batches:
+            raise ValueError(f"cannot continue epoch {epoch} at step {resume.step}: it had {resume.num_batches} "
+                             f"batches and has {num_batches} now (--batch-size, --max-steps-per-epoch, the "
+                             "data set and the number of processes must stay the same)")
+        start = resume.step
+        for _ in range(start):
+            next(iterator)
+        totals.load_state_dict(resume.totals)
+        first_lr = resume.first_lr
+        restore_rng_state(resume.rng)
     batch_time = data_time = 0.0
     model.train()
     end = time.perf_counter()
-    bar = progress.bar(itertools.islice(loader, num_batches), num_batches, f"epoch {epoch}")
-    for step, (images, target) in enumerate(bar):
+    bar = progress.bar(itertools.islice(iterator, num_batches - start), num_batches - start, f"epoch {epoch}")
+    for step, (images, target) in enumerate(bar, start=start):
         lr = learning_rate(args, epoch, step, num_batches)
         set_learning_rate(optimizer, lr)
         first_lr = lr if first_lr is None else first_lr
@@ -222,11 +283,16 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             loss_value = loss.item()
             top1_last = totals.correct1[-1].item() * 100.0 / totals.count
             if progress.lines(bar):
+                timed = step + 1 - start
                 progress.log(f"Epoch: [{epoch}][{step + 1}/{num_batches}]\t"
-                             f"Time {batch_time / (step + 1):.3f}\tData {data_time / (step + 1):.3f}\t"
+                             f"Time {batch_time / timed:.3f}\tData {data_time / timed:.3f}\t"
                              f"Loss {loss_value:.4f}\tAcc@1 {top1_last:.4f}")
             else:
                 bar.set_postfix(loss=f"{loss_value:.3f}", acc1=f"{top1_last:.2f}", lr=f"{lr:.4g}")
+        if stop is not None and stop():
+            bar.close()
+            return PartialEpoch(step=step + 1, num_batches=num_batches, first_lr=first_lr,
+                                totals=totals.state_dict(), rng=rng_state())
     bar.close()
     if totals.count == 0:
         raise RuntimeError("the training loader produced no batches; is the training set empty?")
