@@ -116,6 +116,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the results (with the environment) to this file")
     options = parser.parse_args(argv)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
+    commit = git_commit()  # now: the checkout may move while a long run goes on
 
     print(f"{'config':<11} {'batch':>5} {'p':>5} {'MFLOPs/img':>10} {'img/s':>10} {'predicted':>9} "
           f"{'realised':>9} {'ratio':>6}  exits")
@@ -138,7 +139,7 @@ def main(argv=None) -> dict:
     print("realised / FLOPs-predicted speed-up: "
           f"min {summary['realised_over_predicted_min']:.2f}, geometric mean "
           f"{summary['realised_over_predicted_geomean']:.2f} (target >= 0.9)")
-    result = {"benchmark": "early_exit", "date": datetime.date.today().isoformat(), "commit": git_commit(),
+    result = {"benchmark": "early_exit", "date": datetime.date.today().isoformat(), "commit": commit,
               "device": str(device), "dtype": options.dtype, "layout": options.layout,
               "fast_layers": not options.eager, "torch_threads": torch.get_num_threads(),
               "environment": environment_info(), "summary": summary, "rows": rows}

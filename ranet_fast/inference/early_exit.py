@@ -26,7 +26,8 @@ Any multi-exit network can use the engine by providing
   BatchNorm with running statistics), and the state should hold only what later stages read,
   since all of it is copied when samples leave.
 
-:class:`ranet_fast.models.RANet` implements it (its ``forward`` is built on the same two methods),
+:class:`ranet_fast.models.RANet` and :class:`ranet_fast.models.MSDNet` implement it (each builds its
+``forward`` on the same two methods),
 and ``count_flops(model, size, exits=...)`` gives the per-exit costs that make the FLOPs report
 (the default exits are ``model.classifier``; a model may name others in ``early_exit_modules``).
 """
