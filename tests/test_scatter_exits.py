@@ -6,7 +6,6 @@ was not, shows. The oracle is a Python loop over the slots (the definition),
 and the PyTorch reference is one of the backends checked against it.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, scatter_exits
+from triton_interpreter import run_cases_in_triton_interpreter
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
@@ -350,23 +350,9 @@ def _triton_cases():
 
 @pytest.fixture(scope="module")
 def triton_interpreter_run(tmp_path_factory):
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    directory = tmp_path_factory.mktemp("triton_interpreter")
     cases = _triton_cases()
-    torch.save(cases, directory / "cases.pt")
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", _TRITON_INTERPRETER_SCRIPT, str(directory / "cases.pt"), str(directory / "out.pt")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
-    return cases, torch.load(directory / "out.pt"), report
+    directory = tmp_path_factory.mktemp("triton_interpreter")
+    return (cases, *run_cases_in_triton_interpreter(_TRITON_INTERPRETER_SCRIPT, cases, directory))
 
 
 @pytest.mark.parametrize("case", list(_triton_cases()))

@@ -1,0 +1,40 @@
+"""Running an op's Triton checks under the Triton interpreter, in a subprocess.
+
+Triton fixes interpreter mode when a kernel is defined, so setting TRITON_INTERPRET=1 in the test
+process would depend on import order and switch every other test's Triton kernels to the
+interpreter too. A test module instead saves its cases, runs a script of its own in a fresh
+interpreter process and compares what the script saved with its reference.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ranet_fast import _extension
+
+
+def run_cases_in_triton_interpreter(script: str, cases: dict, directory) -> tuple[dict, dict]:
+    """Run ``script`` with argv ``[cases.pt, out.pt]`` under TRITON_INTERPRET=1.
+
+    The script loads the cases, saves its outputs to ``out.pt`` and prints a JSON report as its
+    last line of output. Returns ``(outputs, report)``; skips the test when Triton is missing.
+    """
+    if _extension.triton_import_error() is not None:
+        pytest.skip(_extension.triton_import_error())
+    torch.save(cases, directory / "cases.pt")
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    environment.pop("RANET_FAST_BACKEND", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(directory / "cases.pt"), str(directory / "out.pt")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    return torch.load(directory / "out.pt"), report
