@@ -17,7 +17,7 @@ the gradient's) memory order so that stores are coalesced.
 The index and weight arithmetic is torch's (upsample_bilinear2d,
 align_corners=True), in float32 (float64 for float64 tensors):
 scale = (in - 1) / (out - 1) if out > 1 else 0; src = scale * dst;
-i0 = (int)src; i1 = i0 + (i0 < in - 1); l1 = src - i0; l0 = 1 - l1.
+i0 = (int)src; i1 = i0 + (i0 < in - 1 and scale != 1); l1 = src - i0; l0 = 1 - l1.
 """
 
 import math
@@ -75,7 +75,10 @@ def _source_taps(dst, scale, in_size, ACC_DTYPE: tl.constexpr):
     """Forward taps of output positions dst: (i0, i1, l0, l1), exactly as torch computes them."""
     src = scale * dst.to(ACC_DTYPE)
     i0 = src.to(dst.dtype)  # src >= 0, so truncation is floor
-    i1 = i0 + (i0 < in_size - 1).to(dst.dtype)
+    # Along an axis whose size does not change (scale exactly 1) both taps read the same element,
+    # as CPU eager does, so that a neighbour's inf/NaN is not spread by a zero weight (0 * inf).
+    resizes = (tl.zeros_like(src) + scale) != 1.0  # a block, whether scale is a scalar or a Python float
+    i1 = i0 + ((i0 < in_size - 1) & resizes).to(dst.dtype)
     l1 = src - i0.to(ACC_DTYPE)
     l0 = 1.0 - l1
     return i0, i1, l0, l1

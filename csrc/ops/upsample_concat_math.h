@@ -54,7 +54,10 @@ C10_HOST_DEVICE inline LinearTaps<acc_t> linear_taps(
   const acc_t source = scale * static_cast<acc_t>(dst_index);
   LinearTaps<acc_t> taps;
   taps.i0 = static_cast<int64_t>(source);
-  taps.i1 = taps.i0 + (taps.i0 < in_size - 1 ? 1 : 0);
+  // Along an axis whose size does not change (scale exactly 1) both taps read the same element,
+  // as CPU eager does: a zero-weight neighbour would turn its inf/NaN into a NaN here
+  // (0 * inf), which eager does not produce.
+  taps.i1 = taps.i0 + (taps.i0 < in_size - 1 && scale != acc_t(1) ? 1 : 0);
   taps.l1 = source - static_cast<acc_t>(taps.i0);
   taps.l0 = acc_t(1) - taps.l1;
   return taps;
