@@ -156,7 +156,13 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         return
     weight = weight.contiguous()
     reduction = in_channels * kernel * kernel
-    if x.dtype == torch.float64:
+    if INTERPRETED:
+        # The interpreter runs programs one after another, each as a few numpy calls per block:
+        # few large programs are what is fast there.
+        block_m = min(1024, triton.next_power_of_2(rows))
+        block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
+        block_k = max(16, min(64, triton.next_power_of_2(reduction)))
+    elif x.dtype == torch.float64:
         # The elementwise product holds a BLOCK_M x BLOCK_K x BLOCK_N cube in registers.
         block_m, block_n, block_k = 32, 16, 8
     else:

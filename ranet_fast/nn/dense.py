@@ -16,7 +16,9 @@ differentiable); so does a forward under autocast or with a conv the op does not
 
 The folded (scale, shift) of each BN is cached per layer and recomputed when any tensor it comes
 from (BN weight, bias, running mean and variance, conv bias) is replaced, moved, or modified in
-place (``_version``), or when the input's dtype or device changes.
+place (``_version``), after a train-mode BN forward (``num_batches_tracked``), or when the input's
+dtype or device changes. Writes through ``tensor.data`` bypass version counters and are not seen:
+modify parameters in place under ``torch.no_grad()`` instead (as optimizers and load_state_dict do).
 
 The classes subclass the official-structure modules and change only ``forward``, so parameters,
 buffers, state_dict keys and hooks stay exactly as they were; :func:`ranet_fast.convert` swaps them
@@ -85,9 +87,12 @@ def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.T
     the folding into the graph instead.
     """
     dtype = accumulation_dtype(x.dtype)
-    sources = tuple(t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, conv_bias) if t is not None)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+    parameters = tuple(t for t in (bn.weight, bn.bias, conv_bias) if t is not None)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parameters)):
         return _fold_tensors(bn, conv_bias, dtype)
+    # A train-mode BN forward updates the running statistics inside the batch-norm kernel without
+    # bumping their version counters, but it also increments num_batches_tracked with add_, which does.
+    sources = parameters + tuple(t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None)
     stamp = (
         tuple((t.data_ptr(), t._version) for t in sources), bn.eps, dtype, x.device, torch.is_inference_mode_enabled()
     )
