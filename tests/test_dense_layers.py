@@ -16,8 +16,8 @@ import torch
 
 from ranet_fast import _extension
 from ranet_fast.models import RANet, ranet_config
-from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, _BlockNormal
-from ranet_fast.nn import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal, convert
+from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal
+from ranet_fast.nn import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal, FastConvUpNormal, convert
 
 NO_GPU = "no GPU"
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
@@ -192,6 +192,30 @@ def test_conv_normal_alone(bottleneck):
     with torch.no_grad():
         y = fast([x])  # the official layer also accepts a one-element list
         torch.testing.assert_close(y, eager(x), rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["up", "down"])
+def test_fusion_layer_eval_equals_eager_without_cat(monkeypatch, down):
+    """FastConvUpNormal in eval mode: res written into its slice, the resized parts by upsample_concat(out=)."""
+    torch.manual_seed(6)
+    eager = ConvUpNormal(6, 5, 8, True, 2, 1, 0.25, down).double()
+    randomize_bn(eager, 6)
+    fast = convert(copy.deepcopy(eager)).eval()
+    eager.eval()
+    assert type(fast) is FastConvUpNormal
+    x_low = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    x_cur = torch.randn(2, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = eager([x_low, x_cur])
+
+    def no_cat(*args, **kwargs):
+        raise AssertionError("torch.cat called in the eval-mode fusion layer")
+
+    monkeypatch.setattr(torch, "cat", no_cat)
+    with torch.no_grad():
+        y = fast([x_low, x_cur])
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -29,26 +29,41 @@ C10_HOST_DEVICE inline acc_t relu(acc_t value) {
   return value < acc_t(0) ? acc_t(0) : value;
 }
 
-// The prologue of one real input element: relu(x * scale + shift).
+// The prologue and the epilogue are both per-channel affine maps, optionally
+// followed by ReLU. The kernels look the channel's map up once (per plane,
+// per tile column) and apply it in their inner loops.
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t prologue_value(acc_t x, acc_t scale, acc_t shift) {
-  return relu(x * scale + shift);
+struct ChannelAffine {
+  acc_t scale;
+  acc_t shift;
+  bool relu;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t apply_affine(const ChannelAffine<acc_t>& affine, acc_t value) {
+  const acc_t mapped = value * affine.scale + affine.shift;
+  return affine.relu ? relu(mapped) : mapped;
 }
 
-// The epilogue of one accumulated conv output. A null scale means 1 and a
-// null shift 0 (the op's optional epilogue tensors).
+// The prologue of input channel ci: relu(x * scale + shift).
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t epilogue_value(
-    acc_t conv,
+C10_HOST_DEVICE inline ChannelAffine<acc_t> prologue_affine(
+    const acc_t* scale,
+    const acc_t* shift,
+    int64_t channel) {
+  return {scale[channel], shift[channel], true};
+}
+
+// The epilogue of output channel co. A null scale means 1 and a null shift 0
+// (the op's optional epilogue tensors): multiplying by 1 and adding 0 leave
+// every value as it is.
+template <typename acc_t>
+C10_HOST_DEVICE inline ChannelAffine<acc_t> epilogue_affine(
     const acc_t* scale,
     const acc_t* shift,
     int64_t channel,
     bool apply_relu) {
-  acc_t value = scale != nullptr ? conv * scale[channel] : conv;
-  if (shift != nullptr) {
-    value += shift[channel];
-  }
-  return apply_relu ? relu(value) : value;
+  return {scale != nullptr ? scale[channel] : acc_t(1), shift != nullptr ? shift[channel] : acc_t(0), apply_relu};
 }
 
 // Output size of a convolution along one axis.

@@ -37,7 +37,7 @@ from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES, acc
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
 
 
-def _requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
+def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
@@ -132,7 +132,7 @@ def conv_basic_eval(module: ConvBasic, x: torch.Tensor, out: torch.Tensor | None
     return _conv_bn_relu(module, "net.1", module.net[0], module.net[1], x, out, offset)
 
 
-def _conv_bn_parts(module: ConvBN) -> tuple[bool, list[nn.Conv2d], list[nn.BatchNorm2d]]:
+def conv_bn_parts(module: ConvBN) -> tuple[bool, list[nn.Conv2d], list[nn.BatchNorm2d]]:
     """(bnAfter, [squeeze conv, spatial conv], BNs in order) of an official ConvBN."""
     net = module.net
     if isinstance(net[0], nn.BatchNorm2d):  # BN -> ReLU -> conv -> BN -> ReLU -> conv
@@ -141,13 +141,13 @@ def _conv_bn_parts(module: ConvBN) -> tuple[bool, list[nn.Conv2d], list[nn.Batch
 
 
 def conv_bn_fusable(module: ConvBN, x: torch.Tensor) -> bool:
-    _, convs, bns = _conv_bn_parts(module)
+    _, convs, bns = conv_bn_parts(module)
     return _fusable(module, convs, bns, x)
 
 
 def conv_bn_eval(module: ConvBN, x: torch.Tensor, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """The eval-mode ConvBN as two fused_conv2d calls; the second may write into out's channel slice."""
-    bn_after, (squeeze, spatial), bns = _conv_bn_parts(module)
+    bn_after, (squeeze, spatial), bns = conv_bn_parts(module)
     if bn_after:
         hidden = _conv_bn_relu(module, "net.1", squeeze, bns[0], x)
         return _conv_bn_relu(module, "net.4", spatial, bns[1], hidden, out, offset)
@@ -168,15 +168,16 @@ def conv_bn_into(module: ConvBN, x: torch.Tensor, out: torch.Tensor, offset: int
         out.narrow(1, offset, result.shape[1]).copy_(result)
 
 
-def _buffer_like(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """An uninitialised [N, channels, H, W] tensor in x's memory format."""
+def buffer_like(x: torch.Tensor, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An uninitialised [N, channels, *size] tensor (size default: x's) in x's memory format."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+    size = tuple(x.shape[2:]) if size is None else size
+    return torch.empty((x.shape[0], channels, *size), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _growth(layer: ConvNormal) -> int:
-    return _conv_bn_parts(layer.conv_normal)[1][1].out_channels
+    return conv_bn_parts(layer.conv_normal)[1][1].out_channels
 
 
 class FastConvBasic(ConvBasic):
@@ -208,9 +209,9 @@ class FastConvNormal(ConvNormal):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(x, list):  # the official layer also accepts a one-element list
             x = x[0]
-        if self.training or _requires_grad(x, self):
+        if self.training or requires_grad(x, self):
             return super().forward(x)
-        out = _buffer_like(x, x.shape[1] + _growth(self))
+        out = buffer_like(x, x.shape[1] + _growth(self))
         out[:, : x.shape[1]].copy_(x)
         conv_bn_into(self.conv_normal, x, out, x.shape[1])
         return out
@@ -225,10 +226,10 @@ class FastBlockNormal(_BlockNormal):
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.training or _requires_grad(x, self):
+        if self.training or requires_grad(x, self):
             return super().forward(x)
         channels = x.shape[1]
-        buffer = _buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))
+        buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))
         buffer[:, :channels].copy_(x)
         outputs = [x]
         for layer in self.layers:

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace ranet_fast::ops {
 
@@ -48,25 +49,40 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// dst[n, c, h, w] = value(src[n, c, h, w], c) over the [N, C, H, W] index
-// space of src. The loops follow dst's layout: whole rows with channels
-// innermost when dst's channels are (channels_last), else whole planes.
-template <typename scalar_t, typename Value>
-void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const Value& value) {
+// dst[n, c, h, w] = apply_affine(affine_of(c), src[n, c, h, w]) over the
+// [N, C, H, W] index space of src. The loops follow dst's layout: whole rows
+// with channels innermost when dst's channels are (channels_last), else whole
+// planes. The per-channel maps are copied into local storage first, so the
+// compiler knows the stores into dst cannot change them and vectorises the
+// unit-stride inner loops.
+template <typename scalar_t, typename acc_t, typename AffineOf>
+void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineOf& affine_of) {
   const int64_t batch = src.size(0), channels = src.size(1), height = src.size(2), width = src.size(3);
   const scalar_t* in = src.const_data_ptr<scalar_t>();
   scalar_t* out = dst.mutable_data_ptr<scalar_t>();
   const Strides4 si = strides_of(src), so = strides_of(dst);
   if (channels > 1 && so.c == 1) {
+    std::vector<math::ChannelAffine<acc_t>> affines(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      affines[c] = affine_of(c);
+    }
+    const math::ChannelAffine<acc_t>* affine = affines.data();
     const int64_t row = width * channels;
     at::parallel_for(0, batch * height, std::max<int64_t>(1, kElementsPerTask / row), [&](int64_t first, int64_t last) {
       for (int64_t unit = first; unit < last; ++unit) {
         const int64_t n = unit / height, h = unit % height;
-        const scalar_t* in_row = in + n * si.n + h * si.h;
-        scalar_t* out_row = out + n * so.n + h * so.h;
         for (int64_t w = 0; w < width; ++w) {
-          for (int64_t c = 0; c < channels; ++c) {
-            out_row[w * so.w + c] = static_cast<scalar_t>(value(in_row[w * si.w + c * si.c], c));
+          const scalar_t* __restrict__ in_pixel = in + n * si.n + h * si.h + w * si.w;
+          scalar_t* __restrict__ out_pixel = out + n * so.n + h * so.h + w * so.w;
+          if (si.c == 1) { // unit stride on both sides
+            for (int64_t c = 0; c < channels; ++c) {
+              out_pixel[c] = static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c])));
+            }
+          } else {
+            for (int64_t c = 0; c < channels; ++c) {
+              out_pixel[c] =
+                  static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c * si.c])));
+            }
           }
         }
       }
@@ -77,11 +93,19 @@ void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const Value& 
   at::parallel_for(0, batch * channels, std::max<int64_t>(1, kElementsPerTask / plane), [&](int64_t first, int64_t last) {
     for (int64_t unit = first; unit < last; ++unit) {
       const int64_t n = unit / channels, c = unit % channels;
-      const scalar_t* in_plane = in + n * si.n + c * si.c;
-      scalar_t* out_plane = out + n * so.n + c * so.c;
+      const math::ChannelAffine<acc_t> affine = affine_of(c);
       for (int64_t h = 0; h < height; ++h) {
-        for (int64_t w = 0; w < width; ++w) {
-          out_plane[h * so.h + w * so.w] = static_cast<scalar_t>(value(in_plane[h * si.h + w * si.w], c));
+        const scalar_t* __restrict__ in_line = in + n * si.n + c * si.c + h * si.h;
+        scalar_t* __restrict__ out_line = out + n * so.n + c * so.c + h * so.h;
+        if (si.w == 1 && so.w == 1) { // unit stride on both sides
+          for (int64_t w = 0; w < width; ++w) {
+            out_line[w] = static_cast<scalar_t>(math::apply_affine(affine, static_cast<acc_t>(in_line[w])));
+          }
+        } else {
+          for (int64_t w = 0; w < width; ++w) {
+            out_line[w * so.w] =
+                static_cast<scalar_t>(math::apply_affine(affine, static_cast<acc_t>(in_line[w * si.w])));
+          }
         }
       }
     }
@@ -102,9 +126,8 @@ at::Tensor apply_prologue(const at::Tensor& x, const at::Tensor& scale, const at
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* scale_data = scale.const_data_ptr<acc_t>();
     const acc_t* shift_data = shift.const_data_ptr<acc_t>();
-    per_channel_map<scalar_t>(x, activated, [&](scalar_t v, int64_t c) {
-      return math::prologue_value(static_cast<acc_t>(v), scale_data[c], shift_data[c]);
-    });
+    per_channel_map<scalar_t, acc_t>(
+        x, activated, [&](int64_t c) { return math::prologue_affine(scale_data, shift_data, c); });
   });
   return activated;
 }
@@ -174,9 +197,8 @@ void fused_conv2d_write(
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* scale_data = optional_data<acc_t>(epilogue_scale);
     const acc_t* shift_data = optional_data<acc_t>(epilogue_shift);
-    per_channel_map<scalar_t>(conv, out_slice, [&](scalar_t v, int64_t c) {
-      return math::epilogue_value(static_cast<acc_t>(v), scale_data, shift_data, c, relu);
-    });
+    per_channel_map<scalar_t, acc_t>(
+        conv, out_slice, [&](int64_t c) { return math::epilogue_affine(scale_data, shift_data, c, relu); });
   });
 }
 

@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
           value = static_cast<acc_t>(
               x_sample[tap.ci * p.x_stride_c + ih * p.x_stride_h + iw * p.x_stride_w]);
           if (p.prologue_scale != nullptr) {
-            value = math::prologue_value(value, p.prologue_scale[tap.ci], p.prologue_shift[tap.ci]);
+            value = math::apply_affine(
+                math::prologue_affine(p.prologue_scale, p.prologue_shift, tap.ci), value);
           }
         }
       }
@@ -138,6 +139,13 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
     __syncthreads();
   }
 
+  math::ChannelAffine<acc_t> epilogue[kPerThread];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t channel = column0 + thread_column + j * kThreadGrid;
+    epilogue[j] = math::epilogue_affine(
+        p.epilogue_scale, p.epilogue_shift, channel < p.out_channels ? channel : 0, p.relu);
+  }
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int64_t row = row0 + thread_row + i * kThreadGrid;
@@ -151,8 +159,8 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t channel = column0 + thread_column + j * kThreadGrid;
       if (channel < p.out_channels) {
-        out_pixel_ptr[channel * p.out_stride_c] = static_cast<scalar_t>(math::epilogue_value(
-            accumulator[i][j], p.epilogue_scale, p.epilogue_shift, channel, p.relu));
+        out_pixel_ptr[channel * p.out_stride_c] =
+            static_cast<scalar_t>(math::apply_affine(epilogue[j], accumulator[i][j]));
       }
     }
   }
