@@ -10,7 +10,8 @@
 // - epilogue: act(scale * conv + shift) from the conv result straight into
 //   the output's channel slice, any strides: the result is never written to a
 //   separate normalised tensor, and a dense block's buffer receives a layer's
-//   channels in place.
+//   channels in place. Without out= the epilogue runs in place on the conv's
+//   result when that already has the output's layout (it usually does).
 //
 // A 1x1, stride-1 conv without a prologue is a matrix product whose operand is
 // the input as it lies in memory, even when x is a channel prefix of a bigger
@@ -50,11 +51,11 @@ Strides4 strides_of(const at::Tensor& t) {
 }
 
 // dst[n, c, h, w] = apply_affine(affine_of(c), src[n, c, h, w]) over the
-// [N, C, H, W] index space of src. The loops follow dst's layout: whole rows
-// with channels innermost when dst's channels are (channels_last), else whole
-// planes. The per-channel maps are copied into local storage first, so the
-// compiler knows the stores into dst cannot change them and vectorises the
-// unit-stride inner loops.
+// [N, C, H, W] index space of src; dst may be src itself (in place). The
+// loops follow dst's layout: whole rows with channels innermost when dst's
+// channels are (channels_last), else whole planes. The per-channel maps are
+// copied into local storage first, so that stores into dst cannot change them
+// and the unit-stride inner loops vectorise.
 template <typename scalar_t, typename acc_t, typename AffineOf>
 void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineOf& affine_of) {
   const int64_t batch = src.size(0), channels = src.size(1), height = src.size(2), width = src.size(3);
@@ -72,8 +73,8 @@ void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineO
       for (int64_t unit = first; unit < last; ++unit) {
         const int64_t n = unit / height, h = unit % height;
         for (int64_t w = 0; w < width; ++w) {
-          const scalar_t* __restrict__ in_pixel = in + n * si.n + h * si.h + w * si.w;
-          scalar_t* __restrict__ out_pixel = out + n * so.n + h * so.h + w * so.w;
+          const scalar_t* in_pixel = in + n * si.n + h * si.h + w * si.w;
+          scalar_t* out_pixel = out + n * so.n + h * so.h + w * so.w;
           if (si.c == 1) { // unit stride on both sides
             for (int64_t c = 0; c < channels; ++c) {
               out_pixel[c] = static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c])));
@@ -95,8 +96,8 @@ void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineO
       const int64_t n = unit / channels, c = unit % channels;
       const math::ChannelAffine<acc_t> affine = affine_of(c);
       for (int64_t h = 0; h < height; ++h) {
-        const scalar_t* __restrict__ in_line = in + n * si.n + c * si.c + h * si.h;
-        scalar_t* __restrict__ out_line = out + n * so.n + c * so.c + h * so.h;
+        const scalar_t* in_line = in + n * si.n + c * si.c + h * si.h;
+        scalar_t* out_line = out + n * so.n + c * so.c + h * so.h;
         if (si.w == 1 && so.w == 1) { // unit stride on both sides
           for (int64_t w = 0; w < width; ++w) {
             out_line[w] = static_cast<scalar_t>(math::apply_affine(affine, static_cast<acc_t>(in_line[w])));
@@ -176,6 +177,35 @@ at::Tensor convolve(const at::Tensor& source, const at::Tensor& weight, int64_t 
   return at::convolution(source, weight, c10::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
 }
 
+// conv2d(prologue(x), weight), before the epilogue.
+at::Tensor conv_result(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift,
+    int64_t stride,
+    int64_t padding) {
+  const at::Tensor source =
+      prologue_scale.has_value() ? apply_prologue(x, *prologue_scale, *prologue_shift) : x;
+  return convolve(source, weight.contiguous(), stride, padding);
+}
+
+// out = act(scale * conv + shift); out may be conv itself.
+void apply_epilogue(
+    const at::Tensor& conv,
+    const at::Tensor& out,
+    const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift,
+    bool relu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "fused_conv2d_epilogue_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* scale_data = optional_data<acc_t>(epilogue_scale);
+    const acc_t* shift_data = optional_data<acc_t>(epilogue_shift);
+    per_channel_map<scalar_t, acc_t>(
+        conv, out, [&](int64_t c) { return math::epilogue_affine(scale_data, shift_data, c, relu); });
+  });
+}
+
 void fused_conv2d_write(
     const at::Tensor& out_slice,
     const at::Tensor& x,
@@ -190,16 +220,12 @@ void fused_conv2d_write(
   if (out_slice.numel() == 0) {
     return;
   }
-  const at::Tensor source =
-      prologue_scale.has_value() ? apply_prologue(x, *prologue_scale, *prologue_shift) : x;
-  const at::Tensor conv = convolve(source, weight.contiguous(), stride, padding);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_epilogue_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* scale_data = optional_data<acc_t>(epilogue_scale);
-    const acc_t* shift_data = optional_data<acc_t>(epilogue_shift);
-    per_channel_map<scalar_t, acc_t>(
-        conv, out_slice, [&](int64_t c) { return math::epilogue_affine(scale_data, shift_data, c, relu); });
-  });
+  apply_epilogue(
+      conv_result(x, weight, prologue_scale, prologue_shift, stride, padding),
+      out_slice,
+      epilogue_scale,
+      epilogue_shift,
+      relu);
 }
 
 at::Tensor fused_conv2d_cpu(
@@ -214,9 +240,16 @@ at::Tensor fused_conv2d_cpu(
     bool relu) {
   check_fused_conv2d_args(
       x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding);
-  at::Tensor out = allocate_fused_conv2d_output(x, weight, stride, padding);
-  fused_conv2d_write(
-      out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu);
+  if (x.size(0) == 0) {
+    return allocate_fused_conv2d_output(x, weight, stride, padding);
+  }
+  // When the conv's own result already has the output's layout, the epilogue
+  // runs on it in place: one allocation, as eager conv -> BN -> ReLU_ makes.
+  const at::Tensor conv = conv_result(x, weight, prologue_scale, prologue_shift, stride, padding);
+  const bool in_place = conv.is_contiguous(
+      fused_conv2d_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = in_place ? conv : allocate_fused_conv2d_output(x, weight, stride, padding);
+  apply_epilogue(conv, out, epilogue_scale, epilogue_shift, relu);
   return out;
 }
 
