@@ -378,8 +378,9 @@ def fused_conv2d(
         prologue_scale, prologue_shift: [Ci] each, together or not at all: the conv reads
             relu(x * scale + shift) (zero padding stays zero), e.g. a folded eval-mode BN -> ReLU.
         epilogue_scale, epilogue_shift: [Co] each, each optional (1 and 0 when missing).
+            Every scale and shift is cast to float32 (float64 for float64 x), the kernels'
+            accumulation type, before the kernels see it.
         relu: apply ReLU after the epilogue.
-            Scales and shifts are cast to float32 (float64 for float64 x) before the kernels see them.
         out: None -> a new [N, Co, Ho, Wo] tensor (channels_last when x's channels are innermost);
             differentiable with respect to x, weight and every scale and shift. Otherwise a
             [N, C, Ho, Wo] buffer of x's dtype and device, any strides, of which only channels
