@@ -278,6 +278,30 @@ def test_fast_layers_under_autocast_run_eagerly():
     assert torch.equal(ours, theirs)
 
 
+def test_eval_dense_block_compiles_fullgraph():
+    """torch.compile traces the concat-free eval path without graph breaks, in-place slice writes included."""
+    eager, fast = _block()
+    eager.eval(), fast.eval()
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    graph_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    with torch.no_grad():
+        expected, expected_outputs = eager(x)
+        y, _ = torch.compile(fast, fullgraph=True, backend=recording_backend)(x)
+        torch._dynamo.reset()
+        # Through AOTAutograd's functionalisation of the out= writes as well.
+        y_aot, outputs_aot = torch.compile(fast, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_aot, expected, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(outputs_aot, expected_outputs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert any(op.removesuffix(".default") == "ranet_fast.fused_conv2d_out" for op in graph_ops), graph_ops
+
+
 def test_converted_ranet_under_triton_interpreter():
     """Eval mode, no grad, on the Triton backend (the with-gradient paths run in test_fusion_layers)."""
     pytest.importorskip("triton")
