@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import early_exit, gather_rows, upsample_concat
+from benchmarks import early_exit, fused_conv2d, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -40,3 +40,16 @@ def test_early_exit_benchmark_runs_and_writes_json(tmp_path):
         assert budget["predicted_speedup"] == row["flops_per_exit"][-1] / budget["flops_per_image"]
     saved = json.loads(path.read_text())
     assert saved["benchmark"] == "early_exit" and saved["summary"]["realised_over_predicted_min"] > 0
+
+
+def test_fused_conv2d_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = fused_conv2d.main(["--configs", "cifar-c1", "--batch", "1", "--device", "cpu", "--no-compile",
+                                "--max-shapes", "3", "--repeats", "1", "--min-run-time", "0.001", "--json", str(path)])
+    shapes = fused_conv2d.conv_shapes("cifar-c1")
+    assert len(shapes) == len(set(shapes)) > 10
+    assert [tuple(row["shape"].values()) for row in result["rows"]] == shapes[:3]
+    assert set(result["summary"]) == {"forward_speedup_vs_eager"}
+    assert [row["config"] for row in result["models"]] == ["cifar-c1"]
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]

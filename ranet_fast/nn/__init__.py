@@ -1,6 +1,15 @@
 """Fast drop-in layers: subclasses of the official-structure modules with fused forwards."""
 
 from .convert import convert
+from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
 
-__all__ = ["FastBlockUpNormal", "FastConvUpNormal", "convert"]
+__all__ = [
+    "FastBlockNormal",
+    "FastBlockUpNormal",
+    "FastConvBN",
+    "FastConvBasic",
+    "FastConvNormal",
+    "FastConvUpNormal",
+    "convert",
+]

@@ -6,13 +6,19 @@ from collections import Counter
 
 import torch.nn as nn
 
-from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
+from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal, _BlockUpNormal
 
+from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
 
 # Official class -> fast subclass. A fast class only overrides forward, so a module is converted
 # by changing its class: parameters, buffers, state_dict keys and hooks stay as they are.
+# The dense layers fuse only in eval mode and run the official forward in train mode.
 FAST_CLASSES: dict[type, type] = {
+    ConvBasic: FastConvBasic,
+    ConvBN: FastConvBN,
+    ConvNormal: FastConvNormal,
+    _BlockNormal: FastBlockNormal,
     ConvUpNormal: FastConvUpNormal,
     _BlockUpNormal: FastBlockUpNormal,
 }

@@ -16,15 +16,32 @@ import torch
 
 from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
+from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
+
+from .dense import buffer_like, conv_bn_into, conv_bn_parts, requires_grad
 
 
 class FastConvUpNormal(ConvUpNormal):
-    """``ConvUpNormal`` whose resize-and-concatenate is one ``upsample_concat``."""
+    """``ConvUpNormal`` whose resize-and-concatenate is one ``upsample_concat``.
+
+    In eval mode without gradients the layer's output is allocated once: ``conv_normal``'s last
+    conv writes ``res`` straight into its channel slice and ``upsample_concat(out=...)`` writes
+    the two resized parts into theirs, so nothing is copied into place afterwards.
+    """
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         x_low, x_cur = x
-        res = self.conv_normal(x_cur)
-        return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
+        if self.training or requires_grad(x_low, self) or x_cur.requires_grad:
+            res = self.conv_normal(x_cur)
+            return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
+        spatial = conv_bn_parts(self.conv_normal)[1][1]
+        size = tuple(conv_output_size(s, spatial.kernel_size[0], spatial.stride[0], spatial.padding[0])
+                     for s in x_cur.shape[-2:])
+        up = self.conv_up(x_low)
+        channels = x_cur.shape[1]
+        out = buffer_like(x_cur, channels + up.shape[1] + spatial.out_channels, size)
+        conv_bn_into(self.conv_normal, x_cur, out, channels + up.shape[1])
+        return upsample_concat([x_cur, up], size, channel_offsets=[0, channels], out=out)
 
 
 class FastBlockUpNormal(_BlockUpNormal):

@@ -2,6 +2,7 @@
 
 from .exit_confidence import exit_confidence, exit_confidence_reference
 from .exit_partition import exit_partition, exit_partition_reference
+from .fused_conv2d import fused_conv2d, fused_conv2d_reference
 from .gather_rows import gather_rows, gather_rows_reference
 from .scatter_exits import scatter_exits, scatter_exits_reference
 from .upsample_concat import upsample_concat, upsample_concat_reference
@@ -11,6 +12,8 @@ __all__ = [
     "exit_confidence_reference",
     "exit_partition",
     "exit_partition_reference",
+    "fused_conv2d",
+    "fused_conv2d_reference",
     "gather_rows",
     "gather_rows_reference",
     "scatter_exits",

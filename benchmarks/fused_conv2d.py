@@ -1,0 +1,180 @@
+"""fused_conv2d vs eager Conv+BN+ReLU vs torch.compile on every conv layer shape of RANet (eval mode).
+
+    python -m benchmarks.fused_conv2d --configs cifar-c1 cifar-c3 --batch 64 --device cuda --dtype bf16 \
+        --json benchmarks/results/fused_conv2d-h100.json
+
+The shapes are recorded from the eager model with forward hooks on every conv that is followed by
+a BN and a ReLU (ConvBasic and ConvBN: all of RANet's but the ImageNet stem), deduplicated, and
+timed side by side in one run, forward in eval mode without gradients: the fused op with the BN
+folded into its epilogue (as the converted layers call it, folding cached), the eager
+nn.Sequential(Conv2d, BatchNorm2d, ReLU) (the official computation) and torch.compile of it. Each
+figure is the median of ``--repeats`` measurements of torch.utils.benchmark (which synchronises
+CUDA); ratios are the fused op's speed-up over each contender, summarised as geometric means.
+
+The whole-model line times a converted model's eval forward (fused layers, concat-free dense
+blocks) against the eager model's, per configuration and batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from benchmarks.upsample_concat import geometric_mean, git_commit, median_seconds
+from ranet_fast.env import environment_info
+from ranet_fast.models import RANet, ranet_config
+from ranet_fast.models.ranet import ConvBasic, ConvBN
+from ranet_fast.nn import convert
+from ranet_fast.nn.dense import FastConvBasic
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def conv_shapes(config: str) -> list[tuple[int, int, int, int, int, int, int]]:
+    """Distinct (Ci, H, W, Co, kernel, stride, padding) of the conv -> BN -> ReLU layers of ``config``."""
+    args = ranet_config(config)
+    model = RANet(args).eval()
+    shapes: "OrderedDict[tuple, None]" = OrderedDict()
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        shapes[(x.shape[1], x.shape[2], x.shape[3], module.out_channels, module.kernel_size[0], module.stride[0],
+                module.padding[0])] = None
+
+    convs = [conv for parent in model.modules() if isinstance(parent, (ConvBasic, ConvBN))
+             for conv in parent.modules() if isinstance(conv, nn.Conv2d)]
+    handles = [conv.register_forward_hook(hook) for conv in convs]
+    size = 224 if args.data == "ImageNet" else 32
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    return list(shapes)
+
+
+def eager_layer(shape, device, dtype) -> nn.Module:
+    """The official conv -> BN -> ReLU of a shape, eval mode, with random BN statistics."""
+    in_channels, _, _, out_channels, kernel, stride, padding = shape
+    layer = ConvBasic(in_channels, out_channels, kernel=kernel, stride=stride, padding=padding)
+    bn = layer.net[1]
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.1)
+    return layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def run_case(shape, batch, device, dtype, layout, compile_layers, repeats, min_run_time):
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    in_channels, height, width = shape[:3]
+    x = torch.randn(batch, in_channels, height, width, device=device, dtype=dtype).contiguous(
+        memory_format=memory_format)
+    eager = eager_layer(shape, device, dtype)
+    fused = copy.deepcopy(eager)
+    fused.__class__ = FastConvBasic  # what ranet_fast.convert does
+    contenders = {"fused": fused, "eager": eager}
+    if compile_layers:
+        contenders["compile"] = torch.compile(copy.deepcopy(eager), dynamic=False)
+    row = {"shape": dict(zip(("in_channels", "height", "width", "out_channels", "kernel", "stride", "padding"),
+                             shape)), "batch": batch, "forward_s": {}}
+    with torch.no_grad():
+        reference = eager(x)
+        for name, layer in contenders.items():
+            result = layer(x)  # warm-up (and compilation)
+            if name == "fused":
+                # A wrong result would make the timing meaningless.
+                tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(result, reference, rtol=tolerance, atol=tolerance)
+            row["forward_s"][name] = median_seconds(lambda layer=layer: layer(x), repeats, min_run_time)
+    return row
+
+
+def run_model(config, batch, device, dtype, layout, repeats, min_run_time):
+    """Eval forward of the whole model: converted vs eager."""
+    args = ranet_config(config)
+    eager = RANet(args).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    fast = convert(copy.deepcopy(eager))
+    size = 224 if args.data == "ImageNet" else 32
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    row = {"config": config, "batch": batch, "forward_s": {}}
+    with torch.no_grad():
+        for name, model in (("fused", fast), ("eager", eager)):
+            model(x)
+            row["forward_s"][name] = median_seconds(lambda model=model: model(x), repeats, min_run_time)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[64])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--no-model", action="store_true", help="leave the whole-model comparison out")
+    parser.add_argument("--max-shapes", type=int, help="time only the first this many distinct shapes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    options = parser.parse_args(argv)
+
+    if not options.no_compile:
+        # Every shape is its own specialisation; past dynamo's recompile limit the compiled
+        # contender would silently run eager.
+        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit_name, 4096)
+    device, dtype = torch.device(options.device), DTYPES[options.dtype]
+    contenders = ["fused", "eager"] + ([] if options.no_compile else ["compile"])
+    print(f"{'config':<9} {'batch':>5} {'Ci x H x W -> Co, k/s/p':<28} "
+          + " ".join(f"{'fwd ' + n:>12}" for n in contenders) + "  fused speed-up vs "
+          + ", ".join(contenders[1:]))
+    rows, seen = [], set()
+    for config in options.configs:
+        for shape in conv_shapes(config):
+            if shape in seen or len(seen) == options.max_shapes:  # configurations share shapes; time each once
+                continue
+            seen.add(shape)
+            for batch in options.batch:
+                row = run_case(shape, batch, device, dtype, options.layout, not options.no_compile,
+                               options.repeats, options.min_run_time)
+                row["config"] = config
+                rows.append(row)
+                ci, h, w, co, k, s, p = shape
+                described = f"{ci}x{h}x{w} -> {co}, {k}/{s}/{p}"
+                print(f"{config:<9} {batch:>5} {described:<28} "
+                      + " ".join(f"{row['forward_s'][n] * 1e6:>10.1f}us" for n in contenders) + "  "
+                      + ", ".join(f"{row['forward_s'][n] / row['forward_s']['fused']:.2f}" for n in contenders[1:]),
+                      flush=True)
+    summary = {f"forward_speedup_vs_{other}": geometric_mean([row["forward_s"][other] / row["forward_s"]["fused"]
+                                                               for row in rows]) for other in contenders[1:]}
+    print(f"{len(rows)} layer shapes; geometric-mean speed-up of fused: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
+    models = []
+    if not options.no_model:
+        for config in options.configs:
+            for batch in options.batch:
+                row = run_model(config, batch, device, dtype, options.layout, options.repeats, options.min_run_time)
+                models.append(row)
+                fused_s, eager_s = row["forward_s"]["fused"], row["forward_s"]["eager"]
+                print(f"whole model {config} batch {batch} eval forward: converted {fused_s * 1e3:.1f} ms, eager "
+                      f"{eager_s * 1e3:.1f} ms, speed-up {eager_s / fused_s:.2f}x", flush=True)
+    result = {"benchmark": "fused_conv2d", "date": datetime.date.today().isoformat(), "commit": git_commit(),
+              "device": str(device), "dtype": options.dtype, "layout": options.layout,
+              "environment": environment_info(), "summary": summary, "rows": rows, "models": models}
+    if options.json:
+        with open(options.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+// CPU kernels of ranet_fast::fused_conv2d{,_out}.
+//
+// The convolution itself is ATen's (oneDNN where available): a hand-written
+// CPU conv would be slower. Around it, each elementwise stage is one fused,
+// parallel pass over plain pointers:
+//
+// - prologue (BN -> ReLU before the conv): relu(x * scale + shift) into a
+//   dense tensor of x's layout, which is what the conv reads (the zero padding
+//   is the conv's own, so it stays zero);
+// - epilogue: act(scale * conv + shift) from the conv result straight into
+//   the output's channel slice, any strides: the result is never written to a
+//   separate normalised tensor, and a dense block's buffer receives a layer's
+//   channels in place. Without out= the epilogue runs in place on the conv's
+//   result when that already has the output's layout (it usually does).
+//
+// A 1x1, stride-1 conv without a prologue is a matrix product whose operand is
+// the input as it lies in memory, even when x is a channel prefix of a bigger
+// NCHW or channels_last buffer (the other channels only widen the leading
+// dimension). It runs as one GEMM on that strided view instead of
+// at::convolution, which would first copy the non-contiguous input.
+#include "../fused_conv2d.h"
+#include "../fused_conv2d_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace ranet_fast::ops {
+
+namespace {
+
+namespace math = fused_conv2d_math;
+
+// Elements per parallel task (ATen's elementwise grain size).
+constexpr int64_t kElementsPerTask = 32768;
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// dst[n, c, h, w] = apply_affine(affine_of(c), src[n, c, h, w]) over the
+// [N, C, H, W] index space of src; dst may be src itself (in place). The
+// loops follow dst's layout: whole rows with channels innermost when dst's
+// channels are (channels_last), else whole planes. The per-channel maps are
+// copied into local storage first, so that stores into dst cannot change them
+// and the unit-stride inner loops vectorise.
+template <typename scalar_t, typename acc_t, typename AffineOf>
+void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineOf& affine_of) {
+  const int64_t batch = src.size(0), channels = src.size(1), height = src.size(2), width = src.size(3);
+  const scalar_t* in = src.const_data_ptr<scalar_t>();
+  scalar_t* out = dst.mutable_data_ptr<scalar_t>();
+  const Strides4 si = strides_of(src), so = strides_of(dst);
+  if (channels > 1 && so.c == 1) {
+    std::vector<math::ChannelAffine<acc_t>> affines(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      affines[c] = affine_of(c);
+    }
+    const math::ChannelAffine<acc_t>* affine = affines.data();
+    const int64_t row = width * channels;
+    at::parallel_for(0, batch * height, std::max<int64_t>(1, kElementsPerTask / row), [&](int64_t first, int64_t last) {
+      for (int64_t unit = first; unit < last; ++unit) {
+        const int64_t n = unit / height, h = unit % height;
+        for (int64_t w = 0; w < width; ++w) {
+          const scalar_t* in_pixel = in + n * si.n + h * si.h + w * si.w;
+          scalar_t* out_pixel = out + n * so.n + h * so.h + w * so.w;
+          if (si.c == 1) { // unit stride on both sides
+            for (int64_t c = 0; c < channels; ++c) {
+              out_pixel[c] = static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c])));
+            }
+          } else {
+            for (int64_t c = 0; c < channels; ++c) {
+              out_pixel[c] =
+                  static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c * si.c])));
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t plane = height * width;
+  at::parallel_for(0, batch * channels, std::max<int64_t>(1, kElementsPerTask / plane), [&](int64_t first, int64_t last) {
+    for (int64_t unit = first; unit < last; ++unit) {
+      const int64_t n = unit / channels, c = unit % channels;
+      const math::ChannelAffine<acc_t> affine = affine_of(c);
+      for (int64_t h = 0; h < height; ++h) {
+        const scalar_t* in_line = in + n * si.n + c * si.c + h * si.h;
+        scalar_t* out_line = out + n * so.n + c * so.c + h * so.h;
+        if (si.w == 1 && so.w == 1) { // unit stride on both sides
+          for (int64_t w = 0; w < width; ++w) {
+            out_line[w] = static_cast<scalar_t>(math::apply_affine(affine, static_cast<acc_t>(in_line[w])));
+          }
+        } else {
+          for (int64_t w = 0; w < width; ++w) {
+            out_line[w * so.w] =
+                static_cast<scalar_t>(math::apply_affine(affine, static_cast<acc_t>(in_line[w * si.w])));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+const acc_t* optional_data(const c10::optional<at::Tensor>& vector) {
+  return vector.has_value() ? vector->const_data_ptr<acc_t>() : nullptr;
+}
+
+at::Tensor apply_prologue(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  at::Tensor activated = at::empty(
+      x.sizes(),
+      x.options().memory_format(
+          fused_conv2d_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_prologue_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* scale_data = scale.const_data_ptr<acc_t>();
+    const acc_t* shift_data = shift.const_data_ptr<acc_t>();
+    per_channel_map<scalar_t, acc_t>(
+        x, activated, [&](int64_t c) { return math::prologue_affine(scale_data, shift_data, c); });
+  });
+  return activated;
+}
+
+// A uniformly strided [rows, columns] matrix view of the 1x1 conv's input,
+// or an undefined tensor when x's pixels are not uniformly strided.
+// Channels innermost: rows are pixels (n, h, w), columns channels.
+// Otherwise: one [Ci, H * W] matrix per sample (returned as [N, Ci, H * W]).
+at::Tensor pointwise_matrix(const at::Tensor& x, bool channels_inner) {
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  if (channels_inner) {
+    const int64_t pixel = x.stride(3);
+    if (x.stride(2) != width * pixel || x.stride(0) != height * width * pixel) {
+      return at::Tensor();
+    }
+    return x.as_strided({batch * height * width, channels}, {pixel, 1});
+  }
+  if (x.stride(3) != 1 || x.stride(2) != width) {
+    return at::Tensor();
+  }
+  return x.as_strided({batch, channels, height * width}, {x.stride(0), x.stride(1), 1});
+}
+
+// conv2d(source, weight): a GEMM on the strided input for 1x1/stride-1
+// convolutions, at::convolution otherwise. The result is [N, Co, Ho, Wo] in
+// whatever dense layout the GEMM or conv produced (the epilogue reads any strides).
+at::Tensor convolve(const at::Tensor& source, const at::Tensor& weight, int64_t stride, int64_t padding) {
+  const int64_t kernel = weight.size(2);
+  if (kernel == 1 && stride == 1 && padding == 0) {
+    const int64_t batch = source.size(0), out_channels = weight.size(0);
+    const int64_t height = source.size(2), width = source.size(3);
+    const at::Tensor matrix_weight = weight.reshape({out_channels, weight.size(1)});
+    const bool channels_inner = source.size(1) > 1 && source.stride(1) == 1;
+    const at::Tensor matrix = pointwise_matrix(source, channels_inner);
+    if (matrix.defined()) {
+      if (channels_inner) {
+        // [N*H*W, Co] row-major is [N, Co, H, W] channels_last.
+        return at::mm(matrix, matrix_weight.t())
+            .as_strided({batch, out_channels, height, width},
+                        {height * width * out_channels, 1, width * out_channels, out_channels});
+      }
+      // Splitting H * W back into (H, W) is a view whatever strides matmul returns.
+      return at::matmul(matrix_weight, matrix).unflatten(2, {height, width});
+    }
+  }
+  return at::convolution(source, weight, c10::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+}
+
+// conv2d(prologue(x), weight), before the epilogue.
+at::Tensor conv_result(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift,
+    int64_t stride,
+    int64_t padding) {
+  const at::Tensor source =
+      prologue_scale.has_value() ? apply_prologue(x, *prologue_scale, *prologue_shift) : x;
+  return convolve(source, weight.contiguous(), stride, padding);
+}
+
+// out = act(scale * conv + shift); out may be conv itself.
+void apply_epilogue(
+    const at::Tensor& conv,
+    const at::Tensor& out,
+    const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift,
+    bool relu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv.scalar_type(), "fused_conv2d_epilogue_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* scale_data = optional_data<acc_t>(epilogue_scale);
+    const acc_t* shift_data = optional_data<acc_t>(epilogue_shift);
+    per_channel_map<scalar_t, acc_t>(
+        conv, out, [&](int64_t c) { return math::epilogue_affine(scale_data, shift_data, c, relu); });
+  });
+}
+
+void fused_conv2d_write(
+    const at::Tensor& out_slice,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift,
+    const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift,
+    int64_t stride,
+    int64_t padding,
+    bool relu) {
+  if (out_slice.numel() == 0) {
+    return;
+  }
+  apply_epilogue(
+      conv_result(x, weight, prologue_scale, prologue_shift, stride, padding),
+      out_slice,
+      epilogue_scale,
+      epilogue_shift,
+      relu);
+}
+
+at::Tensor fused_conv2d_cpu(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift,
+    const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift,
+    int64_t stride,
+    int64_t padding,
+    bool relu) {
+  check_fused_conv2d_args(
+      x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding);
+  if (x.size(0) == 0) {
+    return allocate_fused_conv2d_output(x, weight, stride, padding);
+  }
+  // When the conv's own result already has the output's layout, the epilogue
+  // runs on it in place: one allocation, as eager conv -> BN -> ReLU_ makes.
+  const at::Tensor conv = conv_result(x, weight, prologue_scale, prologue_shift, stride, padding);
+  const bool in_place = conv.is_contiguous(
+      fused_conv2d_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = in_place ? conv : allocate_fused_conv2d_output(x, weight, stride, padding);
+  apply_epilogue(conv, out, epilogue_scale, epilogue_shift, relu);
+  return out;
+}
+
+void fused_conv2d_out_cpu(
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift,
+    const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift,
+    int64_t stride,
+    int64_t padding,
+    bool relu,
+    int64_t out_offset) {
+  check_fused_conv2d_out_args(
+      out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, out_offset);
+  fused_conv2d_write(
+      out.narrow(1, out_offset, weight.size(0)),
+      x,
+      weight,
+      prologue_scale,
+      prologue_shift,
+      epilogue_scale,
+      epilogue_shift,
+      stride,
+      padding,
+      relu);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(ranet_fast, CPU, m) {
+  m.impl("fused_conv2d", &fused_conv2d_cpu);
+  m.impl("fused_conv2d_out", &fused_conv2d_out_cpu);
+}
+
+} // namespace ranet_fast::ops

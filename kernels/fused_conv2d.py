@@ -1,0 +1,203 @@
+"""Triton kernel of fused_conv2d: an implicit-GEMM convolution with an affine+ReLU prologue and epilogue.
+
+GEMM rows are output pixels (n, oh, ow), columns output channels, and the reduction runs over
+(ci, kh, kw) in the weight's memory order, so the weight [Co, Ci, k, k] is a row-major [Co, K]
+matrix. Each program computes a BLOCK_M x BLOCK_N output tile: per step of BLOCK_K reductions it
+gathers an input tile from x through x's strides (masked to zero in the padding and past the
+edges), applies the prologue relu(x * scale + shift) on load to the real elements only, loads a
+weight tile and accumulates their product in float32 (float64 for float64). The epilogue
+act(scale * acc + shift) is applied in registers and the tile is stored through the output's
+strides, so x may be a channel prefix of a bigger NCHW or channels_last buffer and the output a
+channel slice of one.
+
+Products: float16/bfloat16 tiles go to tl.dot in their own type (tensor cores), the prologue's
+result rounded to it as eager BN -> ReLU would round it; float32 uses tl.dot with IEEE precision
+(no TF32, so results match float32 eager); float64 is multiplied and summed elementwise (no float64
+tl.dot everywhere). Triton's interpreter computes bfloat16 dots wrongly, so under
+TRITON_INTERPRET=1 bfloat16 tiles are upcast to float32 first.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+_ACCUMULATION_TYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float32,
+    torch.bfloat16: tl.float32,
+    torch.float64: tl.float64,
+}
+# How a tile product is computed (the kernel's DOT_MODE constexpr).
+_DOT_NATIVE, _DOT_IEEE, _DOT_UPCAST, _DOT_ELEMENTWISE = 0, 1, 2, 3
+
+
+@triton.jit
+def _fused_conv2d_kernel(
+    x_ptr,
+    weight_ptr,
+    out_ptr,
+    prologue_scale_ptr,
+    prologue_shift_ptr,
+    epilogue_scale_ptr,
+    epilogue_shift_ptr,
+    in_height,
+    in_width,
+    x_stride_n,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_channels,
+    out_height,
+    out_width,
+    out_stride_n,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    rows,
+    reduction,
+    stride,
+    padding,
+    KERNEL: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
+    HAS_EPILOGUE_SCALE: tl.constexpr,
+    HAS_EPILOGUE_SHIFT: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    INDEX_DTYPE: tl.constexpr,
+):
+    rows_block = tl.program_id(0).to(INDEX_DTYPE) * BLOCK_M + tl.arange(0, BLOCK_M).to(INDEX_DTYPE)
+    channels = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows_block < rows
+    channel_mask = channels < out_channels
+    ow = rows_block % out_width
+    rest = rows_block // out_width
+    oh = rest % out_height
+    n = rest // out_height
+    ih0 = oh * stride - padding
+    iw0 = ow * stride - padding
+    x_rows = x_ptr + n * x_stride_n
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, reduction, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < reduction
+        kw = ks % KERNEL
+        kh = (ks // KERNEL) % KERNEL
+        ci = (ks // (KERNEL * KERNEL)).to(INDEX_DTYPE)
+        ih = ih0[:, None] + kh[None, :]
+        iw = iw0[:, None] + kw[None, :]
+        inside = (row_mask[:, None] & k_mask[None, :]) & ((ih >= 0) & (ih < in_height) & (iw >= 0) & (iw < in_width))
+        a = tl.load(x_rows[:, None] + ci[None, :] * x_stride_c + ih * x_stride_h + iw * x_stride_w, mask=inside,
+                    other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(prologue_scale_ptr + ci, mask=k_mask, other=0.0)
+            shift = tl.load(prologue_shift_ptr + ci, mask=k_mask, other=0.0)
+            activated = a.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
+            # `< 0` keeps NaN as torch.relu does; padding and masked elements stay zero.
+            activated = tl.where(activated < 0, 0.0, activated)
+            a = tl.where(inside, activated, 0.0).to(x_ptr.dtype.element_ty)
+        b = tl.load(weight_ptr + channels[None, :] * reduction + ks[:, None],
+                    mask=channel_mask[None, :] & k_mask[:, None], other=0.0)
+        # DOT_MODE: 0 native, 1 IEEE float32, 2 upcast to float32, 3 elementwise (see _dot_mode).
+        if DOT_MODE == 0:
+            acc += tl.dot(a, b, out_dtype=ACC_DTYPE)
+        elif DOT_MODE == 1:
+            acc += tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
+        elif DOT_MODE == 2:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC_DTYPE)
+        else:
+            acc += tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
+
+    if HAS_EPILOGUE_SCALE:
+        acc = acc * tl.load(epilogue_scale_ptr + channels, mask=channel_mask, other=1.0)[None, :]
+    if HAS_EPILOGUE_SHIFT:
+        acc = acc + tl.load(epilogue_shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)
+    out_offsets = (n * out_stride_n + oh * out_stride_h + ow * out_stride_w)[:, None] + channels[None, :] * out_stride_c
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & channel_mask[None, :])
+
+
+# Whether this import got Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).
+INTERPRETED = isinstance(_fused_conv2d_kernel, InterpretedFunction)
+
+
+def _largest_offset(tensor: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    if dtype == torch.float64:
+        return _DOT_ELEMENTWISE
+    if dtype == torch.float32:
+        return _DOT_IEEE
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return _DOT_UPCAST
+    return _DOT_NATIVE
+
+
+def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride: int,
+                        padding: int, relu: bool, out_offset: int) -> None:
+    """Writes act(es * conv2d(pro(x), weight) + eh) into out[:, out_offset : out_offset + Co].
+
+    The caller (ranet_fast.ops.fused_conv2d) validates shapes, dtypes and devices; scales and
+    shifts are 1-D tensors of the accumulation dtype or None. Nothing is launched when N == 0.
+    """
+    out_channels, in_channels, kernel, _ = weight.shape
+    out_slice = out.narrow(1, out_offset, out_channels)
+    batch, _, out_height, out_width = out_slice.shape
+    rows = batch * out_height * out_width
+    if rows == 0:
+        return
+    weight = weight.contiguous()
+    reduction = in_channels * kernel * kernel
+    if INTERPRETED:
+        # The interpreter runs programs one after another, each as a few numpy calls per block:
+        # few large programs are what is fast there.
+        block_m = min(1024, triton.next_power_of_2(rows))
+        block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
+        block_k = max(16, min(64, triton.next_power_of_2(reduction)))
+    elif x.dtype == torch.float64:
+        # The elementwise product holds a BLOCK_M x BLOCK_K x BLOCK_N cube in registers.
+        block_m, block_n, block_k = 32, 16, 8
+    else:
+        block_m, block_n, block_k = 64, max(16, min(64, triton.next_power_of_2(out_channels))), 32
+    index_dtype = tl.int32 if max(_largest_offset(x), _largest_offset(out), rows) < 2**31 - block_m else tl.int64
+    # Absent scales and shifts are never loaded (constexpr flags); any pointer fills their place.
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n))
+    _fused_conv2d_kernel[grid](
+        x,
+        weight,
+        out_slice,
+        prologue_scale if prologue_scale is not None else weight,
+        prologue_shift if prologue_shift is not None else weight,
+        epilogue_scale if epilogue_scale is not None else weight,
+        epilogue_shift if epilogue_shift is not None else weight,
+        x.shape[2],
+        x.shape[3],
+        *x.stride(),
+        out_channels,
+        out_height,
+        out_width,
+        *out_slice.stride(),
+        rows,
+        reduction,
+        stride,
+        padding,
+        KERNEL=kernel,
+        HAS_PROLOGUE=prologue_scale is not None,
+        HAS_EPILOGUE_SCALE=epilogue_scale is not None,
+        HAS_EPILOGUE_SHIFT=epilogue_shift is not None,
+        RELU=bool(relu),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        ACC_DTYPE=_ACCUMULATION_TYPES[x.dtype],
+        DOT_MODE=_dot_mode(x.dtype),
+        INDEX_DTYPE=index_dtype,
+    )

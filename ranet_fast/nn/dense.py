@@ -1,0 +1,243 @@
+"""Conv -> BN -> ReLU layers and concat-free dense blocks of RANet on the ``fused_conv2d`` op.
+
+Eval mode only. BatchNorm in eval mode is an affine map per channel, so each conv -> BN -> ReLU
+(the official ConvBasic and ConvBN with ``bnAfter``) is one ``fused_conv2d`` with the BN folded into
+its epilogue, and BN -> ReLU -> conv (ConvBN without ``bnAfter``) one with the BN folded into its
+prologue. A dense block allocates its [N, C_in + L * growth, H, W] output once, copies its input
+into the first channels, and each layer's last conv writes its growth channels straight into the
+buffer while reading the channel prefix before them in place: no torch.cat, and the per-layer
+``outputs`` the next flow's fusion blocks reuse are prefix views of the one buffer.
+
+In train mode every layer runs exactly the official computation (the parent class's forward):
+batch statistics, running-statistic updates and autograd are eager's, so training is unchanged.
+An eval-mode forward that needs gradients (grad enabled and the input or a parameter requiring
+grad) uses the differentiable functional op and concatenates (the in-place buffer writes are not
+differentiable); so does a forward under autocast or with a conv the op does not support.
+
+The folded (scale, shift) of each BN is cached per layer and recomputed when any tensor it comes
+from (BN weight, bias, running mean and variance, conv bias) is replaced, moved, or modified in
+place (``_version``), after a train-mode BN forward (``num_batches_tracked``), or when the input's
+dtype or device changes. Writes through ``tensor.data`` bypass version counters and are not seen:
+modify parameters in place under ``torch.no_grad()`` instead (as optimizers and load_state_dict do).
+
+The classes subclass the official-structure modules and change only ``forward``, so parameters,
+buffers, state_dict keys and hooks stay exactly as they were; :func:`ranet_fast.convert` swaps them
+in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, _BlockNormal
+from ranet_fast.ops import fused_conv2d
+from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES, accumulation_dtype
+
+_CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
+
+
+def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _conv_supported(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether fused_conv2d computes exactly this conv for x (else the layer runs eagerly)."""
+    kernel = conv.kernel_size[0]
+    return (
+        conv.kernel_size[1] == kernel
+        and conv.stride[0] == conv.stride[1] in SUPPORTED_STRIDES
+        and conv.padding[0] == conv.padding[1] in (0, (kernel - 1) // 2)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and x.dim() == 4
+        and x.dtype in SUPPORTED_DTYPES
+        and x.dtype == conv.weight.dtype
+    )
+
+
+def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
+    # Without running statistics BN normalises by batch statistics even in eval mode.
+    return bn.running_mean is not None and bn.running_var is not None
+
+
+def _fold_tensors(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None, dtype: torch.dtype):
+    """(scale, shift) with bn(conv + bias) = conv * scale + shift, in ``dtype``."""
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    mean = bn.running_mean.to(dtype)
+    if conv_bias is not None:
+        mean = mean - conv_bias.to(dtype)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale, shift
+
+
+def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None,
+              x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BN (after an optional conv bias) as (scale, shift) in x's accumulation dtype.
+
+    Cached in ``owner`` under ``key``. The cache entry remembers the source tensors themselves
+    (so a replaced tensor cannot alias an old one's address), their data pointers and version
+    counters, eps, the dtype, the device and whether inference mode was on. It is bypassed when
+    the result must carry gradients to the BN parameters, and under torch.compile, which traces
+    the folding into the graph instead.
+    """
+    dtype = accumulation_dtype(x.dtype)
+    parameters = tuple(t for t in (bn.weight, bn.bias, conv_bias) if t is not None)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parameters)):
+        return _fold_tensors(bn, conv_bias, dtype)
+    # A train-mode BN forward updates the running statistics inside the batch-norm kernel without
+    # bumping their version counters, but it also increments num_batches_tracked with add_, which does.
+    sources = parameters + tuple(t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None)
+    stamp = (
+        tuple((t.data_ptr(), t._version) for t in sources), bn.eps, dtype, x.device, torch.is_inference_mode_enabled()
+    )
+    cache = owner.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
+    entry = cache.get(key)
+    if entry is not None and entry[0] == stamp and all(a is b for a, b in zip(entry[1], sources)):
+        return entry[2]
+    with torch.no_grad():
+        folded = tuple(t.to(x.device) for t in _fold_tensors(bn, conv_bias, dtype))
+    cache[key] = (stamp, sources, folded)
+    return folded
+
+
+def _conv_bn_relu(owner: nn.Module, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
+                  out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    scale, shift = folded_bn(owner, key, bn, conv.bias, x)
+    return fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], epilogue_scale=scale,
+                        epilogue_shift=shift, relu=True, out=out, out_offset=offset)
+
+
+def _fusable(module: nn.Module, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], x: torch.Tensor) -> bool:
+    return (
+        not module.training
+        and not torch.is_autocast_enabled(x.device.type)
+        and all(_bn_foldable(bn) for bn in bns)
+        and all(_conv_supported(conv, x) for conv in convs)
+    )
+
+
+def conv_basic_fusable(module: ConvBasic, x: torch.Tensor) -> bool:
+    return _fusable(module, [module.net[0]], [module.net[1]], x)
+
+
+def conv_basic_eval(module: ConvBasic, x: torch.Tensor, out: torch.Tensor | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """The eval-mode ConvBasic (conv -> BN -> ReLU) as one fused_conv2d, optionally into out's channel slice."""
+    return _conv_bn_relu(module, "net.1", module.net[0], module.net[1], x, out, offset)
+
+
+def conv_bn_parts(module: ConvBN) -> tuple[bool, list[nn.Conv2d], list[nn.BatchNorm2d]]:
+    """(bnAfter, [squeeze conv, spatial conv], BNs in order) of an official ConvBN."""
+    net = module.net
+    if isinstance(net[0], nn.BatchNorm2d):  # BN -> ReLU -> conv -> BN -> ReLU -> conv
+        return False, [net[2], net[5]], [net[0], net[3]]
+    return True, [net[0], net[3]], [net[1], net[4]]  # conv -> BN -> ReLU, twice
+
+
+def conv_bn_fusable(module: ConvBN, x: torch.Tensor) -> bool:
+    _, convs, bns = conv_bn_parts(module)
+    return _fusable(module, convs, bns, x)
+
+
+def conv_bn_eval(module: ConvBN, x: torch.Tensor, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """The eval-mode ConvBN as two fused_conv2d calls; the second may write into out's channel slice."""
+    bn_after, (squeeze, spatial), bns = conv_bn_parts(module)
+    if bn_after:
+        hidden = _conv_bn_relu(module, "net.1", squeeze, bns[0], x)
+        return _conv_bn_relu(module, "net.4", spatial, bns[1], hidden, out, offset)
+    pre_scale, pre_shift = folded_bn(module, "net.0", bns[0], None, x)
+    scale, shift = folded_bn(module, "net.3", bns[1], None, x)
+    hidden = fused_conv2d(x, squeeze.weight, prologue_scale=pre_scale, prologue_shift=pre_shift, epilogue_scale=scale,
+                          epilogue_shift=shift, relu=True)
+    return fused_conv2d(hidden, spatial.weight, stride=spatial.stride[0], padding=spatial.padding[0], out=out,
+                        out_offset=offset)
+
+
+def conv_bn_into(module: ConvBN, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
+    """Writes module(x) into out[:, offset : offset + C] (fused when possible; not differentiable)."""
+    if conv_bn_fusable(module, x):
+        conv_bn_eval(module, x, out, offset)
+    else:
+        result = module(x)
+        out.narrow(1, offset, result.shape[1]).copy_(result)
+
+
+def buffer_like(x: torch.Tensor, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An uninitialised [N, channels, *size] tensor (size default: x's) in x's memory format."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    size = tuple(x.shape[2:]) if size is None else size
+    return torch.empty((x.shape[0], channels, *size), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _growth(layer: ConvNormal) -> int:
+    return conv_bn_parts(layer.conv_normal)[1][1].out_channels
+
+
+class FastConvBasic(ConvBasic):
+    """``ConvBasic`` whose eval-mode conv -> BN -> ReLU is one ``fused_conv2d`` (train mode: the official forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not conv_basic_fusable(self, x):
+            return super().forward(x)
+        return conv_basic_eval(self, x)
+
+
+class FastConvBN(ConvBN):
+    """``ConvBN`` whose eval-mode forward is two ``fused_conv2d`` calls (train mode: the official forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not conv_bn_fusable(self, x):
+            return super().forward(x)
+        return conv_bn_eval(self, x)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
+        """Writes ``self(x)`` into ``out[:, offset : offset + C]``; not differentiable."""
+        conv_bn_into(self, x, out, offset)
+
+
+class FastConvNormal(ConvNormal):
+    """``ConvNormal`` (``cat([x, conv_normal(x)])``) whose eval-mode forward allocates its output once,
+    copies x in and lets ``conv_normal`` write its channels in place (train mode: the official forward)."""
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, list):  # the official layer also accepts a one-element list
+            x = x[0]
+        if self.training or requires_grad(x, self):
+            return super().forward(x)
+        out = buffer_like(x, x.shape[1] + _growth(self))
+        out[:, : x.shape[1]].copy_(x)
+        conv_bn_into(self.conv_normal, x, out, x.shape[1])
+        return out
+
+
+class FastBlockNormal(_BlockNormal):
+    """Dense block without torch.cat in eval mode (train mode: the official forward).
+
+    One [N, C_in + L * growth, H, W] buffer in x's memory format; layer i reads the prefix
+    ``buffer[:, :C_i]`` in place and writes its growth channels after it; ``outputs`` are prefix
+    views of the buffer.
+    """
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.training or requires_grad(x, self):
+            return super().forward(x)
+        channels = x.shape[1]
+        buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))
+        buffer[:, :channels].copy_(x)
+        outputs = [x]
+        for layer in self.layers:
+            growth = _growth(layer)
+            conv_bn_into(layer.conv_normal, buffer[:, :channels], buffer, channels)
+            channels += growth
+            outputs.append(buffer[:, :channels])
+        x = buffer
+        if self.trans_flag:
+            x = self.trans(x)
+        return x, outputs

@@ -1,0 +1,422 @@
+"""fused_conv2d: a 2-D convolution with an affine+ReLU prologue and epilogue, written into a channel slice.
+
+For an input ``x`` [N, Ci, H, W], a weight [Co, Ci, k, k], stride ``s`` and padding ``p`` the op computes
+
+    z = relu(x * prologue_scale[ci] + prologue_shift[ci])    (only with a prologue, else z = x)
+    y[:, out_offset + co] = act(epilogue_scale[co] * conv2d(z, weight, s, p)[co] + epilogue_shift[co])
+
+where ``act`` is ReLU when ``relu`` is set and the identity otherwise. The prologue applies to the
+real input elements only: the zero padding stays zero, exactly as in eager BN -> ReLU -> conv. A
+missing epilogue scale means 1 and a missing shift 0.
+
+With BatchNorm in eval mode folded into (scale, shift) this is RANet's conv -> BN -> ReLU
+(epilogue form, the official ConvBasic/ConvBN) and BN -> ReLU -> conv (prologue form, ConvBN
+with ``bnAfter=False``) in one pass over the data: no normalised tensor is written, and with
+``out=`` the result lands directly in the channels of a dense block's buffer. ``x`` may have any
+strides, in particular a channel prefix ``buffer[:, :Ci]`` of a bigger NCHW or channels_last
+buffer, which the kernels read in place.
+
+Accumulation is in float32 (float64 for float64 tensors). Scales and shifts are kept in that
+accumulation type (the wrapper casts them), so folded BatchNorm parameters keep their precision
+for float16/bfloat16 activations.
+
+The functional form is differentiable with respect to ``x``, ``weight`` and every scale and shift;
+the backward is composed of aten ops (``aten.convolution_backward`` for the conv), shared by the
+compiled and the Triton backends. The ``out=`` form is not differentiable.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_STRIDES = (1, 2)
+OP_NAME = "ranet_fast::fused_conv2d"
+OUT_OP_NAME = "ranet_fast::fused_conv2d_out"
+TRITON_MODULE = "fused_conv2d"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in, and the dtype of the scales and shifts they read."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _check_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"fused_conv2d expects {name} as an int, got {value!r}")
+    return value
+
+
+def _validate_vector(name: str, vector: object, length: int, x: torch.Tensor, what: str) -> None:
+    if vector is None:
+        return
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"fused_conv2d expects {name} as a torch.Tensor or None, got {type(vector).__name__}")
+    if vector.dim() != 1 or vector.shape[0] != length:
+        raise ValueError(
+            f"fused_conv2d: {name} must be a 1-D tensor with one entry per {what} ({length}); "
+            f"got shape {tuple(vector.shape)}"
+        )
+    if not vector.is_floating_point():
+        raise TypeError(f"fused_conv2d: {name} must be a floating tensor, got {vector.dtype}")
+    if vector.device != x.device:
+        raise ValueError(f"fused_conv2d: {name} is on {vector.device} but x is on {x.device}")
+
+
+def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift,
+              out, out_offset) -> tuple[int, int]:
+    """Checks everything the kernels assume; returns the output size (Ho, Wo)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fused_conv2d expects x as a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"fused_conv2d expects weight as a torch.Tensor, got {type(weight).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fused_conv2d expects x of shape [N, Ci, H, W]; got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"fused_conv2d expects weight of shape [Co, Ci, k, k]; got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fused_conv2d supports float16, bfloat16, float32 and float64 inputs; x has dtype {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"fused_conv2d: weight has dtype {weight.dtype} but x has {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"fused_conv2d: weight is on {weight.device} but x is on {x.device}")
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    if in_channels != x.shape[1]:
+        raise ValueError(
+            f"fused_conv2d: weight {tuple(weight.shape)} expects {in_channels} input channels but x "
+            f"{tuple(x.shape)} has {x.shape[1]}"
+        )
+    if kernel_h != kernel_w or kernel_h < 1:
+        raise ValueError(f"fused_conv2d supports square kernels only; weight has a {kernel_h}x{kernel_w} kernel")
+    if out_channels < 1 or in_channels < 1:
+        raise ValueError(f"fused_conv2d needs Co, Ci >= 1; weight has shape {tuple(weight.shape)}")
+    if _check_int("stride", stride) not in SUPPORTED_STRIDES:
+        raise ValueError(f"fused_conv2d supports stride 1 or 2, got {stride}")
+    if _check_int("padding", padding) not in (0, (kernel_h - 1) // 2):
+        raise ValueError(
+            f"fused_conv2d supports padding 0 or (k - 1) // 2 = {(kernel_h - 1) // 2} for a {kernel_h}x{kernel_h} "
+            f"kernel, got {padding}"
+        )
+    height, width = output_size(x.shape[2], kernel_h, stride, padding), output_size(x.shape[3], kernel_h, stride, padding)
+    if height < 1 or width < 1:
+        raise ValueError(
+            f"fused_conv2d: a {kernel_h}x{kernel_h} kernel with stride {stride} and padding {padding} leaves no output "
+            f"for an input of size {tuple(x.shape[2:])}"
+        )
+    if (prologue_scale is None) != (prologue_shift is None):
+        raise ValueError("fused_conv2d: give prologue_scale and prologue_shift together (or neither)")
+    _validate_vector("prologue_scale", prologue_scale, in_channels, x, "input channel")
+    _validate_vector("prologue_shift", prologue_shift, in_channels, x, "input channel")
+    _validate_vector("epilogue_scale", epilogue_scale, out_channels, x, "output channel")
+    _validate_vector("epilogue_shift", epilogue_shift, out_channels, x, "output channel")
+    if out is None:
+        if out_offset != 0:
+            raise ValueError(f"fused_conv2d: out_offset ({out_offset}) needs out=")
+        return height, width
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fused_conv2d expects out as a torch.Tensor, got {type(out).__name__}")
+    if out.dim() != 4:
+        raise ValueError(f"fused_conv2d: out must be a 4-D [N, C, Ho, Wo] tensor; got shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"fused_conv2d: out has dtype {out.dtype} but x has {x.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"fused_conv2d: out is on {out.device} but x is on {x.device}")
+    if out.shape[0] != x.shape[0] or tuple(out.shape[2:]) != (height, width):
+        raise ValueError(
+            f"fused_conv2d: out has shape {tuple(out.shape)} but must be [{x.shape[0]}, C, {height}, {width}] "
+            f"for this input and convolution"
+        )
+    if _check_int("out_offset", out_offset) < 0 or out_offset + out_channels > out.shape[1]:
+        raise ValueError(
+            f"fused_conv2d: the output needs channels [{out_offset}, {out_offset + out_channels}) but out has "
+            f"{out.shape[1]} channels"
+        )
+    return height, width
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x's channels are innermost in memory (channels_last, or a channel slice of it).
+
+    Same rule as fused_conv2d_channels_last in csrc/ops/fused_conv2d.cpp.
+    """
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        return torch.channels_last
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _allocate_output(x: torch.Tensor, out_channels: int, height: int, width: int) -> torch.Tensor:
+    return torch.empty(
+        (x.shape[0], out_channels, height, width), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)
+    )
+
+
+def _as_accumulation(vector: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if vector is None else vector.to(accumulation_dtype(x.dtype))
+
+
+def _prologue(x, prologue_scale, prologue_shift):
+    """relu(x * scale + shift) in the accumulation type, rounded to x's dtype (what the conv reads)."""
+    if prologue_scale is None:
+        return x
+    scale, shift = prologue_scale.view(1, -1, 1, 1), prologue_shift.view(1, -1, 1, 1)
+    return torch.relu(x.to(scale.dtype) * scale + shift).to(x.dtype)
+
+
+def _epilogue(conv, epilogue_scale, epilogue_shift, relu: bool):
+    """act(scale * conv + shift) in the accumulation type."""
+    y = conv.to(accumulation_dtype(conv.dtype))
+    if epilogue_scale is not None:
+        y = y * epilogue_scale.view(1, -1, 1, 1)
+    if epilogue_shift is not None:
+        y = y + epilogue_shift.view(1, -1, 1, 1)
+    return torch.relu(y) if relu else y
+
+
+def fused_conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    epilogue_scale: torch.Tensor | None = None,
+    epilogue_shift: torch.Tensor | None = None,
+    relu: bool = False,
+    out: torch.Tensor | None = None,
+    out_offset: int = 0,
+) -> torch.Tensor:
+    """Pure-PyTorch fused_conv2d: the definition the kernels are tested against.
+
+    ``F.conv2d`` between the prologue and the epilogue, which are computed in the accumulation
+    type (the conv itself runs in x's dtype, as eager does). Differentiable through autograd;
+    runs on any device.
+    """
+    height, width = _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale,
+                              epilogue_shift, out, out_offset)
+    prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
+    epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
+    conv = F.conv2d(_prologue(x, prologue_scale, prologue_shift), weight, stride=stride, padding=padding)
+    y = _epilogue(conv, epilogue_scale, epilogue_shift, relu).to(x.dtype)
+    if out is None:
+        return y.contiguous(memory_format=output_memory_format(x))
+    out.narrow(1, out_offset, weight.shape[0]).copy_(y)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# torch.library registration: fake implementations and autograd.
+# ---------------------------------------------------------------------------
+
+
+def _fake_fused_conv2d(x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+                       relu):
+    kernel = weight.shape[2]
+    return _allocate_output(
+        x, weight.shape[0], output_size(x.shape[2], kernel, stride, padding), output_size(x.shape[3], kernel, stride, padding)
+    )
+
+
+def _fake_fused_conv2d_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                           padding, relu, out_offset):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu = inputs
+    ctx.stride, ctx.padding, ctx.relu = stride, padding, relu
+    ctx.has_prologue = prologue_scale is not None
+    ctx.has_epilogue_scale = epilogue_scale is not None
+    ctx.has_epilogue_shift = epilogue_shift is not None
+    # None entries are saved as empty placeholders: save_for_backward takes tensors only.
+    placeholder = x.new_empty(0)
+    ctx.save_for_backward(
+        x,
+        weight,
+        prologue_scale if ctx.has_prologue else placeholder,
+        prologue_shift if ctx.has_prologue else placeholder,
+        epilogue_scale if ctx.has_epilogue_scale else placeholder,
+        output,
+    )
+
+
+def _backward(ctx, grad_output):
+    """Gradients of x, weight, the prologue's and the epilogue's scale and shift, from aten ops.
+
+    With a = x * ps + ph, z = relu(a), c = conv(z), y = act(es * c + eh):
+    dy/d(pre-activation) is the ReLU mask y > 0; d/d(es) = sum(g * c), d/d(eh) = sum(g);
+    the conv's input and weight gradients come from aten.convolution_backward on g * es;
+    d/dx = mask(a > 0) * grad_z * ps, d/d(ps) = sum(mask * grad_z * x), d/d(ph) = sum(mask * grad_z).
+    """
+    x, weight, prologue_scale, prologue_shift, epilogue_scale, output = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    acc = accumulation_dtype(x.dtype)
+    g = grad_output.to(acc)
+    if ctx.relu:
+        g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    z = _prologue(x, prologue_scale, prologue_shift) if ctx.has_prologue else x
+    grad_epilogue_scale = grad_epilogue_shift = None
+    if ctx.has_epilogue_scale and needs[4]:
+        conv = F.conv2d(z, weight, stride=ctx.stride, padding=ctx.padding).to(acc)
+        grad_epilogue_scale = (g * conv).sum((0, 2, 3))
+    if ctx.has_epilogue_shift and needs[5]:
+        grad_epilogue_shift = g.sum((0, 2, 3))
+    grad_x = grad_weight = grad_prologue_scale = grad_prologue_shift = None
+    need_z = needs[0] or (ctx.has_prologue and (needs[2] or needs[3]))
+    if need_z or needs[1]:
+        grad_conv = g * epilogue_scale.view(1, -1, 1, 1) if ctx.has_epilogue_scale else g
+        grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_conv.to(x.dtype), z, weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
+            [need_z, needs[1], False],
+        )
+        if need_z and ctx.has_prologue:
+            scale, shift = prologue_scale.view(1, -1, 1, 1), prologue_shift.view(1, -1, 1, 1)
+            x_acc = x.to(acc)
+            grad_a = torch.where(x_acc * scale + shift > 0, grad_z.to(acc), torch.zeros((), dtype=acc, device=x.device))
+            grad_x = (grad_a * scale).to(x.dtype) if needs[0] else None
+            grad_prologue_scale = (grad_a * x_acc).sum((0, 2, 3)) if needs[2] else None
+            grad_prologue_shift = grad_a.sum((0, 2, 3)) if needs[3] else None
+        elif needs[0]:
+            grad_x = grad_z
+    return (grad_x, grad_weight, grad_prologue_scale, grad_prologue_shift, grad_epilogue_scale, grad_epilogue_shift,
+            None, None, None)
+
+
+if _extension.extension_loaded():
+    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes and the gradient
+    # formula come from here.
+    torch.library.register_fake(OP_NAME)(_fake_fused_conv2d)
+    torch.library.register_fake(OUT_OP_NAME)(_fake_fused_conv2d_out)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+# The Triton backend: custom ops so that torch.compile treats each Triton launch as one opaque call.
+
+
+def _triton_kernels():
+    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
+
+
+@torch.library.custom_op("ranet_fast::fused_conv2d_triton", mutates_args=())
+def _fused_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    prologue_scale: torch.Tensor | None,
+    prologue_shift: torch.Tensor | None,
+    epilogue_scale: torch.Tensor | None,
+    epilogue_shift: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    relu: bool,
+) -> torch.Tensor:
+    out = _fake_fused_conv2d(x, weight, None, None, None, None, stride, padding, relu)
+    _triton_kernels().fused_conv2d_triton(
+        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu, 0
+    )
+    return out
+
+
+@torch.library.custom_op("ranet_fast::fused_conv2d_triton_out", mutates_args=("out",))
+def _fused_conv2d_triton_out(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    prologue_scale: torch.Tensor | None,
+    prologue_shift: torch.Tensor | None,
+    epilogue_scale: torch.Tensor | None,
+    epilogue_shift: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    relu: bool,
+    out_offset: int,
+) -> None:
+    _triton_kernels().fused_conv2d_triton(
+        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu,
+        out_offset,
+    )
+
+
+_fused_conv2d_triton.register_fake(_fake_fused_conv2d)
+_fused_conv2d_triton_out.register_fake(_fake_fused_conv2d_out)
+_fused_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    prologue_scale: torch.Tensor | None = None,
+    prologue_shift: torch.Tensor | None = None,
+    epilogue_scale: torch.Tensor | None = None,
+    epilogue_shift: torch.Tensor | None = None,
+    relu: bool = False,
+    out: torch.Tensor | None = None,
+    out_offset: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(epilogue_scale * conv2d(prologue(x), weight) + epilogue_shift)``, optionally into a channel slice.
+
+    Args:
+        x: [N, Ci, H, W], float16/bfloat16/float32/float64, any strides (NCHW, channels_last, a
+            channel prefix of a bigger buffer, other non-contiguous views); N >= 0.
+        weight: [Co, Ci, k, k] of x's dtype and device (no groups, no dilation, no bias: fold a
+            bias into ``epilogue_shift``).
+        stride: 1 or 2. padding: 0 or (k - 1) // 2.
+        prologue_scale, prologue_shift: [Ci] each, together or not at all: the conv reads
+            relu(x * scale + shift) (zero padding stays zero), e.g. a folded eval-mode BN -> ReLU.
+        epilogue_scale, epilogue_shift: [Co] each, each optional (1 and 0 when missing).
+            Every scale and shift is cast to float32 (float64 for float64 x), the kernels'
+            accumulation type, before the kernels see it.
+        relu: apply ReLU after the epilogue.
+        out: None -> a new [N, Co, Ho, Wo] tensor (channels_last when x's channels are innermost);
+            differentiable with respect to x, weight and every scale and shift. Otherwise a
+            [N, C, Ho, Wo] buffer of x's dtype and device, any strides, of which only channels
+            [out_offset, out_offset + Co) are written; it is returned. The written channels must
+            not overlap the memory x is read from. The out= form is not differentiable.
+        out_offset: first output channel written in ``out``.
+        backend: None (automatic, or the RANET_FAST_BACKEND environment variable), "cuda",
+            "triton", "cpu" or "reference"; see ranet_fast._extension.
+    """
+    _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, out,
+              out_offset)
+    prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
+    epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
+    vectors = (prologue_scale, prologue_shift, epilogue_scale, epilogue_shift)
+    chosen = _extension.resolve_backend("fused_conv2d", x, backend, TRITON_MODULE)
+    if out is None:
+        arguments = (x, weight, *vectors, stride, padding, relu)
+        if chosen in ("cpu", "cuda"):
+            return torch.ops.ranet_fast.fused_conv2d(*arguments)
+        if chosen == "triton":
+            return _fused_conv2d_triton(*arguments)
+        return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
+                                      prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
+                                      epilogue_shift=epilogue_shift, relu=relu)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, out, *vectors)):
+        raise RuntimeError(
+            "fused_conv2d: the out= form is not differentiable, but an input or out requires grad; call it "
+            "without out= (or under torch.no_grad() if no gradient is needed)"
+        )
+    arguments = (out, x, weight, *vectors, stride, padding, relu, out_offset)
+    if chosen in ("cpu", "cuda"):
+        torch.ops.ranet_fast.fused_conv2d_out(*arguments)
+    elif chosen == "triton":
+        _fused_conv2d_triton_out(*arguments)
+    else:
+        fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
+                               prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
+                               epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+    return out

@@ -1,0 +1,470 @@
+"""fused_conv2d: the cpu/cuda extension and reference backends against the float64 reference.
+
+The Triton backend's kernel is tested in tests/test_fused_conv2d_triton.py, with the same cases
+(imported from here). Every expected value is the float64 reference (F.conv2d between the
+prologue and the epilogue) recomputed from the very values the backend saw, with random inputs,
+weights and BN-like scales and shifts; outputs are written into NaN-poisoned buffers so that a
+kernel writing outside its channel slice, or leaving part of it unwritten, fails.
+"""
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+
+from ranet_fast import _extension
+from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
+
+NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
+NO_GPU = "no GPU"
+HAS_GPU = torch.cuda.is_available()
+
+# Against the float64 reference. float32: accumulation-order rounding over up to 9 * 70 products of
+# standard-normal values. Half types: the inputs are the same rounded values, so what differs is the
+# rounding of the prologue's output (what the conv reads) and of the result (bfloat16 keeps 8 bits).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+DTYPES = list(TOLERANCES)
+
+
+def seed_of(*things):
+    return zlib.crc32(repr(things).encode())
+
+
+def random_tensor(shape, dtype=torch.float32, seed=0, device="cpu", low=None, high=None):
+    generator = torch.Generator().manual_seed(seed)
+    if low is None:
+        values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    else:
+        values = torch.rand(shape, generator=generator, dtype=torch.float64) * (high - low) + low
+    return values.to(dtype).to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    prologue: bool = False
+    epilogue_scale: bool = True
+    epilogue_shift: bool = True
+    relu: bool = True
+
+    def tensors(self, dtype=torch.float32, device="cpu", seed=0):
+        """(x, weight, {scale/shift keyword arguments}) with fresh random values.
+
+        The shifts are large enough (and the prologue's often positive) that a prologue wrongly
+        applied to the zero padding turns it into a visible non-zero value.
+        """
+        x = random_tensor((self.batch, self.in_channels, self.height, self.width), dtype, seed, device)
+        fan_in = self.in_channels * self.kernel * self.kernel
+        weight = random_tensor((self.out_channels, self.in_channels, self.kernel, self.kernel), dtype, seed + 1,
+                               device) / fan_in**0.5
+        vectors = {}
+        if self.prologue:
+            vectors["prologue_scale"] = random_tensor(self.in_channels, torch.float32, seed + 2, device, 0.5, 1.5)
+            vectors["prologue_shift"] = random_tensor(self.in_channels, torch.float32, seed + 3, device, -0.5, 1.0)
+        if self.epilogue_scale:
+            vectors["epilogue_scale"] = random_tensor(self.out_channels, torch.float32, seed + 4, device, 0.5, 1.5)
+        if self.epilogue_shift:
+            vectors["epilogue_shift"] = random_tensor(self.out_channels, torch.float32, seed + 5, device, -1.0, 1.0)
+        return x, weight, vectors
+
+    def options(self):
+        return dict(stride=self.stride, padding=self.padding, relu=self.relu)
+
+
+CASES = {
+    # RANet's shapes: the bottleneck's 1x1, its 3x3 (stride 1 and 2), the classifier's 3x3/2.
+    "1x1-bottleneck": Case(2, 5, 7, 6, 4, 1),
+    "3x3-normal": Case(2, 3, 9, 7, 6, 3, padding=1),
+    "3x3-down-odd": Case(2, 4, 9, 11, 5, 3, stride=2, padding=1),
+    "1x1-prologue": Case(2, 6, 5, 5, 3, 1, prologue=True),
+    "3x3-prologue-down": Case(2, 3, 7, 8, 4, 3, stride=2, padding=1, prologue=True, epilogue_scale=False,
+                              epilogue_shift=False, relu=False),
+    "3x3-plain": Case(1, 4, 6, 6, 3, 3, padding=1, epilogue_scale=False, epilogue_shift=False, relu=False),
+    "3x3-no-padding": Case(2, 3, 8, 7, 2, 3, stride=2),
+    "1x1-stride2": Case(2, 3, 7, 7, 5, 1, stride=2),
+    "scale-only": Case(2, 3, 5, 6, 4, 3, padding=1, epilogue_shift=False, relu=False),
+    "7x7-stem": Case(1, 3, 13, 12, 4, 7, stride=2, padding=3, epilogue_scale=False),
+    # More channels than one CUDA/Triton tile holds, in every direction of the GEMM.
+    "wide": Case(1, 70, 5, 4, 70, 3, padding=1, prologue=True),
+}
+
+
+def expected(x, weight, vectors, options, out=None, out_offset=0):
+    """The float64 reference on the same values, on the CPU."""
+    vectors64 = {name: v.detach().cpu().double() for name, v in vectors.items()}
+    out64 = None if out is None else out.detach().cpu().double()
+    return fused_conv2d_reference(x.detach().cpu().double(), weight.detach().cpu().double(), **vectors64, **options,
+                                  out=out64, out_offset=out_offset)
+
+
+def assert_close(actual, reference, dtype):
+    torch.testing.assert_close(actual.detach().cpu().double(), reference, equal_nan=True, **TOLERANCES[dtype])
+
+
+def _backends():
+    return [
+        pytest.param(("cpu", "cpu"), id="cpu-extension",
+                     marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)),
+        pytest.param(("reference", "cpu"), id="reference"),
+        pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
+            not (HAS_GPU and _extension.extension_built_with_cuda()),
+            reason=NO_GPU if not HAS_GPU else "extension built without CUDA")),
+    ]
+
+
+needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+
+
+@pytest.fixture(params=_backends())
+def backend_and_device(request):
+    return request.param
+
+
+# ---------------------------------------------------------------------------
+# Checks shared with the Triton tests: each takes the backend name and the device.
+# ---------------------------------------------------------------------------
+
+
+def check_forward(backend, device, case, dtype):
+    x, weight, vectors = case.tensors(dtype, device, seed_of(case, dtype))
+    y = fused_conv2d(x, weight, **vectors, **case.options(), backend=backend)
+    assert y.dtype == dtype and y.device.type == device
+    assert_close(y, expected(x, weight, vectors, case.options()), dtype)
+
+
+def _layout(x, layout):
+    """x's values in a given memory arrangement: the point is how the kernel reads them."""
+    batch, channels, height, width = x.shape
+    if layout == "nchw":
+        return x
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout in ("prefix_nchw", "prefix_channels_last"):
+        # A channel prefix of a dense block's buffer: the other channels are NaN, so reading them fails.
+        memory_format = torch.channels_last if layout == "prefix_channels_last" else torch.contiguous_format
+        buffer = torch.full((batch, channels + 3, height, width), float("nan"), dtype=x.dtype, device=x.device)
+        buffer = buffer.contiguous(memory_format=memory_format)
+        buffer[:, :channels] = x
+        return buffer[:, :channels]
+    if layout == "strided":
+        # Every other column of a wider tensor, channels and height transposed in memory.
+        wide = torch.full((batch, height, channels, 2 * width), float("nan"), dtype=x.dtype, device=x.device)
+        view = wide.transpose(1, 2)[..., ::2]
+        view.copy_(x)
+        return view
+    raise ValueError(layout)
+
+
+INPUT_LAYOUTS = ["nchw", "channels_last", "prefix_nchw", "prefix_channels_last", "strided"]
+
+
+def check_input_layout(backend, device, layout, case_name, dtype=torch.float32):
+    case = CASES[case_name]
+    x, weight, vectors = case.tensors(dtype, device, seed_of(layout, case_name))
+    strided = _layout(x, layout)
+    assert torch.equal(strided, x)
+    y = fused_conv2d(strided, weight, **vectors, **case.options(), backend=backend)
+    assert_close(y, expected(x, weight, vectors, case.options()), dtype)
+    channels_inner = layout in ("channels_last", "prefix_channels_last")
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_inner else torch.contiguous_format)
+
+
+def _out_buffer(layout, batch, channels, height, width, dtype, device):
+    """A NaN-poisoned output of `channels` channels in the given layout (a view for 'slice'/'strided')."""
+    if layout == "nchw":
+        return torch.full((batch, channels, height, width), float("nan"), dtype=dtype, device=device)
+    if layout == "channels_last":
+        return torch.full((batch, channels, height, width), float("nan"), dtype=dtype,
+                          device=device).contiguous(memory_format=torch.channels_last)
+    if layout == "slice":
+        return torch.full((batch, channels + 2, height, width), float("nan"), dtype=dtype, device=device)[:, 1:-1]
+    if layout == "strided":
+        return torch.full((batch, channels, height, 2 * width), float("nan"), dtype=dtype, device=device)[..., ::2]
+    raise ValueError(layout)
+
+
+OUT_LAYOUTS = ["nchw", "channels_last", "slice", "strided"]
+
+
+def check_out_slice(backend, device, layout, case_name, dtype=torch.float32):
+    case = CASES[case_name]
+    x, weight, vectors = case.tensors(dtype, device, seed_of(layout, case_name, "out"))
+    reference = expected(x, weight, vectors, case.options())
+    offset, channels = 2, case.out_channels + 5
+    out = _out_buffer(layout, case.batch, channels, *reference.shape[2:], dtype, device)
+    returned = fused_conv2d(x, weight, **vectors, **case.options(), out=out, out_offset=offset, backend=backend)
+    assert returned is out
+    assert_close(out[:, offset:offset + case.out_channels], reference, dtype)
+    outside = torch.cat([out[:, :offset], out[:, offset + case.out_channels:]], dim=1)
+    assert torch.isnan(outside).all(), "fused_conv2d wrote outside its channel slice"
+
+
+def check_dense_block_in_place(backend, device, dtype=torch.float32):
+    """Layers of a dense block: each reads the buffer's channel prefix and appends its channels."""
+    batch, channels, growth, size = 2, 4, 3, 6
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        buffer = torch.full((batch, channels + 2 * growth, size, size), float("nan"), dtype=dtype, device=device)
+        buffer = buffer.contiguous(memory_format=memory_format)
+        buffer[:, :channels] = random_tensor((batch, channels, size, size), dtype, 40, device)
+        expected_buffer = buffer.detach().cpu().double().clone()
+        for layer in range(2):
+            used = channels + layer * growth
+            case = Case(batch, used, size, size, growth, 3, padding=1, prologue=layer == 1)
+            _, weight, vectors = case.tensors(dtype, device, seed_of("dense", layer))
+            fused_conv2d(buffer[:, :used], weight, **vectors, **case.options(), out=buffer, out_offset=used,
+                         backend=backend)
+            expected(expected_buffer[:, :used], weight, vectors, case.options(), out=expected_buffer,
+                     out_offset=used)
+        assert_close(buffer, expected_buffer, dtype)
+
+
+def check_small_batches(backend, device, batch):
+    case = dataclasses.replace(CASES["3x3-down-odd"], batch=batch)
+    x, weight, vectors = case.tensors(torch.float32, device, seed_of("batch", batch))
+    y = fused_conv2d(x, weight, **vectors, **case.options(), backend=backend)
+    reference = expected(x, weight, vectors, case.options())
+    assert y.shape == reference.shape
+    assert_close(y, reference, torch.float32)
+    out = torch.full((batch, case.out_channels + 1, *reference.shape[2:]), float("nan"), device=device)
+    fused_conv2d(x, weight, **vectors, **case.options(), out=out, out_offset=1, backend=backend)
+    assert_close(out[:, 1:], reference, torch.float32)
+
+
+def check_gradients(backend, device, case_name):
+    """Gradients of x, weight and every scale and shift against autograd through the float64 reference."""
+    case = CASES[case_name]
+    x, weight, vectors = case.tensors(torch.float64, device, seed_of("grad", case_name))
+    vectors = {name: v.double() for name, v in vectors.items()}
+    leaves = [x, weight, *vectors.values()]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    theirs = [t.clone().requires_grad_() for t in leaves]
+    names = list(vectors)
+    y = fused_conv2d(ours[0], ours[1], **dict(zip(names, ours[2:])), **case.options(), backend=backend)
+    y_reference = fused_conv2d_reference(theirs[0], theirs[1], **dict(zip(names, theirs[2:])), **case.options())
+    weighting = random_tensor(y.shape, torch.float64, 77, device)
+    (y * weighting).sum().backward()
+    (y_reference * weighting).sum().backward()
+    for name, a, b in zip(["x", "weight", *names], ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def check_gradcheck(backend, device):
+    case = Case(1, 2, 4, 3, 2, 3, stride=2, padding=1, prologue=True)
+    x, weight, vectors = case.tensors(torch.float64, device, 5)
+    names = list(vectors)
+
+    def function(x, weight, *vector_values):
+        return fused_conv2d(x, weight, **dict(zip(names, vector_values)), **case.options(), backend=backend)
+
+    inputs = [t.double().requires_grad_() for t in (x, weight, *vectors.values())]
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+# ---------------------------------------------------------------------------
+# The extension and reference backends.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_forward_matches_reference(backend_and_device, case, dtype):
+    check_forward(*backend_and_device, case, dtype)
+
+
+@pytest.mark.parametrize("case_name", ["1x1-bottleneck", "3x3-prologue-down"])
+@pytest.mark.parametrize("layout", INPUT_LAYOUTS)
+def test_input_layouts(backend_and_device, layout, case_name):
+    check_input_layout(*backend_and_device, layout, case_name)
+
+
+@pytest.mark.parametrize("case_name", ["1x1-prologue", "3x3-down-odd"])
+@pytest.mark.parametrize("layout", OUT_LAYOUTS)
+def test_out_writes_only_its_slice(backend_and_device, layout, case_name):
+    check_out_slice(*backend_and_device, layout, case_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_dense_block_in_place(backend_and_device, dtype):
+    check_dense_block_in_place(*backend_and_device, dtype)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_small_batches(backend_and_device, batch):
+    check_small_batches(*backend_and_device, batch)
+
+
+@pytest.mark.parametrize("case_name", ["3x3-down-odd", "1x1-prologue", "scale-only", "3x3-prologue-down"])
+def test_gradients_match_reference(backend_and_device, case_name):
+    check_gradients(*backend_and_device, case_name)
+
+
+def test_gradcheck(backend_and_device):
+    check_gradcheck(*backend_and_device)
+
+
+def test_reference_is_eager_bn_relu_conv():
+    """The reference's definition spelled out with torch.nn modules in eval mode."""
+    torch.manual_seed(3)
+    pre_bn, post_bn = torch.nn.BatchNorm2d(4).double().eval(), torch.nn.BatchNorm2d(5).double().eval()
+    for bn in (pre_bn, post_bn):
+        with torch.no_grad():
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    conv = torch.nn.Conv2d(4, 5, 3, 2, 1, bias=False).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+
+    def fold(bn):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
+
+    (ps, ph), (es, eh) = fold(pre_bn), fold(post_bn)
+    with torch.no_grad():
+        eager = torch.relu(post_bn(conv(torch.relu(pre_bn(x)))))
+        ours = fused_conv2d_reference(x, conv.weight, stride=2, padding=1, prologue_scale=ps, prologue_shift=ph,
+                                      epilogue_scale=es, epilogue_shift=eh, relu=True)
+    torch.testing.assert_close(ours, eager, rtol=1e-12, atol=1e-12)
+
+
+@needs_extension
+def test_cpu_extension_channels_last_output_layouts():
+    case = CASES["3x3-normal"]
+    x, weight, vectors = case.tensors(seed=9)
+    y = fused_conv2d(x.contiguous(memory_format=torch.channels_last), weight, **vectors, **case.options(),
+                     backend="cpu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y = fused_conv2d(x, weight, **vectors, **case.options(), backend="cpu")
+    assert y.is_contiguous()
+
+
+# ---------------------------------------------------------------------------
+# torch.library integration.
+# ---------------------------------------------------------------------------
+
+
+def _opcheck_devices():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
+
+
+def opcheck_arguments(device):
+    """(functional op arguments, out op arguments) covering a prologue, absent tensors and a slice."""
+    case = Case(2, 3, 5, 6, 4, 3, stride=2, padding=1, prologue=True, epilogue_shift=False)
+    x, weight, vectors = case.tensors(torch.float32, device, 11)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    functional = (x, weight.requires_grad_(), vectors["prologue_scale"].requires_grad_(),
+                  vectors["prologue_shift"], vectors["epilogue_scale"].requires_grad_(), None, 2, 1, True)
+    out = torch.zeros(2, 7, 3, 3, device=device)[:, 1:]
+    out_arguments = (out, x.detach(), weight.detach(), None, None, None, vectors["epilogue_scale"].detach(), 2, 1,
+                     False, 2)
+    return functional, out_arguments
+
+
+@needs_extension
+@pytest.mark.parametrize("device", _opcheck_devices())
+def test_ops_pass_opcheck(device):
+    functional, out_arguments = opcheck_arguments(device)
+    torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d.default, functional)
+    torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_out.default, out_arguments)
+
+
+@needs_extension
+def test_compiled_op_under_torch_compile_fullgraph():
+    graph_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    def layer(x, weight, scale, shift):
+        return fused_conv2d(x * 2, weight, padding=1, epilogue_scale=scale, epilogue_shift=shift, relu=True,
+                            backend="cpu") + 1
+
+    case = CASES["3x3-normal"]
+    x, weight, vectors = case.tensors(torch.float64, seed=21)
+    arguments = (x, weight, vectors["epilogue_scale"], vectors["epilogue_shift"])
+    compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)
+    assert torch.equal(compiled(*arguments), layer(*arguments))
+    assert any(op.removesuffix(".default") == "ranet_fast.fused_conv2d" for op in graph_ops)
+
+    # Through AOTAutograd too, gradients included.
+    aot = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in arguments]
+    eager_leaves = [t.clone().requires_grad_() for t in arguments]
+    aot(*leaves).square().sum().backward()
+    layer(*eager_leaves).square().sum().backward()
+    for leaf, eager_leaf in zip(leaves, eager_leaves):
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+@needs_extension
+def test_compiled_ops_reject_bad_input_themselves():
+    # Direct torch.ops calls bypass the Python validation; the kernels must still refuse.
+    ops = torch.ops.ranet_fast
+    x, weight = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.fused_conv2d(x, torch.randn(4, 2, 3, 3), None, None, None, None, 1, 1, False)
+    with pytest.raises(RuntimeError, match="stride 1 or 2"):
+        ops.fused_conv2d(x, weight, None, None, None, None, 3, 1, False)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        ops.fused_conv2d(x, weight, None, None, torch.ones(4, dtype=torch.float64), None, 1, 1, False)
+    with pytest.raises(RuntimeError, match="come together"):
+        ops.fused_conv2d(x, weight, torch.ones(3), None, None, None, 1, 1, False)
+    with pytest.raises(RuntimeError, match="channels"):
+        ops.fused_conv2d_out(torch.zeros(1, 5, 5, 5), x, weight, None, None, None, None, 1, 1, False, 2)
+
+
+def _validation_cases():
+    x, weight = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    return {
+        "not a tensor": ((x.tolist(), weight), {}, TypeError, "x as a torch.Tensor"),
+        "3-D x": ((x[0], weight), {}, ValueError, r"\[N, Ci, H, W\]"),
+        "channels": ((x, torch.randn(4, 2, 3, 3)), {}, ValueError, "expects 2 input channels"),
+        "dtype": ((x, weight.double()), {}, TypeError, "weight has dtype"),
+        "int dtype": ((x.int(), weight.int()), {}, TypeError, "supports float16"),
+        "non-square": ((x, torch.randn(4, 3, 3, 1)), {}, ValueError, "square kernels"),
+        "stride": ((x, weight), dict(stride=3), ValueError, "stride 1 or 2"),
+        "padding": ((x, weight), dict(padding=2), ValueError, "padding 0 or"),
+        "too small": ((torch.randn(1, 3, 2, 2), torch.randn(4, 3, 7, 7)), {}, ValueError, "leaves no output"),
+        "scale length": ((x, weight), dict(epilogue_scale=torch.ones(3)), ValueError, "one entry per output channel"),
+        "prologue alone": ((x, weight), dict(prologue_scale=torch.ones(3)), ValueError, "together"),
+        "integer shift": ((x, weight), dict(epilogue_shift=torch.ones(4, dtype=torch.int64)), TypeError, "floating"),
+        "offset without out": ((x, weight), dict(out_offset=1), ValueError, "needs out="),
+        "out shape": ((x, weight), dict(out=torch.zeros(2, 4, 6, 5), padding=1), ValueError, "must be"),
+        "out channels": ((x, weight), dict(out=torch.zeros(2, 5, 4, 4), out_offset=2), ValueError, r"\[2, 6\)"),
+        "out dtype": ((x, weight), dict(out=torch.zeros(2, 4, 4, 4, dtype=torch.float64)), TypeError, "out has dtype"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])
+@pytest.mark.parametrize("name", list(_validation_cases()))
+def test_bad_input_raises_clear_error(backend, name):
+    arguments, options, error, message = _validation_cases()[name]
+    with pytest.raises(error, match=message):
+        fused_conv2d(*arguments, **options, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])
+def test_out_form_refuses_to_build_a_graph(backend):
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fused_conv2d(x, torch.randn(2, 3, 1, 1), out=torch.zeros(1, 2, 4, 4), backend=backend)
+
+
+@needs_extension
+def test_automatic_backend_on_cpu(monkeypatch):
+    monkeypatch.delenv("RANET_FAST_BACKEND", raising=False)
+    assert _extension.resolve_backend("fused_conv2d", torch.zeros(1)) == "cpu"
