@@ -95,9 +95,13 @@ def count_flops(model: nn.Module, image_size: int | tuple[int, int],
 
     was_training = model.training
     parameter = next(model.parameters())
+    # Fast layers (ranet_fast.convert) skip their submodules in eval mode; counting runs them
+    # through the official forward so that every leaf module's hook sees its work.
+    from ranet_fast.nn.dense import official_forward
+
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), official_forward():
             model(torch.zeros(1, 3, height, width, dtype=parameter.dtype, device=parameter.device))
     finally:
         model.train(was_training)

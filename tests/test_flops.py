@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from golden.common import NOTES_MFLOPS as OFFICIAL_MFLOPS
 from golden.common import NOTES_MPARAMS as OFFICIAL_MPARAMS
+import ranet_fast
 from ranet_fast import count_flops
 from ranet_fast.models import RANet, ranet_config
 
@@ -73,3 +74,11 @@ def test_unknown_leaf_module_is_reported():
 
     with pytest.raises(TypeError, match="GELU"):
         count_flops(Odd(), 4)
+
+
+@pytest.mark.parametrize("name", ["cifar-c1", "cifar-c3"])
+def test_converted_model_counts_the_same_flops(name):
+    """Fast layers skip their submodules in eval mode; counting must still see every conv."""
+    model = RANet(ranet_config(name))
+    expected = count_flops(model, 32)
+    assert count_flops(ranet_fast.convert(model), 32) == expected

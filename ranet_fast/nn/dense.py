@@ -27,6 +27,8 @@ in place.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -35,6 +37,24 @@ from ranet_fast.ops import fused_conv2d
 from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES, accumulation_dtype
 
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
+_official_forward = False
+
+
+@contextlib.contextmanager
+def official_forward():
+    """Within this context every fast layer runs its official module's forward, which calls the
+    layer's submodules (Conv2d, BatchNorm2d, ReLU), so hooks on them fire: ``count_flops`` counts a
+    converted model through them."""
+    global _official_forward
+    previous, _official_forward = _official_forward, True
+    try:
+        yield
+    finally:
+        _official_forward = previous
+
+
+def official_forward_active() -> bool:
+    return _official_forward
 
 
 def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
@@ -116,6 +136,7 @@ def _conv_bn_relu(owner: nn.Module, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2
 def _fusable(module: nn.Module, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], x: torch.Tensor) -> bool:
     return (
         not module.training
+        and not _official_forward
         and not torch.is_autocast_enabled(x.device.type)
         and all(_bn_foldable(bn) for bn in bns)
         and all(_conv_supported(conv, x) for conv in convs)
@@ -209,7 +230,7 @@ class FastConvNormal(ConvNormal):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(x, list):  # the official layer also accepts a one-element list
             x = x[0]
-        if self.training or requires_grad(x, self):
+        if self.training or _official_forward or requires_grad(x, self):
             return super().forward(x)
         out = buffer_like(x, x.shape[1] + _growth(self))
         out[:, : x.shape[1]].copy_(x)
@@ -226,7 +247,7 @@ class FastBlockNormal(_BlockNormal):
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.training or requires_grad(x, self):
+        if self.training or _official_forward or requires_grad(x, self):
             return super().forward(x)
         channels = x.shape[1]
         buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))

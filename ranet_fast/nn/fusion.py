@@ -18,7 +18,7 @@ from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .dense import buffer_like, conv_bn_into, conv_bn_parts, requires_grad
+from .dense import buffer_like, conv_bn_into, conv_bn_parts, official_forward_active, requires_grad
 
 
 class FastConvUpNormal(ConvUpNormal):
@@ -31,7 +31,7 @@ class FastConvUpNormal(ConvUpNormal):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         x_low, x_cur = x
-        if self.training or requires_grad(x_low, self) or x_cur.requires_grad:
+        if self.training or official_forward_active() or requires_grad(x_low, self) or x_cur.requires_grad:
             res = self.conv_normal(x_cur)
             return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
         spatial = conv_bn_parts(self.conv_normal)[1][1]
