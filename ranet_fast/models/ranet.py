@@ -17,6 +17,7 @@ Layout of a model with S scales (flow 0 has the lowest resolution):
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 
@@ -358,9 +359,14 @@ class RANet(nn.Module):
     def num_exits(self) -> int:
         return len(self.classifier)
 
-    def _block_schedule(self) -> list[tuple[int, int]]:
-        """(flow, block index) of every block in execution order."""
-        return [(flow, index) for flow in range(self.nScales) for index in range(len(self.scale_flows[flow]))]
+    @functools.cached_property
+    def _stage_plan(self) -> tuple[list[tuple[int, int]], list[int]]:
+        """(flow, block index) of every block in execution order, and the position in that order of
+        each exit's (dense) block. Fixed by the constructor, so computed once, not on every stage."""
+        schedule = [(flow, index) for flow in range(self.nScales) for index in range(len(self.scale_flows[flow]))]
+        exit_blocks = [position for position, (flow, index) in enumerate(schedule)
+                       if self.scale_flows[flow][index]._blockType() == "norm"]
+        return schedule, exit_blocks
 
     def early_exit_start(self, x: torch.Tensor) -> dict:
         """The state before the first block: the base features of every scale.
@@ -382,9 +388,7 @@ class RANet(nn.Module):
         """
         if not 0 <= exit_index < self.num_exits:
             raise IndexError(f"RANet has {self.num_exits} exits; exit_index {exit_index} is out of range")
-        schedule = self._block_schedule()
-        exit_blocks = [position for position, (flow, index) in enumerate(schedule)
-                       if self.scale_flows[flow][index]._blockType() == "norm"]
+        schedule, exit_blocks = self._stage_plan
         first = exit_blocks[exit_index - 1] + 1 if exit_index > 0 else 0
         h, base, low, features = state["h"], list(state["base"]), dict(state["low"]), list(state["features"])
         for flow, index in schedule[first:exit_blocks[exit_index] + 1]:
