@@ -97,7 +97,7 @@ def count_flops(model: nn.Module, image_size: int | tuple[int, int],
     parameter = next(model.parameters())
     # Fast layers (ranet_fast.convert) skip their submodules in eval mode; counting runs them
     # through the official forward so that every leaf module's hook sees its work.
-    from ranet_fast.nn.dense import official_forward
+    from ranet_fast.nn.common import official_forward
 
     try:
         model.eval()

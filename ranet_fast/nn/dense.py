@@ -27,56 +27,17 @@ in place.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, _BlockNormal
 from ranet_fast.ops import fused_conv2d
-from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES, accumulation_dtype
+from ranet_fast.ops.fused_conv2d import accumulation_dtype
+
+from . import train_mode
+from .common import buffer_like, conv_supported, official_forward_active, requires_grad
 
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
-_official_forward = False
-
-
-@contextlib.contextmanager
-def official_forward():
-    """Within this context every fast layer runs its official module's forward, which calls the
-    layer's submodules (Conv2d, BatchNorm2d, ReLU), so hooks on them fire: ``count_flops`` counts a
-    converted model through them."""
-    global _official_forward
-    previous, _official_forward = _official_forward, True
-    try:
-        yield
-    finally:
-        _official_forward = previous
-
-
-def official_forward_active() -> bool:
-    return _official_forward
-
-
-def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def _conv_supported(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether fused_conv2d computes exactly this conv for x (else the layer runs eagerly)."""
-    kernel = conv.kernel_size[0]
-    return (
-        conv.kernel_size[1] == kernel
-        and conv.stride[0] == conv.stride[1] in SUPPORTED_STRIDES
-        and conv.padding[0] == conv.padding[1] in (0, (kernel - 1) // 2)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and x.dim() == 4
-        and x.dtype in SUPPORTED_DTYPES
-        and x.dtype == conv.weight.dtype
-    )
-
-
 def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
     # Without running statistics BN normalises by batch statistics even in eval mode.
     return bn.running_mean is not None and bn.running_var is not None
@@ -136,10 +97,10 @@ def _conv_bn_relu(owner: nn.Module, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2
 def _fusable(module: nn.Module, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], x: torch.Tensor) -> bool:
     return (
         not module.training
-        and not _official_forward
+        and not official_forward_active()
         and not torch.is_autocast_enabled(x.device.type)
         and all(_bn_foldable(bn) for bn in bns)
-        and all(_conv_supported(conv, x) for conv in convs)
+        and all(conv_supported(conv, x) for conv in convs)
     )
 
 
@@ -189,12 +150,20 @@ def conv_bn_into(module: ConvBN, x: torch.Tensor, out: torch.Tensor, offset: int
         out.narrow(1, offset, result.shape[1]).copy_(result)
 
 
-def buffer_like(x: torch.Tensor, channels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """An uninitialised [N, channels, *size] tensor (size default: x's) in x's memory format."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    size = tuple(x.shape[2:]) if size is None else size
-    return torch.empty((x.shape[0], channels, *size), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def conv_basic_plan(module: ConvBasic) -> train_mode.ChainPlan:
+    return train_mode.ChainPlan((module.net[0],), (module.net[1],))
+
+
+def conv_bn_plan(module: ConvBN) -> train_mode.ChainPlan | None:
+    """The train-mode chain of a ConvBN with ``bnAfter`` (None for the pre-activation order,
+    which trains through the official forward)."""
+    bn_after, convs, bns = conv_bn_parts(module)
+    return train_mode.ChainPlan(tuple(convs), tuple(bns)) if bn_after else None
+
+
+def _dense_layer_plans(layers) -> tuple[train_mode.ChainPlan, ...] | None:
+    plans = tuple(conv_bn_plan(layer.conv_normal) for layer in layers)
+    return None if any(plan is None for plan in plans) else plans
 
 
 def _growth(layer: ConvNormal) -> int:
@@ -202,35 +171,46 @@ def _growth(layer: ConvNormal) -> int:
 
 
 class FastConvBasic(ConvBasic):
-    """``ConvBasic`` whose eval-mode conv -> BN -> ReLU is one ``fused_conv2d`` (train mode: the official forward)."""
+    """``ConvBasic`` whose conv -> BN -> ReLU is one ``fused_conv2d`` in eval mode and a
+    recomputing chain (``ranet_fast.nn.train_mode``) in train mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not conv_basic_fusable(self, x):
-            return super().forward(x)
-        return conv_basic_eval(self, x)
+        if conv_basic_fusable(self, x):
+            return conv_basic_eval(self, x)
+        if self.training:
+            plan = conv_basic_plan(self)
+            if train_mode.trainable([plan], x):
+                return train_mode.run_chain(plan, x)
+        return super().forward(x)
 
 
 class FastConvBN(ConvBN):
-    """``ConvBN`` whose eval-mode forward is two ``fused_conv2d`` calls (train mode: the official forward)."""
+    """``ConvBN`` as two ``fused_conv2d`` calls in eval mode and a recomputing chain in train mode
+    (``bnAfter``; the pre-activation order trains through the official forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not conv_bn_fusable(self, x):
-            return super().forward(x)
-        return conv_bn_eval(self, x)
-
-    def forward_into(self, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
-        """Writes ``self(x)`` into ``out[:, offset : offset + C]``; not differentiable."""
-        conv_bn_into(self, x, out, offset)
+        if conv_bn_fusable(self, x):
+            return conv_bn_eval(self, x)
+        if self.training:
+            plan = conv_bn_plan(self)
+            if plan is not None and train_mode.trainable([plan], x):
+                return train_mode.run_chain(plan, x)
+        return super().forward(x)
 
 
 class FastConvNormal(ConvNormal):
-    """``ConvNormal`` (``cat([x, conv_normal(x)])``) whose eval-mode forward allocates its output once,
-    copies x in and lets ``conv_normal`` write its channels in place (train mode: the official forward)."""
+    """``ConvNormal`` (``cat([x, conv_normal(x)])``) that allocates its output once, copies x in
+    and lets ``conv_normal`` write its channels in place, in eval and train mode."""
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(x, list):  # the official layer also accepts a one-element list
             x = x[0]
-        if self.training or _official_forward or requires_grad(x, self):
+        if self.training:
+            plans = _dense_layer_plans([self])
+            if plans is not None and train_mode.trainable(list(plans), x):
+                return train_mode.run_dense_layers(plans, x)[0]
+            return super().forward(x)
+        if official_forward_active() or requires_grad(x, self):
             return super().forward(x)
         out = buffer_like(x, x.shape[1] + _growth(self))
         out[:, : x.shape[1]].copy_(x)
@@ -239,25 +219,30 @@ class FastConvNormal(ConvNormal):
 
 
 class FastBlockNormal(_BlockNormal):
-    """Dense block without torch.cat in eval mode (train mode: the official forward).
+    """Dense block without torch.cat, in eval and train mode.
 
     One [N, C_in + L * growth, H, W] buffer in x's memory format; layer i reads the prefix
     ``buffer[:, :C_i]`` in place and writes its growth channels after it; ``outputs`` are prefix
-    views of the buffer.
+    views of the buffer. Train mode: ``ranet_fast.nn.train_mode.DenseBlockFunction``.
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.training or _official_forward or requires_grad(x, self):
+        if self.training:
+            plans = _dense_layer_plans(self.layers)
+            if plans is None or not train_mode.trainable(list(plans), x):
+                return super().forward(x)
+            buffer, outputs = train_mode.run_dense_layers(plans, x)
+        elif official_forward_active() or requires_grad(x, self):
             return super().forward(x)
-        channels = x.shape[1]
-        buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))
-        buffer[:, :channels].copy_(x)
-        outputs = [x]
-        for layer in self.layers:
-            growth = _growth(layer)
-            conv_bn_into(layer.conv_normal, buffer[:, :channels], buffer, channels)
-            channels += growth
-            outputs.append(buffer[:, :channels])
+        else:
+            channels = x.shape[1]
+            buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))
+            buffer[:, :channels].copy_(x)
+            outputs = [x]
+            for layer in self.layers:
+                conv_bn_into(layer.conv_normal, buffer[:, :channels], buffer, channels)
+                channels += _growth(layer)
+                outputs.append(buffer[:, :channels])
         x = buffer
         if self.trans_flag:
             x = self.trans(x)

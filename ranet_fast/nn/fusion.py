@@ -18,19 +18,26 @@ from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .dense import buffer_like, conv_bn_into, conv_bn_parts, official_forward_active, requires_grad
+from .common import buffer_like, official_forward_active, requires_grad
+from . import train_mode
+from .dense import conv_bn_into, conv_bn_parts, conv_bn_plan
 
 
 class FastConvUpNormal(ConvUpNormal):
     """``ConvUpNormal`` whose resize-and-concatenate is one ``upsample_concat``.
 
-    In eval mode without gradients the layer's output is allocated once: ``conv_normal``'s last
-    conv writes ``res`` straight into its channel slice and ``upsample_concat(out=...)`` writes
-    the two resized parts into theirs, so nothing is copied into place afterwards.
+    The layer's output is allocated once: ``conv_normal``'s last conv writes ``res`` straight into
+    its channel slice and ``upsample_concat(out=...)`` writes the two resized parts into theirs, so
+    nothing is copied into place afterwards; in eval mode without gradients directly, in train
+    mode through ``ranet_fast.nn.train_mode.FusionLayerFunction``.
     """
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         x_low, x_cur = x
+        if self.training:
+            plan = conv_bn_plan(self.conv_normal)
+            if plan is not None and train_mode.trainable([plan], x_cur):
+                return train_mode.run_fusion_layer(plan, x_cur, self.conv_up(x_low))
         if self.training or official_forward_active() or requires_grad(x_low, self) or x_cur.requires_grad:
             res = self.conv_normal(x_cur)
             return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))

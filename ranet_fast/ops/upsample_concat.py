@@ -351,6 +351,53 @@ _upsample_concat_triton.register_autograd(_triton_backward, setup_context=_setup
 _upsample_concat_triton_backward.register_autograd(_triton_double_backward, setup_context=_setup_backward_context)
 
 
+def upsample_concat_backward(
+    grad_output: torch.Tensor,
+    part_shapes: Sequence[tuple[int, int, int]],
+    channel_offsets: Sequence[int],
+    *,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """The gradient of each part of ``upsample_concat(parts, ..., channel_offsets=...)`` from ``grad_output``.
+
+    ``part_shapes`` are the parts' (C, H, W). For layers that write a buffer with ``out=`` inside
+    their own autograd.Function and need the op's backward directly; the functional form's autograd
+    calls the same kernels. ``grad_output`` may have any strides and more channels than the parts
+    cover (the other channels are ignored).
+    """
+    part_shapes = [tuple(int(v) for v in shape) for shape in part_shapes]
+    offsets = [int(offset) for offset in channel_offsets]
+    if len(part_shapes) != len(offsets) or not part_shapes:
+        raise ValueError(
+            f"upsample_concat_backward: got {len(part_shapes)} part shapes and {len(offsets)} channel offsets; "
+            "give one offset per part (at least one part)"
+        )
+    if grad_output.dim() != 4:
+        raise ValueError(f"upsample_concat_backward expects grad_output [N, C, H, W]; got shape {tuple(grad_output.shape)}")
+    for (channels, _, _), offset in zip(part_shapes, offsets):
+        if offset < 0 or offset + channels > grad_output.shape[1]:
+            raise ValueError(
+                f"upsample_concat_backward: a part needs channels [{offset}, {offset + channels}) but grad_output "
+                f"has {grad_output.shape[1]}"
+            )
+    chosen = _extension.resolve_backend("upsample_concat", grad_output, backend, TRITON_MODULE)
+    channels, heights, widths = (list(values) for values in zip(*part_shapes))
+    if chosen in ("cpu", "cuda"):
+        return list(torch.ops.ranet_fast.upsample_concat_backward(grad_output, offsets, channels, heights, widths))
+    if chosen == "triton":
+        return list(_upsample_concat_triton_backward(grad_output, offsets, channels, heights, widths))
+    size = list(grad_output.shape[2:])
+    gradients = []
+    for (part_channels, height, width), offset in zip(part_shapes, offsets):
+        sliced = grad_output.narrow(1, offset, part_channels)
+        if [height, width] == size:
+            gradients.append(sliced.clone(memory_format=_gradient_memory_format(grad_output)))
+        else:
+            gradients.append(torch.ops.aten.upsample_bilinear2d_backward(
+                sliced, size, [grad_output.shape[0], part_channels, height, width], True))
+    return gradients
+
+
 def upsample_concat(
     parts: Sequence[torch.Tensor],
     size: int | Sequence[int],
