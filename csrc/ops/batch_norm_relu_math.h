@@ -166,4 +166,27 @@ C10_HOST_DEVICE inline int64_t pixel_offset(
   return static_cast<int64_t>(n) * stride_n + static_cast<int64_t>(h) * stride_h + static_cast<int64_t>(w) * stride_w;
 }
 
+// Coordinates of element e when a kernel numbers the elements of a
+// [N, C, H, W] tensor in NCHW order, or in NHWC order when channels are
+// innermost in memory (so that consecutive threads touch consecutive addresses
+// in either layout).
+template <typename index_t>
+struct Element {
+  index_t channel;
+  index_t pixel; // NHW order
+};
+
+template <typename index_t>
+C10_HOST_DEVICE inline Element<index_t> element_of(
+    index_t e,
+    index_t channels,
+    index_t plane,
+    bool channels_inner) {
+  if (channels_inner) {
+    return {e % channels, e / channels};
+  }
+  const index_t rest = e / plane;
+  return {rest % channels, (rest / channels) * plane + e % plane};
+}
+
 } // namespace ranet_fast::ops::batch_norm_relu_math
