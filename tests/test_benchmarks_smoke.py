@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import early_exit, fused_conv2d, gather_rows, upsample_concat
+from benchmarks import batch_norm_relu, early_exit, fused_conv2d, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -53,3 +53,16 @@ def test_fused_conv2d_benchmark_runs_and_writes_json(tmp_path):
     assert [row["config"] for row in result["models"]] == ["cifar-c1"]
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_batch_norm_relu_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = batch_norm_relu.main(["--configs", "cifar-c1", "--batch", "2", "--device", "cpu", "--no-compile",
+                                   "--max-shapes", "3", "--repeats", "1", "--min-run-time", "0.001", "--json",
+                                   str(path)])
+    shapes = batch_norm_relu.bn_shapes("cifar-c1")
+    assert len(shapes) == len(set(shapes)) > 10
+    assert [tuple(row["shape"].values()) for row in result["rows"]] == shapes[:3]
+    assert set(result["summary"]) == {"forward_speedup_vs_eager", "train_speedup_vs_eager"}
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "batch_norm_relu" and saved["device"] == "cpu" and saved["environment"]["torch"]

@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ranet_fast import _extension
-from ranet_fast.ops import (exit_confidence, exit_confidence_reference, exit_partition, exit_partition_reference,
+from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
+                            batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference, exit_confidence, exit_confidence_reference, exit_partition, exit_partition_reference,
                             scatter_exits, scatter_exits_reference, upsample_concat, upsample_concat_reference)
 from ranet_fast.ops.exit_partition import stable_partition
 
@@ -305,6 +306,103 @@ def test_non_finite_values_along_a_copied_axis(backend):
 
 
 # ---------------------------------------------------------------------------
+# batch_norm_stats, batch_norm_relu, batch_norm_relu_backward
+# ---------------------------------------------------------------------------
+
+BN_LAYOUTS = ("contiguous", "channels_last", "strided", "channel_slice", "expand_batch")
+
+batch_norm_cases = st.fixed_dictionaries({
+    "batch": st.one_of(st.sampled_from([0, 1]), st.integers(0, 3)),
+    "channels": st.one_of(st.sampled_from([1, 2]), st.integers(1, 9)),
+    "height": st.integers(1, 7),
+    "width": st.integers(1, 7),
+    "dtype": st.sampled_from(DTYPES),
+    # Finite values only: with inf the statistics are NaN by different routes on every backend.
+    "kind": st.sampled_from(("normal", "large", "ties")),
+    "layout": st.sampled_from(BN_LAYOUTS),
+    "grad_layout": st.sampled_from(BN_LAYOUTS[:4]),
+    "relu": st.booleans(),
+    "use_out": st.booleans(),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+# Outputs in the input dtype; statistics and parameter gradients in the accumulation dtype, where
+# an error is bounded by a multiple of eps times the sum of the magnitudes of the terms.
+BN_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _bn_tensor(shape, dtype, kind, layout, seed):
+    batch, channels, height, width = shape
+    if layout == "channels_last":
+        return _values(shape, dtype, kind, seed).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other channel and column of a bigger tensor
+        return _values((batch, 2 * channels, height, 2 * width), dtype, kind, seed)[:, ::2, :, 1::2]
+    if layout == "channel_slice":  # channels [1, 1 + C) of a channels_last buffer
+        return _values((batch, channels + 3, height, width), dtype, kind, seed).contiguous(
+            memory_format=torch.channels_last)[:, 1:1 + channels]
+    if layout == "expand_batch":
+        return _values((1, channels, height, width), dtype, kind, seed).expand(batch, -1, -1, -1)
+    return _values(shape, dtype, kind, seed)
+
+
+def _assert_sums_close(actual, expected, terms, accumulation):
+    bound = (1e-12 if accumulation == torch.float64 else 1e-5) * terms.abs().sum((0, 2, 3))
+    assert actual.dtype == expected.dtype == accumulation
+    assert bool(((actual.double() - expected.double()).abs() <= bound).all()), (actual, expected)
+
+
+def check_batch_norm(backend, case):
+    dtype, channels = case["dtype"], case["channels"]
+    shape = (case["batch"], channels, case["height"], case["width"])
+    x = _bn_tensor(shape, dtype, case["kind"], case["layout"], case["seed"])
+    dense = x.contiguous()
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    count = shape[0] * shape[2] * shape[3]
+    if count >= 2:
+        mean, var = batch_norm_stats(x, backend=backend)
+        expected_mean, expected_var = batch_norm_stats_reference(dense)
+        # Deviations are measured against the spread of the values, in the accumulation type.
+        spread = float(dense.double().abs().max())
+        tolerance = BN_TOLERANCE[accumulation]
+        _assert_close(mean, expected_mean, rtol=tolerance, atol=tolerance * spread)
+        _assert_close(var, expected_var, rtol=tolerance, atol=tolerance * spread**2)
+        invstd = torch.rsqrt(expected_var + 1e-5)
+        mean = expected_mean
+    else:
+        mean, invstd = torch.zeros(channels, dtype=accumulation), torch.ones(channels, dtype=accumulation)
+    generator = torch.Generator().manual_seed(case["seed"] + 1)
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    tolerance = BN_TOLERANCE[dtype]
+    expected = batch_norm_relu_reference(dense, mean, invstd, weight, bias, relu=case["relu"])
+    if case["use_out"]:
+        base = torch.full((shape[0], channels + 4, *shape[2:]), 7.0, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        result = batch_norm_relu(x, mean, invstd, weight, bias, relu=case["relu"], out=base, out_offset=2,
+                                 backend=backend)
+        assert result is base and bool((base[:, :2] == 7).all()) and bool((base[:, 2 + channels:] == 7).all())
+        result = base[:, 2:2 + channels]
+    else:
+        result = batch_norm_relu(x, mean, invstd, weight, bias, relu=case["relu"], backend=backend)
+    _assert_close(result, expected, rtol=tolerance, atol=tolerance)
+
+    grad_out = _bn_tensor(shape, dtype, "normal", case["grad_layout"], case["seed"] + 2)
+    grad_x, grad_weight, grad_bias = batch_norm_relu_backward(grad_out, x, mean, invstd, weight, bias,
+                                                              relu=case["relu"], backend=backend)
+    expected_x, expected_weight, expected_bias = batch_norm_relu_backward_reference(
+        grad_out.contiguous(), dense, mean, invstd, weight, bias, relu=case["relu"])
+    # grad_x = scale * (dz - mean(dz) - xhat * mean(dz * xhat)) cancels: its rounding follows the
+    # magnitude of the largest gradient, not of each element.
+    magnitude = max(1.0, float(expected_x.double().abs().max())) if expected_x.numel() else 1.0
+    _assert_close(grad_x, expected_x, rtol=tolerance, atol=tolerance * magnitude)
+    xhat = (dense.double() - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+    z = xhat * weight.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    dz = torch.where(z > 0, grad_out.double(), 0.0) if case["relu"] else grad_out.double()
+    _assert_sums_close(grad_weight, expected_weight, dz * xhat, accumulation)
+    _assert_sums_close(grad_bias, expected_bias, dz, accumulation)
+
+
+# ---------------------------------------------------------------------------
 # The tests: every check on every backend. The Triton subprocess below reuses CHECKS.
 # ---------------------------------------------------------------------------
 
@@ -318,6 +416,7 @@ CHECKS = {
         index_layout=st.sampled_from(["contiguous", "strided"]))),
     "upsample_concat": (check_upsample_concat, dict(case=upsample_cases)),
     "upsample_concat_gradients": (check_upsample_concat_gradients, dict(case=upsample_cases)),
+    "batch_norm": (check_batch_norm, dict(case=batch_norm_cases)),
 }
 
 
@@ -433,6 +532,22 @@ BAD_INPUTS = {
     "upsample-overlapping-out": (lambda b: upsample_concat(_parts((2, 2, 3, 3)), 4,
                                                            out=torch.zeros(1, 2, 4, 4).expand(2, 2, 4, 4), backend=b),
                                  ValueError, r"out has elements that share memory"),
+    # batch_norm_stats, batch_norm_relu, batch_norm_relu_backward
+    "bn-stats-single-value": (lambda b: batch_norm_stats(torch.randn(1, 4, 1, 1), backend=b), ValueError,
+                              r"N \* H \* W >= 2\) to train BatchNorm; x has shape \(1, 4, 1, 1\)"),
+    "bn-stats-3d": (lambda b: batch_norm_stats(torch.randn(4, 5, 6), backend=b), ValueError,
+                    r"batch_norm_stats expects x of shape \[N, C, H, W\]; got shape \(4, 5, 6\)"),
+    "bn-relu-vector-length": (lambda b: batch_norm_relu(torch.randn(2, 3, 4, 4), *_parts((3,), (3,), (3,), (2,)),
+                                                        backend=b), ValueError,
+                              r"bias must be a 1-D tensor with one entry per channel \(3\); got shape \(2,\)"),
+    "bn-relu-overlapping-out": (
+        lambda b: batch_norm_relu(torch.randn(2, 3, 4, 4), *_parts((3,), (3,), (3,), (3,)),
+                                  out=torch.zeros(1, 3, 4, 4).expand(2, 3, 4, 4), backend=b),
+        ValueError, r"out has elements that share memory"),
+    "bn-backward-grad-dtype": (
+        lambda b: batch_norm_relu_backward(torch.randn(2, 3, 4, 4).double(), torch.randn(2, 3, 4, 4),
+                                           *_parts((3,), (3,), (3,), (3,)), backend=b),
+        TypeError, r"grad_out has dtype torch.float64 but x has torch.float32"),
 }
 
 

@@ -1,0 +1,107 @@
+"""The Triton backend of the batch-norm training ops (kernels/batch_norm_relu.py) against float64.
+
+The checks are tests/test_batch_norm_relu.py's, run with backend="triton". On CPU they run under
+the Triton interpreter in a subprocess: Triton fixes interpreter mode when a kernel module is
+imported, so setting TRITON_INTERPRET=1 here would depend on import order and switch every other
+test's kernels too. The subprocess runs every check once and reports each one's outcome; on a GPU
+the same checks run in process (compiled kernels).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+import test_batch_norm_relu as checks
+from ranet_fast import _extension
+
+NO_GPU = "no GPU"
+TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def named_checks():
+    """name -> (check function, extra arguments after (backend, device))."""
+    named = {}
+    for name, shape in checks.SHAPES.items():
+        for dtype in (torch.float32, torch.float64):
+            named[f"stats-{name}-{dtype}"] = (checks.check_stats, shape, dtype)
+            named[f"forward-{name}-{dtype}"] = (checks.check_forward, shape, dtype)
+            named[f"backward-{name}-{dtype}"] = (checks.check_backward, shape, dtype)
+    for dtype in (torch.float16, torch.bfloat16):
+        for name in ("odd", "wide"):
+            named[f"stats-{name}-{dtype}"] = (checks.check_stats, checks.SHAPES[name], dtype)
+            named[f"forward-{name}-{dtype}"] = (checks.check_forward, checks.SHAPES[name], dtype)
+            named[f"backward-{name}-{dtype}"] = (checks.check_backward, checks.SHAPES[name], dtype)
+    named["forward-identity"] = (checks.check_forward, checks.SHAPES["ranet-16"], torch.float32, False)
+    named["backward-identity"] = (checks.check_backward, checks.SHAPES["ranet-16"], torch.float32, False)
+    for relu in (True, False):
+        named[f"autograd-relu-{relu}"] = (checks.check_matches_autograd, relu)
+    for layout in checks.INPUT_LAYOUTS:
+        named[f"input-{layout}"] = (checks.check_input_layout, layout, "slice_nchw")
+    named["input-nchw-grad-slice_channels_last"] = (checks.check_input_layout, "nchw", "slice_channels_last")
+    for layout in checks.OUT_LAYOUTS:
+        named[f"out-{layout}"] = (checks.check_out_slice, layout)
+    named["out-bfloat16"] = (checks.check_out_slice, "channels_last", torch.bfloat16)
+    for batch in (0, 1):
+        named[f"batch-{batch}"] = (checks.check_small_batches, batch)
+    named["large-mean"] = (checks.check_stats_keep_a_small_variance_under_a_large_mean,)
+    named["relu-mask-at-zero"] = (checks.check_relu_mask_at_zero,)
+    named["deterministic"] = (checks.check_deterministic,)
+    named["refuses-grad"] = (checks.check_refuses_grad,)
+    named["opcheck"] = (check_opcheck,)
+    return named
+
+
+def check_opcheck(backend, device):
+    arguments = checks.opcheck_arguments(device)
+    ops = torch.ops.ranet_fast
+    torch.library.opcheck(ops.batch_norm_stats_triton.default, arguments["stats"])
+    torch.library.opcheck(ops.batch_norm_relu_triton.default, arguments["forward"])
+    torch.library.opcheck(ops.batch_norm_relu_triton_out.default, arguments["forward_out"])
+    torch.library.opcheck(ops.batch_norm_relu_backward_triton.default, arguments["backward"])
+
+
+def run_all(device):
+    """Runs every check; returns name -> "ok" or the traceback."""
+    report = {}
+    for name, (function, *arguments) in named_checks().items():
+        try:
+            function("triton", device, *arguments)
+            report[name] = "ok"
+        except Exception:
+            report[name] = traceback.format_exc()
+    return report
+
+
+@pytest.fixture(scope="module")
+def interpreter_report():
+    if _extension.triton_import_error() is not None:
+        pytest.skip(_extension.triton_import_error())
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    environment.pop("RANET_FAST_BACKEND", None)
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {TESTS_DIRECTORY!r})\n"
+        "import test_batch_norm_relu_triton as t\n"
+        "print(json.dumps(t.run_all('cpu')))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                               timeout=600, cwd=TESTS_DIRECTORY)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(named_checks()))
+def test_triton_under_interpreter(interpreter_report, name):
+    assert interpreter_report[name] == "ok", interpreter_report[name]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("name", list(named_checks()))
+def test_triton_on_gpu(name):
+    function, *arguments = named_checks()[name]
+    function("triton", "cuda", *arguments)
