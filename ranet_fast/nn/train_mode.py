@@ -36,12 +36,11 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from ranet_fast.ops import fused_conv2d, upsample_concat
+from ranet_fast.ops import batch_norm_relu, batch_norm_relu_backward, batch_norm_stats, fused_conv2d, upsample_concat
 from ranet_fast.ops.fused_conv2d import accumulation_dtype
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 from ranet_fast.ops.upsample_concat import upsample_concat_backward
 
-from ._bn_shim import batch_norm_relu, batch_norm_relu_backward, batch_norm_stats
 from .common import buffer_like, conv_supported, official_forward_active
 
 # Tensors per chain unit in the flat parameter list: conv weight, conv bias, BN weight, BN bias.
