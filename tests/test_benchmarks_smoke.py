@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import early_exit, fused_conv2d, gather_rows, upsample_concat
+from benchmarks import convert, early_exit, fused_conv2d, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -53,3 +53,13 @@ def test_fused_conv2d_benchmark_runs_and_writes_json(tmp_path):
     assert [row["config"] for row in result["models"]] == ["cifar-c1"]
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
+
+
+def test_convert_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = convert.main(["--models", "densenet-small", "--batch", "2", "--size", "32", "--device", "cpu",
+                           "--no-compile", "--repeats", "1", "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    assert set(row["forward_s"]) == {"converted", "eager"} and row["converted"]["FastDenseBlock"] == 2
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "convert" and saved["device"] == "cpu" and saved["environment"]["torch"]
