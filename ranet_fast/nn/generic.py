@@ -25,7 +25,8 @@ planned, and outside :func:`ranet_fast.nn.dense.official_forward`. Otherwise it 
 and a frozen (eval-mode) BN inside a training model is folded differentiably.
 
 The fx proof is a trace with the module's attributes at conversion time: a ``forward`` that
-branches on a Python attribute which is changed after ``convert`` is not re-checked.
+branches on a Python attribute which is changed after ``convert`` is not re-checked. Tracing calls
+``forward`` once on proxies, so Python side effects in it (a counter, a print) happen once more.
 """
 
 from __future__ import annotations
