@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import batch_norm_relu, early_exit, fused_conv2d, gather_rows, upsample_concat
+from benchmarks import batch_norm_relu, convert, early_exit, fused_conv2d, gather_rows, upsample_concat
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -66,3 +66,13 @@ def test_batch_norm_relu_benchmark_runs_and_writes_json(tmp_path):
     assert set(result["summary"]) == {"forward_speedup_vs_eager", "train_speedup_vs_eager"}
     saved = json.loads(path.read_text())
     assert saved["benchmark"] == "batch_norm_relu" and saved["device"] == "cpu" and saved["environment"]["torch"]
+
+
+def test_convert_benchmark_runs_and_writes_json(tmp_path):
+    path = tmp_path / "result.json"
+    result = convert.main(["--models", "densenet-small", "--batch", "2", "--size", "32", "--device", "cpu",
+                           "--no-compile", "--repeats", "1", "--min-run-time", "0.001", "--json", str(path)])
+    (row,) = result["rows"]
+    assert set(row["forward_s"]) == {"converted", "eager"} and row["converted"]["FastDenseBlock"] == 2
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "convert" and saved["device"] == "cpu" and saved["environment"]["torch"]

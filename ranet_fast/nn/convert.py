@@ -1,15 +1,34 @@
-"""``ranet_fast.convert``: swap fast layers into a model built from the official module classes."""
+"""``ranet_fast.convert``: swap fast layers into any model, in place.
+
+Three kinds of replacement, none of which changes parameters, buffers, state_dict keys or hooks:
+
+1. Known classes (RANet's and MSDNet's blocks, torchvision's DenseNet layer and block): the
+   module's class becomes a fast subclass that overrides only ``forward``.
+2. Conv -> BN -> ReLU and BN -> ReLU -> conv chains in any ``nn.Sequential`` and in any module whose
+   forward is provably (``torch.fx``) one such chain, possibly concatenated after its input
+   (:mod:`ranet_fast.nn.generic`): the module's class becomes a fast subclass of its own class.
+3. Nothing else: what cannot be proven equivalent is left alone, and the report says why.
+
+Every fast module runs fused only where that is the same computation (eval-mode BN folded into the
+conv, a conv ``fused_conv2d`` computes, no hooks it would skip, no autocast) and falls back to
+the original forward otherwise, so train mode is the original computation.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ranet_fast.models import msdnet
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal, _BlockUpNormal
 
 from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
+from .generic import FastChainMixin, FastSequentialMixin, install, plan_sequential, plan_traced, uninstall
+from .msdnet_layers import FastConvDownNormal, FastMSDConvNormal
 
 # Official class -> fast subclass. A fast class only overrides forward, so a module is converted
 # by changing its class: parameters, buffers, state_dict keys and hooks stay as they are.
@@ -21,24 +40,139 @@ FAST_CLASSES: dict[type, type] = {
     _BlockNormal: FastBlockNormal,
     ConvUpNormal: FastConvUpNormal,
     _BlockUpNormal: FastBlockUpNormal,
+    msdnet.ConvNormal: FastMSDConvNormal,
+    msdnet.ConvDownNormal: FastConvDownNormal,
 }
+
+# Children whose computation a fast class does itself (fused), so they are not examined on their own.
+_OWNED_CHILDREN: dict[type, tuple[str, ...]] = {FastConvBasic: ("net",), FastConvBN: ("net",)}
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` found: each fast module with its pattern, and what it left alone and why.
+
+    Names are qualified module names ("" is the model itself). The report describes the model, not
+    one call: converting again finds the same fast modules and reports them the same way.
+    """
+
+    replaced: list[tuple[str, str]] = field(default_factory=list)  # (module, pattern)
+    left_alone: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
+    counts: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        lines = [f"ranet_fast.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
+        lines += [f"  replaced    {name or '(model)'}: {pattern}" for name, pattern in self.replaced]
+        lines += [f"  left alone  {name or '(model)'}: {reason}" for name, reason in self.left_alone]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Known:
+    classes: dict[type, type]  # original class -> fast subclass
+    checks: dict[type, object]  # original class -> module -> reason it cannot be converted, or None
+    owned: dict[type, tuple[str, ...]]  # fast class -> children its forward computes itself
+
+
+def _known_classes() -> _Known:
+    """The fast classes, torchvision's included when it is in use (a model with torchvision layers has
+    imported it; convert never imports it for a model without them)."""
+    known = _Known(dict(FAST_CLASSES), {}, dict(_OWNED_CHILDREN))
+    if "torchvision.models.densenet" in sys.modules:
+        from . import torchvision_densenet
+
+        known.classes.update(torchvision_densenet.FAST_CLASSES)
+        known.checks.update(torchvision_densenet.UNSUPPORTED_REASON)
+        known.owned.update(torchvision_densenet.OWNED_CHILDREN)
+    return known
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _has_conv_and_bn_children(module: nn.Module) -> bool:
+    kinds = {type(child) for child in module.children()}
+    return nn.Conv2d in kinds and nn.BatchNorm2d in kinds
+
+
+def _record_plan(module: nn.Module, name: str, report: ConvertReport, covered: set[int]) -> None:
+    plan = module._ranet_fast_plan
+    if isinstance(module, FastChainMixin):
+        pattern = ", ".join(s.describe() for s in plan.segments)
+        report.replaced.append((name, f"cat([x, {pattern}], 1)" if plan.concat else pattern))
+        report.counts["concat-chain" if plan.concat else "chain"] += 1
+    for segment in plan.segments:
+        if isinstance(module, FastSequentialMixin):
+            report.replaced.append((name, segment.describe()))
+        report.counts[segment.pattern] += 1
+        covered.add(id(module._modules[segment.conv]))
+
+
+def _visit(module: nn.Module, name: str, known: _Known, report: ConvertReport, covered: set[int]) -> None:
+    fast = known.classes.get(type(module))
+    if fast is not None:
+        check = known.checks.get(type(module))
+        reason = None if check is None else check(module)
+        if reason is None:
+            module.__class__ = fast
+        else:
+            report.left_alone.append((name, f"{type(module).__name__}: {reason}"))
+    if type(module) in known.classes.values():
+        report.replaced.append((name, type(module).__name__))
+        report.counts[type(module).__name__] += 1
+    elif isinstance(module, FastSequentialMixin) or _is_plain_sequential(module):
+        # Planned afresh each time: the same children give the same plan (converting twice changes
+        # nothing), changed children a new one.
+        plan, notes = plan_sequential(module)
+        if plan.segments:
+            install(module, FastSequentialMixin, plan)
+            _record_plan(module, name, report, covered)
+        elif isinstance(module, FastSequentialMixin):
+            uninstall(module)
+        report.left_alone += [(_join(name, child), reason) for child, reason in notes]
+    elif isinstance(module, FastChainMixin):  # converted before: report it as it is
+        _record_plan(module, name, report, covered)
+    elif fast is None and _has_conv_and_bn_children(module) and not isinstance(module, (nn.ModuleList,
+                                                                                      nn.ModuleDict)):
+        plan, description = plan_traced(module)
+        if plan is None:
+            report.left_alone.append((name, f"{type(module).__name__}: {description}"))
+        else:
+            install(module, FastChainMixin, plan)
+            _record_plan(module, name, report, covered)
+    owned = known.owned.get(type(module), ())
+    for child_name, child in module.named_children():
+        if child_name in owned:
+            covered.update(id(m) for m in child.modules() if isinstance(m, nn.Conv2d))
+        else:
+            _visit(child, _join(name, child_name), known, report, covered)
 
 
 def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Replace, in place, every module whose class has a fast counterpart; return ``model``.
+    """Replace, in place, every module ranet_fast can run faster with the same results; return ``model``.
 
-    Only exact class matches are converted (a user subclass may change forward in ways the fast
-    layer would not honour). The counts of converted classes are kept in
-    ``model.ranet_fast_converted`` and printed when ``verbose``.
+    Works in train or eval mode (a fast module decides per call) and converting twice changes
+    nothing. ``model.ranet_fast_converted`` keeps the counts by fast class (known classes) or fused
+    pattern (e.g. ``conv-bn-relu``, ``bn-relu-conv``); ``model.ranet_fast_report``, a
+    :class:`ConvertReport`, lists each replaced module with its pattern and each examined module or
+    conv left alone with the reason; ``verbose`` prints it.
     """
-    converted: Counter[str] = Counter()
-    for module in model.modules():
-        fast = FAST_CLASSES.get(type(module))
-        if fast is not None:
-            module.__class__ = fast
-            converted[fast.__name__] += 1
-    model.ranet_fast_converted = dict(converted)
+    report, covered = ConvertReport(), set()
+    _visit(model, "", _known_classes(), report, covered)
+    # Every conv that runs unfused is accounted for: by its own entry, its parent's (a module left
+    # alone) or, for one nothing examined, this one.
+    explained = {name for name, _ in report.left_alone}
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Conv2d) and id(module) not in covered
+                and not {name, name.rpartition(".")[0]} & explained):
+            report.left_alone.append((name, "no BatchNorm2d (+ ReLU) pattern around it that convert recognises"))
+    model.ranet_fast_converted = dict(report.counts)
+    model.ranet_fast_report = report
     if verbose:
-        summary = ", ".join(f"{count} x {name}" for name, count in sorted(converted.items())) or "nothing"
-        print(f"ranet_fast.convert: converted {summary}")
+        print(report)
     return model

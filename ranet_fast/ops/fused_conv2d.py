@@ -247,7 +247,9 @@ def _setup_context(ctx, inputs, output):
         prologue_scale if ctx.has_prologue else placeholder,
         prologue_shift if ctx.has_prologue else placeholder,
         epilogue_scale if ctx.has_epilogue_scale else placeholder,
-        output,
+        # Only the ReLU mask needs the output. Not saving it otherwise lets code after the conv
+        # write into the output in place (``y += identity`` after conv -> BN), as eager allows.
+        output if relu else placeholder,
     )
 
 

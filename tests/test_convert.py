@@ -1,0 +1,432 @@
+"""ranet_fast.convert on any model: RANet, MSDNet, torchvision models and hand-written modules.
+
+Every converted model is compared with its eager copy on random inputs: float64 to 1e-9 of the
+largest output (fp32 to 1e-5), without gradients (the in-place paths), with gradients (the
+differentiable fused op) and in train mode (the original computation), including the BN running
+statistics and parameters after an SGD step. BN statistics and affine parameters are randomised
+first, so folding them is a real test.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.densenet import _DenseBlock, _DenseLayer
+from torchvision.models.inception import BasicConv2d
+
+import ranet_fast
+from ranet_fast.models import MSDNet, RANet, msdnet_config, ranet_config
+from ranet_fast.models.msdnet import MSDNFirstLayer
+from ranet_fast.nn.generic import FastChainMixin, FastSequentialMixin
+from ranet_fast.nn.msdnet_layers import FastConvDownNormal, FastMSDConvNormal
+from ranet_fast.nn.torchvision_densenet import FastDenseBlock, FastDenseLayer
+from test_dense_layers import randomize_bn
+
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def outputs_of(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+def assert_close(ours, theirs, dtype, what):
+    """Each output within rtol of its largest magnitude."""
+    rtol = RTOL[dtype]
+    for k, (a, b) in enumerate(zip(outputs_of(ours), outputs_of(theirs), strict=True)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(b.abs().max().item(), 1e-30),
+                                   msg=lambda m: f"{what} {k}: {m}")
+
+
+def eager_and_fast(model: nn.Module, dtype=torch.float64, seed=0):
+    model = model.to(dtype)
+    randomize_bn(model, seed)
+    return model, ranet_fast.convert(copy.deepcopy(model))
+
+
+def check_equivalent(eager, fast, x, dtype=torch.float64):
+    """Eval without and with gradients, then a train step: outputs, gradients, statistics, parameters."""
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close(fast(x), eager(x), dtype, "eval output")
+    x_eager, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    check_backward(eager, fast, x_eager, x_fast, dtype, "eval")
+
+    eager.train(), fast.train()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, fast)]
+    check_backward(eager, fast, x.clone().requires_grad_(), x.clone().requires_grad_(), dtype, "train")
+    for optimizer in optimizers:
+        optimizer.step()
+    fast_state = fast.state_dict()
+    for name, value in eager.state_dict().items():  # running statistics, counters and stepped weights
+        if value.is_floating_point():
+            assert_close(fast_state[name], value, dtype, name)
+        else:
+            assert torch.equal(fast_state[name], value), name
+    eager.eval(), fast.eval()
+    with torch.no_grad():  # the updated statistics are folded, not stale cached ones
+        assert_close(fast(x), eager(x), dtype, "eval output after a train step")
+
+
+def check_backward(eager, fast, x_eager, x_fast, dtype, mode):
+    for model in (eager, fast):
+        model.zero_grad(set_to_none=True)
+    # The same random draws for both (mobilenet's dropout in train mode).
+    torch.manual_seed(7)
+    ours = outputs_of(fast(x_fast))
+    torch.manual_seed(7)
+    theirs = outputs_of(eager(x_eager))
+    assert_close(ours, theirs, dtype, f"{mode} output")
+    weights = [torch.randn_like(t) for t in theirs]
+    sum((t * w).sum() for t, w in zip(theirs, weights)).backward()
+    sum((t * w).sum() for t, w in zip(ours, weights)).backward()
+    assert_close(x_fast.grad, x_eager.grad, dtype, f"{mode} input gradient")
+    fast_parameters = dict(fast.named_parameters())
+    # A conv bias before a train-mode BN has an analytically zero gradient (BN removes the mean),
+    # so its computed value is rounding noise: gradients are compared against the model's
+    # largest gradient, not each tensor's own (possibly noise-sized) scale.
+    scale = max(p.grad.abs().max().item() for p in eager.parameters() if p.grad is not None)
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(fast_parameters[name].grad, p.grad, rtol=RTOL[dtype], atol=RTOL[dtype] * scale,
+                                   msg=lambda m: f"{mode} gradient of {name}: {m}")
+
+
+def check_state_dict(eager, fast):
+    assert list(fast.state_dict()) == list(eager.state_dict())
+    fast.load_state_dict(eager.state_dict(), strict=True)
+
+
+def image(batch=2, dtype=torch.float64, channels_last=False, seed=1):
+    x = torch.randn(batch, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def small_densenet():
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+
+
+# Hand-written modules -------------------------------------------------------------------------------
+
+
+class ConvBNReLU(nn.Module):
+    """Named siblings, the chain in forward, ReLU as a function."""
+
+    def __init__(self, c_in, c_out, stride=1, activation=torch.relu):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=True)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.activation = activation
+
+    def forward(self, x):
+        return self.activation(self.bn(self.conv(x)))
+
+
+class PreActDenseLayer(nn.Module):
+    """cat([x, conv(relu(bn(x)))]): a DenseNet-style layer of the user's own."""
+
+    def __init__(self, c_in, growth):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(c_in, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(self.relu(self.bn(x)))], 1)
+
+
+class Residual(nn.Module):
+    """conv -> BN -> ReLU plus the input: not a plain chain, so it must be left alone."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) + x
+
+
+def handwritten():
+    return nn.Sequential(
+        ConvBNReLU(3, 8),
+        BasicConv2d(8, 8, kernel_size=3, padding=1),  # torchvision Inception's unit: F.relu(inplace=True)
+        PreActDenseLayer(8, 4),
+        nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12), nn.ReLU(inplace=True)),
+        Residual(12),
+        nn.Conv2d(12, 6, 3, 2, 1), nn.BatchNorm2d(6),  # conv -> BN at the end of a Sequential
+    )
+
+
+# Tests ------------------------------------------------------------------------------------------------
+
+
+def test_handwritten_patterns_are_fused_and_equal():
+    eager, fast = eager_and_fast(handwritten())
+    assert isinstance(fast[0], FastChainMixin) and isinstance(fast[0], ConvBNReLU)
+    assert isinstance(fast[1], FastChainMixin) and isinstance(fast[1], BasicConv2d)
+    assert isinstance(fast[2], FastChainMixin) and fast[2]._ranet_fast_plan.concat
+    assert isinstance(fast[3], FastSequentialMixin) and isinstance(fast, FastSequentialMixin)
+    assert type(fast[4]) is Residual
+    report = fast.ranet_fast_report
+    assert dict(report.replaced)["3"] == "bn-relu-conv-bn-relu (0, 1, 2, 3, 4)"
+    assert ("", "conv-bn (5, 6)") in report.replaced
+    assert "forward is not a plain conv/BN/ReLU chain" in dict(report.left_alone)["4"]
+    assert fast.ranet_fast_converted == {"chain": 2, "concat-chain": 1, "conv-bn-relu": 2, "bn-relu-conv": 1,
+                                         "bn-relu-conv-bn-relu": 1, "conv-bn": 1}
+    check_state_dict(eager, fast)
+    check_equivalent(eager, fast, image())
+
+
+def test_handwritten_fused_paths_skip_the_children_in_eval_mode(monkeypatch):
+    """The equality above must come from the fused op: in eval mode no conv module runs where a
+    segment was planned (only the residual block's, left alone)."""
+    eager, fast = eager_and_fast(handwritten())
+    fast.eval()
+    calls = []
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: calls.append(self) or self._conv_forward(
+        x, self.weight, self.bias))
+    with torch.no_grad():
+        fast(image())
+    assert calls == [fast[4].conv]
+
+
+def test_dense_concat_layer_writes_one_buffer_without_cat(monkeypatch):
+    eager, fast = eager_and_fast(PreActDenseLayer(6, 3))
+    eager.eval(), fast.eval()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = eager(x)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in the eval-mode dense layer"))
+    with torch.no_grad():
+        y = fast(x)
+    assert_close(y, expected, torch.float64, "output")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.ReLU6, nn.Hardswish])
+def test_conv_bn_with_another_activation_is_untouched(activation):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), activation(),
+                          ConvBNReLU(8, 8, activation=F.silu))
+    eager, fast = eager_and_fast(model)
+    assert type(fast) is nn.Sequential and type(fast[3]) is ConvBNReLU
+    assert fast.ranet_fast_converted == {}
+    reasons = dict(fast.ranet_fast_report.left_alone)
+    assert reasons["0"].startswith(f"conv -> BN -> {activation.__name__}: only a ReLU")
+    assert "not a plain conv/BN/ReLU chain (graph: conv -> bn -> silu)" in reasons["3"]
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast(image()), eager(image()))
+
+
+def test_resnet18():
+    eager, fast = eager_and_fast(torchvision.models.resnet18(num_classes=10))
+    report = fast.ranet_fast_report
+    # The downsample shortcuts (conv -> BN, the Sequential's output) fuse; a BasicBlock's forward adds
+    # the shortcut, so it is not a plain chain and stays as it is, with the reason.
+    assert [name for name, _ in report.replaced] == ["layer2.0.downsample", "layer3.0.downsample",
+                                                     "layer4.0.downsample"]
+    assert type(fast.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert "not a plain conv/BN/ReLU chain" in dict(report.left_alone)["layer1.0"]
+    check_state_dict(eager, fast)
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close(fast(image()), eager(image()), torch.float64, "logits")
+    # Gradients and a train step in float32 (test_float32_channels_last): float64 convolution
+    # backward on the CPU is slow for a network this size.
+
+
+def test_small_torchvision_densenet():
+    eager, fast = eager_and_fast(small_densenet())
+    assert type(fast.features.denseblock1) is FastDenseBlock
+    assert type(fast.features.denseblock1.denselayer1) is FastDenseLayer
+    assert isinstance(fast.features.transition1, FastSequentialMixin)  # norm -> relu -> conv, then the pool
+    assert isinstance(fast.features, FastSequentialMixin)  # conv0 -> norm0 -> relu0 (7x7/2 stem)
+    assert fast.ranet_fast_converted == {"FastDenseBlock": 2, "FastDenseLayer": 4, "bn-relu-conv": 1,
+                                         "conv-bn-relu": 1}
+    check_state_dict(eager, fast)
+    check_equivalent(eager, fast, image())
+
+
+def test_densenet_block_eval_uses_one_buffer(monkeypatch):
+    eager, fast = eager_and_fast(small_densenet())
+    eager.eval(), fast.eval()
+    x = image(channels_last=True)
+    with torch.no_grad():
+        expected = eager(x)
+    calls = []
+    original_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or original_cat(*a, **k))
+    with torch.no_grad():
+        assert_close(fast(x), expected, torch.float64, "logits")
+    assert calls == []
+
+
+def test_densenet_layer_with_unexpected_children_is_left_alone():
+    block = _DenseBlock(2, 6, bn_size=2, growth_rate=4, drop_rate=0)
+    block.denselayer2.conv2 = nn.Conv2d(8, 4, 3, 1, 1, groups=2, bias=False)
+    _, fast = eager_and_fast(nn.Sequential(block))
+    assert type(fast[0]) is _DenseBlock and type(fast[0].denselayer1) is FastDenseLayer
+    assert type(fast[0].denselayer2) is _DenseLayer
+    reasons = dict(fast.ranet_fast_report.left_alone)
+    assert "denselayer2: conv2: groups=2" in reasons["0"] and "conv2: groups=2" in reasons["0.denselayer2"]
+
+
+def test_densenet_layer_with_dropout_in_train_mode_is_the_original():
+    """Frozen BNs would allow the fused path, but dropout is active in train mode: the original runs."""
+    torch.manual_seed(0)
+    eager, fast = eager_and_fast(_DenseLayer(6, 4, 2, drop_rate=0.5))
+    for model in (eager, fast):
+        model.train()
+        model.norm1.eval(), model.norm2.eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    expected = eager(x)
+    torch.manual_seed(3)
+    assert torch.equal(fast(x), expected)
+
+
+def test_mobilenet_v3_small_leaves_depthwise_and_hardswish_alone():
+    eager, fast = eager_and_fast(torchvision.models.mobilenet_v3_small(num_classes=10))
+    reasons = dict(fast.ranet_fast_report.left_alone)
+    assert reasons["features.1.block.0.0"].startswith("groups=16 (grouped/depthwise)")
+    assert reasons["features.0.0"].startswith("conv -> BN -> Hardswish")
+    for name, module in fast.named_modules():
+        if isinstance(module, nn.Sequential) and any(
+                isinstance(m, nn.Conv2d) and m.groups > 1 for m in module.children()):
+            assert not isinstance(module, FastSequentialMixin), name  # a depthwise conv unit stays eager
+    assert fast.ranet_fast_converted["conv-bn-relu"] > 0 and fast.ranet_fast_converted["conv-bn"] > 0
+    convs = {id(m) for m in fast.modules() if isinstance(m, nn.Conv2d)}
+    accounted = {id(fast.get_submodule(name)) for name, _ in fast.ranet_fast_report.left_alone
+                 if isinstance(fast.get_submodule(name), nn.Conv2d)}
+    assert len(accounted) + sum(fast.ranet_fast_converted.values()) == len(convs)  # every conv: fused or explained
+    check_state_dict(eager, fast)
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close(fast(image()), eager(image()), torch.float64, "logits")
+    eager32, fast32 = eager.float(), fast.float()  # gradients in float32: float64 backward is slow here
+    check_equivalent(eager32, fast32, image(dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet"])
+def test_float32_channels_last(name):
+    model = torchvision.models.resnet18(num_classes=10) if name == "resnet18" else small_densenet()
+    eager, fast = eager_and_fast(model, torch.float32)
+    x = image(4, torch.float32, channels_last=True)
+    eager.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close(fast(x), eager(x), torch.float32, "logits")
+    check_equivalent(eager, fast, x, torch.float32)
+
+
+def test_ranet_counts_and_equality():
+    torch.manual_seed(0)
+    eager, fast = eager_and_fast(RANet(ranet_config("cifar-c1", nChannels=4, growthRate=4, step=2)))
+    assert set(fast.ranet_fast_converted) == {"FastBlockNormal", "FastBlockUpNormal", "FastConvBN", "FastConvBasic",
+                                              "FastConvNormal", "FastConvUpNormal"}
+    assert not fast.ranet_fast_report.left_alone  # every conv of a CIFAR RANet is fused
+    check_state_dict(eager, fast)
+    check_equivalent(eager, fast, image())
+
+
+def test_imagenet_stem_is_fused():
+    """The ImageNet stem of MSDNet and RANet (a plain Sequential: biased 7x7/2 conv, BN, ReLU,
+    max-pool) fuses too: here MSDNet's first layer."""
+    torch.manual_seed(0)
+    args = msdnet_config("imagenet", nChannels=4)
+    eager, fast = eager_and_fast(MSDNFirstLayer(3, 4, args))
+    assert dict(fast.ranet_fast_report.replaced)["layers.0"] == "conv-bn-relu (0, 1, 2)"
+    assert fast.ranet_fast_converted == {"conv-bn-relu": 1, "FastConvBasic": args.nScales - 1}
+    check_equivalent(eager, fast, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+def test_msdnet_blocks_are_converted_and_equal():
+    torch.manual_seed(0)
+    eager, fast = eager_and_fast(MSDNet(msdnet_config("cifar-batch", nBlocks=3, nChannels=8, growthRate=4,
+                                                      data="cifar10")))
+    counts = fast.ranet_fast_converted
+    assert counts["FastMSDConvNormal"] > 0 and counts["FastConvDownNormal"] > 0 and counts["FastConvBasic"] > 0
+    assert counts["conv-bn-relu"] > 0  # MSDNet's ConvBN is a Sequential of conv -> BN -> ReLU
+    assert not fast.ranet_fast_report.left_alone
+    assert not any(type(m) in (ranet_fast.models.msdnet.ConvNormal, ranet_fast.models.msdnet.ConvDownNormal)
+                   for m in fast.modules())
+    check_state_dict(eager, fast)
+    check_equivalent(eager, fast, image(channels_last=True))
+    assert ranet_fast.count_flops(fast, 32) == ranet_fast.count_flops(eager, 32)
+
+
+def test_msdnet_units_write_one_buffer_without_cat(monkeypatch):
+    torch.manual_seed(0)
+    eager, fast = eager_and_fast(MSDNet(msdnet_config("cifar-batch", nBlocks=2, nChannels=8, growthRate=4,
+                                                      data="cifar10")))
+    eager.eval(), fast.eval()
+    assert any(type(m) is FastConvDownNormal for m in fast.modules())
+    assert any(type(m) is FastMSDConvNormal for m in fast.modules())
+    x = image()
+    with torch.no_grad():
+        expected = eager(x)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in an eval-mode MSDNet unit"))
+    with torch.no_grad():
+        assert_close(fast(x), expected, torch.float64, "logits")
+
+
+def test_converting_twice_changes_nothing():
+    _, fast = eager_and_fast(small_densenet())
+    classes = [type(m) for m in fast.modules()]
+    plans = {name: m._ranet_fast_plan for name, m in fast.named_modules() if hasattr(m, "_ranet_fast_plan")}
+    report = fast.ranet_fast_report
+    ranet_fast.convert(fast)
+    assert [type(m) for m in fast.modules()] == classes
+    assert {name: m._ranet_fast_plan for name, m in fast.named_modules() if hasattr(m, "_ranet_fast_plan")} == plans
+    assert fast.ranet_fast_report == report and fast.ranet_fast_report.replaced
+
+
+def test_verbose_prints_the_report(capsys):
+    ranet_fast.convert(handwritten(), verbose=True)
+    printed = capsys.readouterr().out
+    assert printed.startswith("ranet_fast.convert: 5 replaced, 1 left alone")
+    assert "replaced    2: cat([x, bn-relu-conv (bn, relu, conv)], 1)" in printed
+    assert "left alone  4: Residual: forward is not a plain" in printed
+
+
+def test_pickle_round_trip():
+    eager, fast = eager_and_fast(handwritten())
+    restored = pickle.loads(pickle.dumps(fast))
+    assert type(restored[0]) is type(fast[0]) and restored[0]._ranet_fast_plan.current(restored[0])
+    eager.eval(), restored.eval()
+    with torch.no_grad():
+        assert_close(restored(image()), eager(image()), torch.float64, "unpickled output")
+
+
+def test_hooks_on_a_fused_child_still_fire():
+    eager, fast = eager_and_fast(handwritten())
+    eager.eval(), fast.eval()
+    seen = []
+    fast[3][2].register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.no_grad():
+        assert_close(fast(image()), eager(image()), torch.float64, "output with a hook")
+    assert seen == [torch.Size([2, 12, 32, 32])]  # a hooked child makes its segment run eagerly
+
+
+def test_frozen_batchnorm_in_a_training_model_is_folded_with_gradients():
+    """Fine-tuning with frozen BN (BN in eval mode inside a model in train mode): the fused,
+    differentiable path, equal gradients."""
+    eager, fast = eager_and_fast(handwritten())
+    for model in (eager, fast):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    check_backward(eager, fast, image().requires_grad_(), image().requires_grad_(), torch.float64, "frozen BN")
+
+
+def test_replacing_a_child_after_convert_voids_the_plan():
+    eager, fast = eager_and_fast(handwritten())
+    eager.eval(), fast.eval()
+    for model in (eager, fast):
+        model[3][2] = nn.Conv2d(12, 12, 1, bias=False).double()
+    fast[3][2].load_state_dict(eager[3][2].state_dict())
+    with torch.no_grad():
+        assert_close(fast(image()), eager(image()), torch.float64, "output after replacing a child")
