@@ -124,11 +124,12 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repository next to csrc/ but is shipped
     # as ranet_fast.kernels, so the install adds no top-level module besides
-    # ranet_fast.
+    # ranet_fast; likewise benchmarks/ as ranet_fast.benchmarks, for the
+    # ranet-bench command (its suite uses relative imports for that reason).
     packages=find_packages(include=["ranet_fast", "ranet_fast.*"])
-    + ["ranet_fast.kernels"]
+    + ["ranet_fast.kernels", "ranet_fast.benchmarks"]
     + [f"ranet_fast.kernels.{name}" for name in find_packages("kernels")],
-    package_dir={"ranet_fast.kernels": "kernels"},
+    package_dir={"ranet_fast.kernels": "kernels", "ranet_fast.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
@@ -136,6 +137,7 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         "triton": ["triton"],
     },
-    entry_points={"console_scripts": ["ranet-train = ranet_fast.train.__main__:main"]},
+    entry_points={"console_scripts": ["ranet-train = ranet_fast.train.__main__:main",
+                                     "ranet-bench = ranet_fast.benchmarks.suite:main"]},
     zip_safe=False,
 )

@@ -25,8 +25,6 @@ fixes, so random weights measure the same thing a trained model would.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import statistics
 
@@ -34,12 +32,10 @@ import torch
 from torch.utils import benchmark as tbench
 
 import ranet_fast
-from ranet_fast.env import environment_info
+from benchmarks.common import DTYPES, git_commit, provenance, write_json
 from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
-
-from .upsample_concat import DTYPES, git_commit
 
 DEFAULT_BUDGETS = (0.25, 0.5, 1.0, 1.5)
 
@@ -139,13 +135,10 @@ def main(argv=None) -> dict:
     print("realised / FLOPs-predicted speed-up: "
           f"min {summary['realised_over_predicted_min']:.2f}, geometric mean "
           f"{summary['realised_over_predicted_geomean']:.2f} (target >= 0.9)")
-    result = {"benchmark": "early_exit", "date": datetime.date.today().isoformat(), "commit": commit,
-              "device": str(device), "dtype": options.dtype, "layout": options.layout,
-              "fast_layers": not options.eager, "torch_threads": torch.get_num_threads(),
-              "environment": environment_info(), "summary": summary, "rows": rows}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("early_exit", commit), "device": str(device), "dtype": options.dtype,
+              "layout": options.layout, "fast_layers": not options.eager, "torch_threads": torch.get_num_threads(),
+              "summary": summary, "rows": rows}
+    write_json(options.json, result)
     return result
 
 

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
-from benchmarks.upsample_concat import geometric_mean, git_commit, median_seconds
-from ranet_fast.env import environment_info
+from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN
 from ranet_fast.nn import convert
 from ranet_fast.nn.dense import FastConvBasic
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def conv_shapes(config: str) -> list[tuple[int, int, int, int, int, int, int]]:
@@ -167,12 +162,9 @@ def main(argv=None) -> dict:
                 fused_s, eager_s = row["forward_s"]["fused"], row["forward_s"]["eager"]
                 print(f"whole model {config} batch {batch} eval forward: converted {fused_s * 1e3:.1f} ms, eager "
                       f"{eager_s * 1e3:.1f} ms, speed-up {eager_s / fused_s:.2f}x", flush=True)
-    result = {"benchmark": "fused_conv2d", "date": datetime.date.today().isoformat(), "commit": git_commit(),
-              "device": str(device), "dtype": options.dtype, "layout": options.layout,
-              "environment": environment_info(), "summary": summary, "rows": rows, "models": models}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("fused_conv2d"), "device": str(device), "dtype": options.dtype, "layout": options.layout,
+              "summary": summary, "rows": rows, "models": models}
+    write_json(options.json, result)
     return result
 
 

@@ -27,20 +27,13 @@ sizes) are checked here, never by a unit test.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import statistics
 
 import torch
-from torch.utils import benchmark as tbench
 
-from benchmarks.upsample_concat import git_commit
+from benchmarks.common import DTYPES, median_seconds, provenance, write_json
 from ranet_fast import _extension
-from ranet_fast.env import environment_info
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.ops import gather_rows
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def live_shapes(config: str) -> list[tuple[int, ...]]:
@@ -67,11 +60,6 @@ def live_shapes(config: str) -> list[tuple[int, ...]]:
     for handle in handles:
         handle.remove()
     return shapes
-
-
-def median_seconds(fn, repeats: int, min_run_time: float) -> float:
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
-    return statistics.median(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(repeats))
 
 
 def index_select_loop(tensors, index):
@@ -143,12 +131,9 @@ def main(argv=None) -> dict:
                   f"{seconds['copy'] * 1e6:>10.1f}us {row['speedup_vs_loop']:>7.2f}x {row['copy_fraction']:>12.1%} "
                   f"{row['gather_gbytes_per_s']:>7.1f}"
                   + (f"  triton {seconds['triton'] * 1e6:.1f}us" if "triton" in seconds else ""), flush=True)
-    result = {"benchmark": "gather_rows", "date": datetime.date.today().isoformat(), "commit": git_commit(),
-              "device": options.device, "dtype": options.dtype, "layout": options.layout, "keep": options.keep,
-              "environment": environment_info(), "rows": rows}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("gather_rows"), "device": options.device, "dtype": options.dtype, "layout": options.layout,
+              "keep": options.keep, "rows": rows}
+    write_json(options.json, result)
     return result
 
 

@@ -15,24 +15,15 @@ summary (geometric means), never by a unit test.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
-import os
-import statistics
-import subprocess
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark as tbench
 
-from ranet_fast.env import environment_info
+from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _out_channels(branch: torch.nn.Module) -> int:
@@ -78,11 +69,6 @@ def fused_concat(parts: list[torch.Tensor], size: tuple[int, int]) -> torch.Tens
     return upsample_concat(parts, size)
 
 
-def median_seconds(fn, repeats: int, min_run_time: float) -> float:
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
-    return statistics.median(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(repeats))
-
-
 def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repeats, min_run_time):
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     parts = [torch.randn(batch, *shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
@@ -105,23 +91,6 @@ def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repea
         train_step()
         row["train_s"][name] = median_seconds(train_step, repeats, min_run_time)
     return row
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with '-dirty' for uncommitted changes), or None outside git."""
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def geometric_mean(values):
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def main(argv=None) -> dict:
@@ -169,12 +138,9 @@ def main(argv=None) -> dict:
             summary[f"{phase[:-2]}_speedup_vs_{other}"] = geometric_mean(
                 [row[phase][other] / row[phase]["fused"] for row in rows])
     print("geometric-mean speed-up of fused: " + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
-    result = {"benchmark": "upsample_concat", "date": datetime.date.today().isoformat(),
-              "commit": git_commit(), "device": str(device), "dtype": options.dtype,
-              "layout": options.layout, "environment": environment_info(), "summary": summary, "rows": rows}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("upsample_concat"), "device": str(device), "dtype": options.dtype,
+              "layout": options.layout, "summary": summary, "rows": rows}
+    write_json(options.json, result)
     return result
 
 

@@ -3,6 +3,7 @@
 from ranet_fast.ops import exit_confidence
 
 from .early_exit import EarlyExitResult, early_exit, exit_flops
+from .optimize import OptimizedModel, optimize
 from .thresholds import (
     DEFAULT_BUDGETS,
     Calibration,
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "Calibration",
     "EarlyExitResult",
+    "OptimizedModel",
     "ThresholdResult",
     "assign_exits",
     "calibrate_thresholds",
@@ -29,4 +31,5 @@ __all__ = [
     "exit_flops",
     "exit_probabilities",
     "find_thresholds",
+    "optimize",
 ]
