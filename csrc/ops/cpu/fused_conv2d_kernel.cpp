@@ -26,11 +26,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/matmul.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace ranet_fast::ops {
@@ -63,31 +64,39 @@ void per_channel_map(const at::Tensor& src, const at::Tensor& dst, const AffineO
   scalar_t* out = dst.mutable_data_ptr<scalar_t>();
   const Strides4 si = strides_of(src), so = strides_of(dst);
   if (channels > 1 && so.c == 1) {
-    std::vector<math::ChannelAffine<acc_t>> affines(channels);
+    // Scales and shifts as two arrays and ReLU decided once (it is the same for every channel of
+    // a prologue or an epilogue), so the unit-stride loop over channels vectorises.
+    std::vector<acc_t> scales(channels), shifts(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      affines[c] = affine_of(c);
+      const math::ChannelAffine<acc_t> map = affine_of(c);
+      scales[c] = map.scale;
+      shifts[c] = map.shift;
     }
-    const math::ChannelAffine<acc_t>* affine = affines.data();
+    const bool relu = affine_of(0).relu;
+    const acc_t* scale = scales.data();
+    const acc_t* shift = shifts.data();
     const int64_t row = width * channels;
-    at::parallel_for(0, batch * height, std::max<int64_t>(1, kElementsPerTask / row), [&](int64_t first, int64_t last) {
-      for (int64_t unit = first; unit < last; ++unit) {
-        const int64_t n = unit / height, h = unit % height;
-        for (int64_t w = 0; w < width; ++w) {
-          const scalar_t* in_pixel = in + n * si.n + h * si.h + w * si.w;
-          scalar_t* out_pixel = out + n * so.n + h * so.h + w * so.w;
-          if (si.c == 1) { // unit stride on both sides
+    auto map_pixels = [&](auto apply_relu) {
+      at::parallel_for(0, batch * height, std::max<int64_t>(1, kElementsPerTask / row), [&](int64_t first, int64_t last) {
+        for (int64_t unit = first; unit < last; ++unit) {
+          const int64_t n = unit / height, h = unit % height;
+          for (int64_t w = 0; w < width; ++w) {
+            const scalar_t* in_pixel = in + n * si.n + h * si.h + w * si.w;
+            scalar_t* out_pixel = out + n * so.n + h * so.h + w * so.w;
+            const int64_t in_step = si.c;
             for (int64_t c = 0; c < channels; ++c) {
-              out_pixel[c] = static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c])));
-            }
-          } else {
-            for (int64_t c = 0; c < channels; ++c) {
-              out_pixel[c] =
-                  static_cast<scalar_t>(math::apply_affine(affine[c], static_cast<acc_t>(in_pixel[c * si.c])));
+              const math::ChannelAffine<acc_t> map{scale[c], shift[c], decltype(apply_relu)::value};
+              out_pixel[c] = static_cast<scalar_t>(math::apply_affine(map, static_cast<acc_t>(in_pixel[c * in_step])));
             }
           }
         }
-      }
-    });
+      });
+    };
+    if (relu) {
+      map_pixels(std::true_type{});
+    } else {
+      map_pixels(std::false_type{});
+    }
     return;
   }
   const int64_t plane = height * width;
@@ -170,8 +179,10 @@ at::Tensor convolve(const at::Tensor& source, const at::Tensor& weight, int64_t 
             .as_strided({batch, out_channels, height, width},
                         {height * width * out_channels, 1, width * out_channels, out_channels});
       }
-      // Splitting H * W back into (H, W) is a view whatever strides matmul returns.
-      return at::matmul(matrix_weight, matrix).unflatten(2, {height, width});
+      // One batched GEMM over the strided per-sample matrices: at::matmul would fold the batch
+      // into the rows and copy the transposed input first. The result is a dense [N, Co, H*W].
+      return at::bmm(matrix_weight.expand({batch, out_channels, matrix_weight.size(1)}), matrix)
+          .unflatten(2, {height, width});
     }
   }
   return at::convolution(source, weight, c10::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
