@@ -19,20 +19,16 @@ synchronises CUDA); ratios are the ops' speed-up over each contender, summarised
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.upsample_concat import geometric_mean, git_commit, median_seconds
-from ranet_fast.env import environment_info
+from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.ops import batch_norm_relu, batch_norm_relu_backward, batch_norm_stats
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
 
 
@@ -161,12 +157,9 @@ def main(argv=None) -> dict:
                                                                for r in rows])
     print(f"{len(rows)} BN shapes; geometric-mean speed-up of the ops: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
-    result = {"benchmark": "batch_norm_relu", "date": datetime.date.today().isoformat(), "commit": git_commit(),
-              "device": str(device), "dtype": options.dtype, "layout": options.layout,
-              "environment": environment_info(), "summary": summary, "rows": rows}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("batch_norm_relu"), "device": str(device), "dtype": options.dtype, "layout": options.layout,
+              "summary": summary, "rows": rows}
+    write_json(options.json, result)
     return result
 
 

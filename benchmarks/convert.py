@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import statistics
 
 import torch
@@ -24,11 +22,9 @@ import torch.nn as nn
 import torch.utils.benchmark as tbench
 import torchvision
 
-from benchmarks.upsample_concat import git_commit
-from ranet_fast.env import environment_info
+from benchmarks.common import DTYPES, provenance, write_json
 from ranet_fast.nn import convert
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=1000),
     "densenet-small": lambda: torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
@@ -107,12 +103,9 @@ def main(argv=None) -> dict:
             seconds = row["forward_s"]
             print(f"{name:<20} {batch:>5} " + " ".join(f"{seconds[n] * 1e3:>10.2f}ms" for n in contenders) + "  "
                   + ", ".join(f"{seconds[n] / seconds['converted']:.2f}x" for n in contenders[1:]), flush=True)
-    result = {"benchmark": "convert", "date": datetime.date.today().isoformat(), "commit": git_commit(),
-              "device": str(device), "dtype": options.dtype, "layout": options.layout, "size": options.size,
-              "repeats": options.repeats, "environment": environment_info(), "rows": rows}
-    if options.json:
-        with open(options.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    result = {**provenance("convert"), "device": str(device), "dtype": options.dtype, "layout": options.layout, "size": options.size,
+              "repeats": options.repeats, "rows": rows}
+    write_json(options.json, result)
     return result
 
 

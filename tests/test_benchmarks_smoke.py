@@ -49,8 +49,12 @@ def test_fused_conv2d_benchmark_runs_and_writes_json(tmp_path):
     shapes = fused_conv2d.conv_shapes("cifar-c1")
     assert len(shapes) == len(set(shapes)) > 10
     assert [tuple(row["shape"].values()) for row in result["rows"]] == shapes[:3]
-    assert set(result["summary"]) == {"forward_speedup_vs_eager"}
+    assert set(result["summary"]) == {"forward_speedup_vs_eager", "train_speedup_vs_eager"}
+    assert all(set(row["train_s"]) == {"fused", "eager"} for row in result["rows"])
     assert [row["config"] for row in result["models"]] == ["cifar-c1"]
+    (model,) = result["models"]
+    # The converted model's training step saves less for backward than the eager one.
+    assert 0 < model["saved_activation_mib"]["fused"] < model["saved_activation_mib"]["eager"]
     saved = json.loads(path.read_text())
     assert saved["device"] == "cpu" and saved["environment"]["torch"] and saved["date"]
 
