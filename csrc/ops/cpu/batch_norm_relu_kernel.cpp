@@ -346,6 +346,55 @@ GradSums<acc_t> add_sums(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
   return {a.dz + b.dz, a.dz_xhat + b.dz_xhat};
 }
 
+// The sums of dz and of dz * xhat over one unit-stride line, added into the lanes. A function of
+// its own on plain pointers with ReLU as a template argument and register lanes: written inline
+// in the parallel loop with a runtime flag and the caller's lanes, or inlined there, GCC emitted
+// scalar code with a branch per element (7x slower), hence also noinline.
+template <typename scalar_t, typename acc_t, bool kRelu>
+__attribute__((noinline)) void line_grad_sums(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ grad,
+    int64_t width,
+    const math::ChannelGrad<acc_t> channel,
+    acc_t* __restrict__ dz_sum,
+    acc_t* __restrict__ dz_xhat_sum) {
+  // Local lanes (kept in registers) for the vector loop; the caller's are added to at the end.
+  acc_t dz_lanes[kLanes] = {}, dz_xhat_lanes[kLanes] = {};
+  int64_t w = 0;
+  for (; w + kLanes <= width; w += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t value = static_cast<acc_t>(x[w + k]);
+      const acc_t dz = math::grad_z(channel.norm, value, static_cast<acc_t>(grad[w + k]), kRelu);
+      dz_lanes[k] += dz;
+      dz_xhat_lanes[k] += dz * math::xhat(channel.norm, channel.invstd, value);
+    }
+  }
+  for (; w < width; ++w) {
+    const acc_t value = static_cast<acc_t>(x[w]);
+    const acc_t dz = math::grad_z(channel.norm, value, static_cast<acc_t>(grad[w]), kRelu);
+    dz_lanes[0] += dz;
+    dz_xhat_lanes[0] += dz * math::xhat(channel.norm, channel.invstd, value);
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    dz_sum[k] += dz_lanes[k];
+    dz_xhat_sum[k] += dz_xhat_lanes[k];
+  }
+}
+
+// grad_x over one unit-stride line (see line_grad_sums for why a function of its own).
+template <typename scalar_t, typename acc_t, bool kRelu>
+__attribute__((noinline)) void line_grad_x(
+    const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ grad,
+    scalar_t* __restrict__ out,
+    int64_t width,
+    const math::ChannelGrad<acc_t> channel) {
+  for (int64_t w = 0; w < width; ++w) {
+    out[w] = static_cast<scalar_t>(
+        math::grad_x(channel, static_cast<acc_t>(x[w]), static_cast<acc_t>(grad[w]), kRelu));
+  }
+}
+
 // partials[c * N + n]: the sums over plane (n, c).
 template <typename scalar_t, typename acc_t>
 void plane_grad_sums(
@@ -369,14 +418,12 @@ void plane_grad_sums(
         const scalar_t* grad_line = grad + n * sg.n + c * sg.c + h * sg.h;
         int64_t w = 0;
         if (sx.w == 1 && sg.w == 1) {
-          for (; w + kLanes <= width; w += kLanes) {
-            for (int k = 0; k < kLanes; ++k) {
-              const acc_t value = static_cast<acc_t>(x_line[w + k]);
-              const acc_t dz = math::grad_z(channel.norm, value, static_cast<acc_t>(grad_line[w + k]), relu);
-              dz_sum[k] += dz;
-              dz_xhat_sum[k] += dz * math::xhat(channel.norm, channel.invstd, value);
-            }
+          if (relu) {
+            line_grad_sums<scalar_t, acc_t, true>(x_line, grad_line, width, channel, dz_sum, dz_xhat_sum);
+          } else {
+            line_grad_sums<scalar_t, acc_t, false>(x_line, grad_line, width, channel, dz_sum, dz_xhat_sum);
           }
+          w = width;
         }
         for (; w < width; ++w) {
           const acc_t value = static_cast<acc_t>(x_line[w * sx.w]);
@@ -473,9 +520,10 @@ void write_grad_x(
         const scalar_t* grad_line = grad + n * sg.n + c * sg.c + h * sg.h;
         scalar_t* out_line = out + n * so.n + c * so.c + h * so.h;
         if (sx.w == 1 && sg.w == 1 && so.w == 1) { // unit stride everywhere
-          for (int64_t w = 0; w < width; ++w) {
-            out_line[w] = static_cast<scalar_t>(
-                math::grad_x(channel, static_cast<acc_t>(x_line[w]), static_cast<acc_t>(grad_line[w]), relu));
+          if (relu) {
+            line_grad_x<scalar_t, acc_t, true>(x_line, grad_line, out_line, width, channel);
+          } else {
+            line_grad_x<scalar_t, acc_t, false>(x_line, grad_line, out_line, width, channel);
           }
         } else {
           for (int64_t w = 0; w < width; ++w) {
