@@ -24,8 +24,10 @@ REPORT_DIR="${1:-sanitizer_report}"
 TOOLS="${RANET_FAST_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}"
 SELECT="${RANET_FAST_SANITIZE_SELECT:-cuda or gpu}"
 TESTS=(tests/test_exit_confidence.py tests/test_exit_partition.py tests/test_scatter_exits.py
-       tests/test_upsample_concat.py tests/test_upsample_concat_triton.py
-       tests/test_batch_norm_relu.py tests/test_batch_norm_relu_triton.py)
+       tests/test_gather_rows.py tests/test_upsample_concat.py tests/test_upsample_concat_triton.py
+       tests/test_fused_conv2d.py tests/test_fused_conv2d_triton.py
+       tests/test_batch_norm_relu.py tests/test_batch_norm_relu_triton.py
+       tests/test_dense_layers.py tests/test_train_mode.py)
 
 fail() {
     echo "sanitize_cuda: $*" >&2
