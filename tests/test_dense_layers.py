@@ -6,9 +6,6 @@ whole-network comparison with gradients in both modes is in tests/test_fusion_la
 """
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from ranet_fast import _extension
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal
 from ranet_fast.nn import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal, FastConvUpNormal, convert
+from triton_interpreter import run_script_on_triton_backend
 
 NO_GPU = "no GPU"
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
@@ -305,7 +303,6 @@ def test_eval_dense_block_compiles_fullgraph():
 
 def test_converted_ranet_under_triton_interpreter():
     """Eval mode, no grad, on the Triton backend (the with-gradient paths run in test_fusion_layers)."""
-    pytest.importorskip("triton")
     script = (
         "import torch, sys\n"
         "sys.path.insert(0, 'tests')\n"
@@ -316,11 +313,7 @@ def test_converted_ranet_under_triton_interpreter():
         "    assert_logits_close(fast(x), eager(x), rtol=1e-10)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", RANET_FAST_BACKEND="triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    run_script_on_triton_backend(script)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)

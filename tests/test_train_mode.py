@@ -9,10 +9,6 @@ normalised activation), gradcheck, and the cases that must fall back to the offi
 """
 
 import copy
-import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from ranet_fast import _extension
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal
 from ranet_fast.nn import convert, train_mode
+from triton_interpreter import run_script_on_triton_backend
 
 NO_GPU = "no GPU"
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
@@ -292,7 +289,6 @@ def test_converted_ranet_train_step_float32():
 
 
 def test_dense_block_train_under_triton_interpreter():
-    pytest.importorskip("triton")
     script = (
         "import torch, sys\n"
         "sys.path.insert(0, 'tests')\n"
@@ -308,11 +304,7 @@ def test_dense_block_train_under_triton_interpreter():
         "assert_same_state(fast, eager, torch.float64)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", RANET_FAST_BACKEND="triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    run_script_on_triton_backend(script)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)

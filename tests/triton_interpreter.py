@@ -38,3 +38,15 @@ def run_cases_in_triton_interpreter(script: str, cases: dict, directory) -> tupl
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     return torch.load(directory / "out.pt"), report
+
+
+def run_script_on_triton_backend(script: str) -> None:
+    """Run a self-checking ``script`` (it prints 'ok' last) from the repository root with
+    TRITON_INTERPRET=1 and RANET_FAST_BACKEND=triton; for whole-model checks whose script imports
+    helpers from a test module (``sys.path.insert(0, 'tests')``)."""
+    pytest.importorskip("triton")
+    environment = dict(os.environ, TRITON_INTERPRET="1", RANET_FAST_BACKEND="triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run([sys.executable, "-c", script], cwd=root, env=environment, capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stdout + completed.stderr
