@@ -407,23 +407,27 @@ void plane_grad_sums(
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
   const Strides4 sx = strides_of(x), sg = strides_of(grad_out);
+  // A plane dense on both sides is one line: RANet's planes are 7x7 to 56x56, and a call per
+  // short row would cost more than the row.
+  const bool dense_planes = sx.w == 1 && sg.w == 1 && sx.h == width && sg.h == width;
+  const int64_t line_length = dense_planes ? height * width : width, lines = dense_planes ? 1 : height;
   at::parallel_for(0, batch * channels, std::max<int64_t>(1, kElementsPerTask / (height * width)),
                    [&](int64_t first, int64_t last) {
     for (int64_t unit = first; unit < last; ++unit) {
       const int64_t n = unit / channels, c = unit % channels;
       const math::ChannelGrad<acc_t> channel = grads[c];
       acc_t dz_sum[kLanes] = {}, dz_xhat_sum[kLanes] = {};
-      for (int64_t h = 0; h < height; ++h) {
+      for (int64_t h = 0; h < lines; ++h) {
         const scalar_t* x_line = in + n * sx.n + c * sx.c + h * sx.h;
         const scalar_t* grad_line = grad + n * sg.n + c * sg.c + h * sg.h;
         int64_t w = 0;
         if (sx.w == 1 && sg.w == 1) {
           if (relu) {
-            line_grad_sums<scalar_t, acc_t, true>(x_line, grad_line, width, channel, dz_sum, dz_xhat_sum);
+            line_grad_sums<scalar_t, acc_t, true>(x_line, grad_line, line_length, channel, dz_sum, dz_xhat_sum);
           } else {
-            line_grad_sums<scalar_t, acc_t, false>(x_line, grad_line, width, channel, dz_sum, dz_xhat_sum);
+            line_grad_sums<scalar_t, acc_t, false>(x_line, grad_line, line_length, channel, dz_sum, dz_xhat_sum);
           }
-          w = width;
+          w = line_length;
         }
         for (; w < width; ++w) {
           const acc_t value = static_cast<acc_t>(x_line[w * sx.w]);
@@ -510,20 +514,24 @@ void write_grad_x(
     });
     return;
   }
+  // Dense planes as one line, as in plane_grad_sums.
+  const bool dense_planes =
+      sx.w == 1 && sg.w == 1 && so.w == 1 && sx.h == width && sg.h == width && so.h == width;
+  const int64_t line_length = dense_planes ? height * width : width, lines = dense_planes ? 1 : height;
   at::parallel_for(0, batch * channels, std::max<int64_t>(1, kElementsPerTask / (height * width)),
                    [&](int64_t first, int64_t last) {
     for (int64_t unit = first; unit < last; ++unit) {
       const int64_t n = unit / channels, c = unit % channels;
       const math::ChannelGrad<acc_t> channel = grads[c];
-      for (int64_t h = 0; h < height; ++h) {
+      for (int64_t h = 0; h < lines; ++h) {
         const scalar_t* x_line = in + n * sx.n + c * sx.c + h * sx.h;
         const scalar_t* grad_line = grad + n * sg.n + c * sg.c + h * sg.h;
         scalar_t* out_line = out + n * so.n + c * so.c + h * so.h;
         if (sx.w == 1 && sg.w == 1 && so.w == 1) { // unit stride everywhere
           if (relu) {
-            line_grad_x<scalar_t, acc_t, true>(x_line, grad_line, out_line, width, channel);
+            line_grad_x<scalar_t, acc_t, true>(x_line, grad_line, out_line, line_length, channel);
           } else {
-            line_grad_x<scalar_t, acc_t, false>(x_line, grad_line, out_line, width, channel);
+            line_grad_x<scalar_t, acc_t, false>(x_line, grad_line, out_line, line_length, channel);
           }
         } else {
           for (int64_t w = 0; w < width; ++w) {
