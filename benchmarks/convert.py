@@ -26,6 +26,7 @@ from benchmarks.common import DTYPES, provenance, write_json
 from ranet_fast.nn import convert
 
 MODELS = {
+    "vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=1000),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=1000),
     "densenet-small": lambda: torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
                                                           num_classes=10),
