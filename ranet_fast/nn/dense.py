@@ -1,6 +1,6 @@
 """Conv -> BN -> ReLU layers and concat-free dense blocks of RANet on the ``fused_conv2d`` op.
 
-Eval mode only. BatchNorm in eval mode is an affine map per channel, so each conv -> BN -> ReLU
+Eval mode: BatchNorm in eval mode is an affine map per channel, so each conv -> BN -> ReLU
 (the official ConvBasic and ConvBN with ``bnAfter``) is one ``fused_conv2d`` with the BN folded into
 its epilogue, and BN -> ReLU -> conv (ConvBN without ``bnAfter``) one with the BN folded into its
 prologue. A dense block allocates its [N, C_in + L * growth, H, W] output once, copies its input
@@ -8,8 +8,10 @@ into the first channels, and each layer's last conv writes its growth channels s
 buffer while reading the channel prefix before them in place: no torch.cat, and the per-layer
 ``outputs`` the next flow's fusion blocks reuse are prefix views of the one buffer.
 
-In train mode every layer runs exactly the official computation (the parent class's forward):
-batch statistics, running-statistic updates and autograd are eager's, so training is unchanged.
+Train mode: the same buffers through the autograd Functions of :mod:`ranet_fast.nn.train_mode`
+(batch statistics, running-statistic updates as nn.BatchNorm2d, normalised activations recomputed
+in backward); what that path does not cover (the pre-activation ConvBN, see
+``train_mode.trainable``) runs the official computation (the parent class's forward).
 An eval-mode forward that needs gradients (grad enabled and the input or a parameter requiring
 grad) uses the differentiable functional op and concatenates (the in-place buffer writes are not
 differentiable); so does a forward under autocast or with a conv the op does not support.
