@@ -196,9 +196,14 @@ at::Tensor conv_result(
     const c10::optional<at::Tensor>& prologue_shift,
     int64_t stride,
     int64_t padding) {
-  const at::Tensor source =
-      prologue_scale.has_value() ? apply_prologue(x, *prologue_scale, *prologue_shift) : x;
-  return convolve(source, weight.contiguous(), stride, padding);
+  if (prologue_scale.has_value()) {
+    // The activated input is a dense tensor of our own, so at::convolution reads it without a
+    // copy, and oneDNN's 1x1 kernels beat the GEMM on wide pre-activation layers (torchvision's
+    // DenseNet-121 measured 0.82x eager with the GEMM, 1.04x with oneDNN).
+    return at::convolution(apply_prologue(x, *prologue_scale, *prologue_shift), weight.contiguous(), c10::nullopt,
+                           {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+  }
+  return convolve(x, weight.contiguous(), stride, padding);
 }
 
 // out = act(scale * conv + shift); out may be conv itself.
