@@ -60,13 +60,27 @@ class ChainPlan:
     def out_channels(self) -> int:
         return self.convs[-1].out_channels
 
+    @property
+    def num_parameters(self) -> int:
+        return _PER_UNIT * len(self.convs)
+
+    @property
+    def num_saved(self) -> int:
+        return _SAVED_PER_UNIT * len(self.convs)
+
     def parameters(self) -> list[torch.Tensor | None]:
         return [t for conv, bn in zip(self.convs, self.bns) for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
 
-    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+    def unit_output_sizes(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The spatial size after each conv for an input of ``size``."""
+        sizes = []
         for conv in self.convs:
             size = tuple(conv_output_size(s, conv.kernel_size[0], conv.stride[0], conv.padding[0]) for s in size)
-        return size
+            sizes.append(size)
+        return sizes
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return self.unit_output_sizes(size)[-1]
 
 
 def trainable(plans: list[ChainPlan], x: torch.Tensor) -> bool:
@@ -80,13 +94,11 @@ def trainable(plans: list[ChainPlan], x: torch.Tensor) -> bool:
     if x.dim() != 4 or x.shape[0] == 0:
         return False
     for plan in plans:
-        size = tuple(x.shape[2:])
-        for conv, bn in zip(plan.convs, plan.bns):
+        for conv, bn, size in zip(plan.convs, plan.bns, plan.unit_output_sizes(tuple(x.shape[2:]))):
             if not conv_supported(conv, x):
                 return False
             if not (bn.training and bn.affine and bn.track_running_stats and bn.running_mean is not None):
                 return False
-            size = tuple(conv_output_size(s, conv.kernel_size[0], conv.stride[0], conv.padding[0]) for s in size)
             # Eager BatchNorm refuses one value per channel in training; let it say so.
             if x.shape[0] * size[0] * size[1] <= 1:
                 return False
@@ -179,8 +191,7 @@ class ChainFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, *rest = ctx.saved_tensors
-        num_params = len(ctx.plan.parameters())
-        params, saved = rest[:num_params], rest[num_params:]
+        params, saved = rest[:ctx.plan.num_parameters], rest[ctx.plan.num_parameters:]
         grad_x, param_grads = chain_backward(ctx.plan, params, x, saved, grad_out, ctx.needs_input_grad[0],
                                              ctx.needs_input_grad[2:])
         return grad_x, None, *param_grads
@@ -188,6 +199,17 @@ class ChainFunction(torch.autograd.Function):
 
 def run_chain(plan: ChainPlan, x: torch.Tensor) -> torch.Tensor:
     return ChainFunction.apply(x, plan, *plan.parameters())
+
+
+def _layer_ranges(plans: tuple[ChainPlan, ...]) -> list[tuple[slice, slice]]:
+    """Per layer, its slices of the block's flat parameter list and of its saved-tensor list."""
+    ranges, parameter_start, saved_start = [], 0, 0
+    for plan in plans:
+        ranges.append((slice(parameter_start, parameter_start + plan.num_parameters),
+                       slice(saved_start, saved_start + plan.num_saved)))
+        parameter_start += plan.num_parameters
+        saved_start += plan.num_saved
+    return ranges
 
 
 class DenseBlockFunction(torch.autograd.Function):
@@ -206,11 +228,8 @@ class DenseBlockFunction(torch.autograd.Function):
         buffer = buffer_like(x, prefixes[-1])
         buffer[:, :in_channels].copy_(x)
         saved: list[torch.Tensor] = []
-        start = 0
-        for plan, channels in zip(plans, prefixes):
-            count = len(plan.parameters())
-            saved += chain_forward(plan, params[start:start + count], buffer[:, :channels], buffer, channels)
-            start += count
+        for plan, channels, (parameter_range, _) in zip(plans, prefixes, _layer_ranges(plans)):
+            saved += chain_forward(plan, params[parameter_range], buffer[:, :channels], buffer, channels)
         ctx.plans, ctx.prefixes = plans, prefixes
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(buffer, *params, *saved)
@@ -220,7 +239,7 @@ class DenseBlockFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_buffer, *grad_prefixes):
         buffer, *rest = ctx.saved_tensors
-        num_params = sum(len(plan.parameters()) for plan in ctx.plans)
+        num_params = sum(plan.num_parameters for plan in ctx.plans)
         params, saved = rest[:num_params], rest[num_params:]
         prefixes = ctx.prefixes
         # One gradient buffer of our own (the incoming one may be shared), every prefix view's
@@ -231,19 +250,16 @@ class DenseBlockFunction(torch.autograd.Function):
                 grad[:, :channels] += grad_prefix
         param_grads: list[torch.Tensor | None] = [None] * num_params
         needs_params = ctx.needs_input_grad[2:]
-        param_end, saved_end = num_params, len(saved)
+        ranges = _layer_ranges(ctx.plans)
         for layer in reversed(range(len(ctx.plans))):
-            plan, channels = ctx.plans[layer], prefixes[layer]
-            count, saved_count = len(plan.parameters()), _SAVED_PER_UNIT * len(plan.convs)
-            param_start, saved_start = param_end - count, saved_end - saved_count
+            plan, channels, (parameter_range, saved_range) = ctx.plans[layer], prefixes[layer], ranges[layer]
             grad_prefix, grads = chain_backward(
-                plan, params[param_start:param_end], buffer[:, :channels], saved[saved_start:saved_end],
+                plan, params[parameter_range], buffer[:, :channels], saved[saved_range],
                 grad[:, channels:channels + plan.out_channels], layer > 0 or ctx.needs_input_grad[0],
-                needs_params[param_start:param_end])
-            param_grads[param_start:param_end] = grads
+                needs_params[parameter_range])
+            param_grads[parameter_range] = grads
             if grad_prefix is not None:
                 grad[:, :channels] += grad_prefix
-            param_end, saved_end = param_start, saved_start
         grad_x = grad[:, :prefixes[0]] if ctx.needs_input_grad[0] else None
         return grad_x, None, *param_grads
 
@@ -274,8 +290,7 @@ class FusionLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, *rest = ctx.saved_tensors
-        num_params = len(ctx.plan.parameters())
-        params, saved = rest[:num_params], rest[num_params:]
+        params, saved = rest[:ctx.plan.num_parameters], rest[ctx.plan.num_parameters:]
         offset = sum(shape[0] for shape in ctx.part_shapes)
         grad_x_chain, param_grads = chain_backward(
             ctx.plan, params, x, saved, grad_out[:, offset:], ctx.needs_input_grad[0], ctx.needs_input_grad[3:])
