@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -50,6 +51,7 @@ class Stage:
     what: str
     estimate_s: float  # on an H200, including start-up; the deadline check uses it
     command: list[str]
+    limit_s: float | None = None  # stopped after this long even if the deadline is further off
     environment: dict = dataclasses.field(default_factory=dict)
     result_json: str | None = None  # a file the command writes, folded into gpu_check.json
     junit_xml: str | None = None
@@ -69,44 +71,49 @@ def stages(options, scratch: str) -> list[Stage]:
         suite += ["--override", "nChannels=4", "growthRate=4", "--batch", "2", "--repeats", "1", "--warmup", "0",
                   "--min-time", "0.001", "--dtype", "fp32", "--val-images", "8"]
     else:
-        suite += ["--dtype", "bf16", "--channels-last", "--repeats", "5"]
+        suite += ["--dtype", "bf16", "--channels-last", "--repeats", "3", "--min-time", "0.1"]
     gpu_contenders = ["eager", "ranet_fast", "optimize", "optimize-graphs"]
     cpu_contenders = ["eager", "ranet_fast", "optimize"]
     contenders = cpu_contenders if dry else gpu_contenders
     test_environment = {"RANET_FAST_REALISTIC_DEVICE": "cpu"} if dry else {}
-    xdist = [] if dry or not _has_xdist() else ["-n", str(min(8, os.cpu_count() or 1))]
+    xdist = [] if dry or not _has_module("xdist") else ["-n", str(min(8, os.cpu_count() or 1))]
+    # A hung kernel must cost one test, not the call.
+    per_test_timeout = ["--timeout", "120"] if _has_module("pytest_timeout") else []
     pytest = python() + ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     return [
-        Stage("tests", "GPU tests: every op at real sizes vs float64, and every op/layer test's CUDA cases", 200,
-              pytest + xdist + ["--junitxml", os.path.join(scratch, "tests.xml"), "-m", "gpu", "tests"],
-              environment=test_environment, junit_xml=os.path.join(scratch, "tests.xml")),
-        Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 100,
+        Stage("tests", "GPU tests: every op at real sizes vs float64, and every op/layer test's CUDA cases", 150,
+              pytest + xdist + per_test_timeout + ["-v", "--junitxml", os.path.join(scratch, "tests.xml"), "-m", "gpu",
+                                                   "tests"],
+              # The figures of the later stages are worth more than the last of 1,300 tests.
+              limit_s=240, environment=test_environment, junit_xml=os.path.join(scratch, "tests.xml")),
+        Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 70,
               python() + ["-m", "benchmarks.op_backends", "--device", device, "--json", result("ops")]
               + (["--dtypes", "fp32", "--configs", "cifar-c1", "--batch", "2", "--max-shapes", "1", "--repeats", "1",
                   "--min-run-time", "0.001", "--small-ceilings"] if dry else
-                 ["--dtypes", "bf16", "fp32", "--configs", "cifar-c1", "cifar-c3", "imagenet-1", "--batch", "256"]),
+                 ["--dtypes", "bf16", "--configs", "cifar-c1", "cifar-c3", "imagenet-1", "--batch", "256",
+                  "--max-shapes", "4"]),
               result_json=result("ops")),
-        Stage("anytime", "C-1 and C-3 anytime inference: eager, ranet_fast, optimize (+ CUDA graphs)", 120,
+        Stage("anytime", "C-1 and C-3 anytime inference: eager, ranet_fast, optimize (+ CUDA graphs)", 80,
               suite + ["--workloads", "anytime", "--configs", "cifar-c1"] + ([] if dry else ["cifar-c3"])
               + ([] if dry else ["--batch", "256", "1024"]) + ["--contenders", *contenders, "--json", result("anytime")],
               result_json=result("anytime")),
-        Stage("train", "C-3 training step: eager vs ranet_fast, images/s and peak memory", 60,
+        Stage("train", "C-3 training step: eager vs ranet_fast, images/s and peak memory", 45,
               suite + ["--workloads", "train-step", "--configs", "cifar-c1" if dry else "cifar-c3"]
               + ([] if dry else ["--batch", "64", "256"]) + ["--contenders", "eager", "ranet_fast",
                                                              "--json", result("train")],
               result_json=result("train")),
-        Stage("early-exit", "real early exit: realised vs FLOPs-predicted speed-up (C-1, C-3)", 90,
+        Stage("early-exit", "real early exit: realised vs FLOPs-predicted speed-up (C-1, C-3)", 60,
               python() + ["-m", "benchmarks.early_exit", "--device", device, "--json", result("early-exit")]
               + (["--configs", "cifar-c1", "--batch", "4", "--val-images", "8", "--repeats", "1",
                   "--min-run-time", "0.001", "--budgets", "0.5"] if dry else
                  ["--configs", "cifar-c1", "cifar-c3", "--batch", "256", "1024", "--dtype", "bf16",
                   "--layout", "channels_last", "--min-run-time", "0.2"]),
               result_json=result("early-exit")),
-        Stage("sanitizer", "compute-sanitizer memcheck on one real-size case per op", 100,
+        Stage("sanitizer", "compute-sanitizer memcheck on one real-size case per op", 90,
               sanitizer_command(options, pytest) if not dry else
               pytest + ["--collect-only", *SANITIZED_TESTS, "-k", SANITIZED_SELECT],
               environment={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", **test_environment}),
-        Stage("compile", "anytime inference vs torch.compile of the eager model (C-1, C-3 at batch 256)", 200,
+        Stage("compile", "anytime inference vs torch.compile of the eager model (C-1, C-3 at batch 256)", 150,
               suite + ["--workloads", "anytime", "--configs", "cifar-c1"] + ([] if dry else ["cifar-c3"])
               + ([] if dry else ["--batch", "256"]) + ["--contenders", "eager", "optimize", "compile",
                                                        "--json", result("compile")],
@@ -116,10 +123,10 @@ def stages(options, scratch: str) -> list[Stage]:
     ]
 
 
-def _has_xdist() -> bool:
+def _has_module(name: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("xdist") is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def find_sanitizer() -> str | None:
@@ -159,6 +166,7 @@ class Check:
         os.makedirs(options.out, exist_ok=True)
         self.log_path = os.path.join(options.out, "log.txt")
         self.record = {"dry_run": options.dry_run, "deadline_s": options.deadline, "started": self.started,
+                       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                        "commit": os.environ.get("RANET_FAST_COMMIT") or _git_commit(),
                        "environment": _environment(), "stages": {}}
 
@@ -194,12 +202,13 @@ class Check:
                 process = subprocess.Popen(stage.command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
                                            start_new_session=True)
                 try:
-                    entry["returncode"] = process.wait(timeout=max(1.0, remaining))
+                    limit = remaining if stage.limit_s is None else min(remaining, stage.limit_s)
+                    entry["returncode"] = process.wait(timeout=max(1.0, limit))
                     entry["status"] = "passed" if entry["returncode"] == 0 else "failed"
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-                    entry.update(status="timed out", reason="ran into the deadline and was stopped")
+                    entry.update(status="timed out", reason=f"stopped after {limit:.0f} s (its limit or the deadline)")
         except OSError as error:
             entry.update(status="failed", reason=f"could not start: {error}")
         entry["seconds"] = time.time() - begin

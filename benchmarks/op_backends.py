@@ -337,10 +337,13 @@ def main(argv=None) -> dict:
         for op in options.ops:
             rows += run_op(op, options.configs, options.batch, device, DTYPES[dtype_name], options.layout,
                            ceilings, options)
-    result = {**provenance("op_backends"), "device_name": (torch.cuda.get_device_name(device)
-                                                           if device.type == "cuda" else "cpu"),
-              "torch_threads": torch.get_num_threads(), "options": vars(options), "ceilings": ceilings,
-              "summary": summarise(rows), "rows": rows, "wall_s": time.perf_counter() - begin}
+            # Written after every op, so a run stopped by a deadline keeps what it measured.
+            result = {**provenance("op_backends"), "complete": False,
+                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "torch_threads": torch.get_num_threads(), "options": vars(options), "ceilings": ceilings,
+                      "summary": summarise(rows), "rows": rows, "wall_s": time.perf_counter() - begin}
+            write_json(options.json, result)
+    result["complete"] = True
     write_json(options.json, result)
     return result
 

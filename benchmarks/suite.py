@@ -501,7 +501,17 @@ def main(argv=None) -> dict:
                 new = run_workload(workload, config, batch, options, device, dtype)
                 print_rows(new)
                 rows.extend(new)
-    result = {**provenance("suite", commit), "device": str(device), "device_name": device_name(device),
+                # Written after every case, so a run stopped by a deadline keeps what it measured.
+                write_json(options.json, result_record(options, commit, device, rows, complete=False))
+    result = result_record(options, commit, device, rows, complete=True)
+    if options.plot:
+        result["plots"] = plot(rows, options.plot)
+    write_json(options.json, result)
+    return result
+
+
+def result_record(options, commit, device, rows, complete: bool) -> dict:
+    return {**provenance("suite", commit), "complete": complete, "device": str(device), "device_name": device_name(device),
               "torch_threads": torch.get_num_threads(), "dtype": options.dtype,
               "layout": "channels_last" if options.channels_last else "nchw",
               "memory_method": ("torch.cuda.max_memory_allocated during one call minus memory_allocated before it"
@@ -510,7 +520,3 @@ def main(argv=None) -> dict:
                                 "(torch's allocator only)"),
               "options": {k: v for k, v in vars(options).items() if k not in ("json", "plot")},
               "rows": rows}
-    if options.plot:
-        result["plots"] = plot(rows, options.plot)
-    write_json(options.json, result)
-    return result
