@@ -13,7 +13,8 @@ typo before a GPU's minutes are spent (tests/test_gpu_check.py runs it).
 
 Files under ``--out`` (at most 8, no sub-folders): ``summary.md`` (the table printed last),
 ``gpu_check.json`` (environment, every stage's status, timing and results), ``log.txt`` (every
-stage's output), ``sanitizer.log`` (compute-sanitizer's own report) and whatever the caller adds
+stage's output), ``failures.txt`` (each failing test with its traceback, written as it fails),
+``sanitizer.log`` (compute-sanitizer's own report) and whatever the caller adds
 (scripts/gpu_check.sh: ``build.log``).
 """
 
@@ -76,16 +77,18 @@ def stages(options, scratch: str) -> list[Stage]:
     cpu_contenders = ["eager", "ranet_fast", "optimize"]
     contenders = cpu_contenders if dry else gpu_contenders
     test_environment = {"RANET_FAST_REALISTIC_DEVICE": "cpu"} if dry else {}
-    xdist = [] if dry or not _has_module("xdist") else ["-n", str(min(8, os.cpu_count() or 1))]
+    xdist = [] if dry or not _has_module("xdist") else ["-n", str(min(12, os.cpu_count() or 1))]
     # A hung kernel must cost one test, not the call.
-    per_test_timeout = ["--timeout", "120"] if _has_module("pytest_timeout") else []
-    pytest = python() + ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    per_test_timeout = ["--timeout", "60"] if _has_module("pytest_timeout") else []
+    pytest = python() + ["-m", "pytest", "-rs", "--tb=short", "-p", "no:cacheprovider"]
+    failure_log = {"RANET_FAST_FAILURE_LOG": os.path.abspath(os.path.join(options.out, "failures.txt"))}
     return [
         Stage("tests", "GPU tests: every op at real sizes vs float64, and every op/layer test's CUDA cases", 150,
               pytest + xdist + per_test_timeout + ["-v", "--junitxml", os.path.join(scratch, "tests.xml"), "-m", "gpu",
                                                    "tests"],
               # The figures of the later stages are worth more than the last of 1,300 tests.
-              limit_s=240, environment=test_environment, junit_xml=os.path.join(scratch, "tests.xml")),
+              limit_s=options.tests_limit, environment={**test_environment, **failure_log},
+              junit_xml=os.path.join(scratch, "tests.xml")),
         Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 70,
               python() + ["-m", "benchmarks.op_backends", "--device", device, "--json", result("ops")]
               + (["--dtypes", "fp32", "--configs", "cifar-c1", "--batch", "2", "--max-shapes", "1", "--repeats", "1",
@@ -206,8 +209,13 @@ class Check:
                     entry["returncode"] = process.wait(timeout=max(1.0, limit))
                     entry["status"] = "passed" if entry["returncode"] == 0 else "failed"
                 except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+                    # SIGINT first: pytest then writes its report and the benchmarks their output.
+                    os.killpg(process.pid, signal.SIGINT)
+                    try:
+                        process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
                     entry.update(status="timed out", reason=f"stopped after {limit:.0f} s (its limit or the deadline)")
         except OSError as error:
             entry.update(status="failed", reason=f"could not start: {error}")
@@ -340,6 +348,7 @@ def parse_args(argv=None):
     parser.add_argument("--start-time", type=float, help="epoch seconds the deadline counts from (default: now)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
     parser.add_argument("--stages", nargs="+", help="run only these stages (default: all, in order of value)")
+    parser.add_argument("--tests-limit", type=float, default=240, help="seconds the tests stage may take at most")
     parser.add_argument("--estimate-scale", type=float, default=1.0,
                         help="multiply the stages' time estimates (0 runs every stage whatever the deadline)")
     return parser.parse_args(argv)

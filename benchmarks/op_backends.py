@@ -16,14 +16,16 @@ The floor of a case is max(FLOPs / matmul rate, minimal bytes / copy bandwidth),
 measured in the same run (``--ceilings``): a device-to-device copy (bytes read + written per
 second) and a square matrix product in bf16 (fp32 on a CPU). Minimal bytes: every input read once,
 every output written once. A candidate's ``x_floor`` is its time over the floor: how far it is
-from what the hardware allows. Timing: torch.utils.benchmark medians (it synchronises CUDA) of
-``--repeats`` measurements; on a GPU the inputs of small cases may stay in the 60 MB L2, so their
-floor is optimistic there rather than wrong.
+from what the hardware allows. Timing (``measure``): on a GPU, medians of ``--repeats`` samples of
+back-to-back calls between CUDA events, as a caller sees them (host overhead included), and the same call captured in a CUDA
+graph and replayed, the GPU's own time; on a CPU, torch.utils.benchmark medians. On a GPU the
+inputs of small cases may stay in the 60 MB L2, so their floor is optimistic rather than wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -81,7 +83,8 @@ def backends_here(triton_module: str, device: torch.device) -> list[str]:
 
 
 def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    return tensor.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    channels_last = layout == "channels_last"
+    return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -244,6 +247,50 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 2e-2
 
 
+def measure(fn, device: torch.device, repeats: int, min_run_time: float) -> tuple[float, float | None]:
+    """(seconds per call as a caller sees them, the GPU's own seconds per call or None).
+
+    The first is the median of ``repeats`` samples of back-to-back calls (CUDA events around them),
+    host overhead included: at RANet's sizes a launch can cost more than its kernel. The second
+    replays the same call captured in a CUDA graph, which removes the host from the measurement;
+    None where the call cannot be captured (or on a CPU).
+    """
+    if device.type != "cuda":
+        return median_seconds(fn, repeats, min_run_time), None
+    for _ in range(3):
+        fn()
+    wall = _event_median(fn, repeats, min_run_time)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        return wall, _event_median(graph.replay, repeats, min_run_time)
+    except Exception:  # capture is not possible for every candidate (host syncs, autograd's threads)
+        torch.cuda.synchronize()
+        return wall, None
+
+
+def _event_median(fn, repeats: int, min_run_time: float) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def sample(calls: int) -> float:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+
+    calls = max(1, min(500, int(min_run_time / max(sample(1), 1e-7))))
+    return statistics.median(sample(calls) for _ in range(repeats))
+
+
 def run_op(op, configs, batch, device, dtype, layout, ceilings, options) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -257,7 +304,7 @@ def run_op(op, configs, batch, device, dtype, layout, ceilings, options) -> list
             expected = candidates["eager"]()
             row = {"op": op, "config": config, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                    "layout": layout, "shape": shape, "flops": flops, "min_bytes": nbytes, "floor_s": floor,
-                   "seconds": {}, "x_floor": {}, "relative_error": {}, "errors": {}}
+                   "seconds": {}, "device_seconds": {}, "x_floor": {}, "relative_error": {}, "errors": {}}
             for name, fn in candidates.items():
                 try:
                     error = relative_error(fn(), expected)
@@ -265,12 +312,14 @@ def run_op(op, configs, batch, device, dtype, layout, ceilings, options) -> list
                     if not error <= tolerance(dtype, device):
                         row["errors"][name] = f"relative error {error:.3g} above {tolerance(dtype, device):g}"
                         continue
-                    seconds = median_seconds(fn, options.repeats, options.min_run_time)
+                    seconds, device_seconds = measure(fn, device, options.repeats, options.min_run_time)
                 except Exception as error:  # one failing backend must not hide the others' figures
                     row["errors"][name] = f"{type(error).__name__}: {error}"[:500]
                     continue
                 row["seconds"][name] = seconds
-                row["x_floor"][name] = seconds / floor if floor > 0 else None
+                row["device_seconds"][name] = device_seconds
+                # Against the floor: the GPU's own time where a graph replay measured it.
+                row["x_floor"][name] = (device_seconds or seconds) / floor if floor > 0 else None
             fastest = min(row["seconds"], key=row["seconds"].get) if row["seconds"] else None
             row["fastest"] = fastest
             row["fastest_fused_vs_eager"] = _best_fused_ratio(row)
@@ -287,8 +336,9 @@ def _best_fused_ratio(row) -> float | None:
 
 
 def print_row(row) -> None:
-    times = "  ".join(f"{name} {seconds * 1e6:9.1f}us ({row['x_floor'][name]:5.1f}x)"
-                      for name, seconds in row["seconds"].items() if row["x_floor"][name] is not None)
+    times = "  ".join(f"{name} {seconds * 1e6:.1f}us/{(row['device_seconds'][name] or float('nan')) * 1e6:.1f}us "
+                      f"({row['x_floor'][name]:.1f}x)" for name, seconds in row["seconds"].items()
+                      if row["x_floor"][name] is not None)
     failed = "  ".join(f"{name} FAILED" for name in row["errors"])
     print(f"{row['op']:<24} {row['config']:<10} {row['dtype']:<8} floor {row['floor_s'] * 1e6:8.1f}us  "
           f"{times}  {failed}", flush=True)
@@ -308,6 +358,10 @@ def summarise(rows) -> dict:
                 "geomean_vs_eager": {name: geometric_mean([r["seconds"]["eager"] / r["seconds"][name]
                                                            for r in selected if name in r["seconds"]
                                                            and "eager" in r["seconds"]]) for name in names},
+                "geomean_device_vs_eager": {
+                    name: geometric_mean([r["device_seconds"]["eager"] / r["device_seconds"][name] for r in selected
+                                          if r["device_seconds"].get(name) and r["device_seconds"].get("eager")])
+                    for name in names},
                 "fastest_counts": {name: sum(1 for r in selected if r["fastest"] == name) for name in names},
             }
     return summary

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call that proves and measures every kernel on a bare GPU machine.
 #
-#   OUT=results_dir scripts/gpu_check.sh [--dry-run] [--deadline SECONDS] [--stages NAME ...]
+#   OUT=results_dir scripts/gpu_check.sh [--dry-run] [--deadline SECONDS] [--tests-limit SECONDS]
+#                                        [--stages NAME ...]
 #
 # From the repository root of a fresh copy, with the machine's own python3 and torch:
 #   1. builds the extension in place against that torch (pip install -e . --no-build-isolation
@@ -13,7 +14,7 @@
 #      exit, compute-sanitizer, torch.compile. A stage whose estimate no longer fits is skipped and
 #      named; each writes its results as soon as it ends;
 #   3. prints a short table last. Files under OUT (default gpu_results/): summary.md,
-#      gpu_check.json, log.txt, build.log, sanitizer.log.
+#      gpu_check.json, log.txt, failures.txt, build.log, sanitizer.log.
 #
 # --dry-run: no build (the installed extension is used), every stage on the CPU at tiny sizes.
 # That is the rehearsal tests/test_gpu_check.py runs in CI, so a typo cannot cost GPU minutes.
@@ -27,11 +28,13 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 DEADLINE=500
+TESTS_LIMIT=240
 STAGES=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --deadline) DEADLINE="$2"; shift ;;
+        --tests-limit) TESTS_LIMIT="$2"; shift ;;
         --stages) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do STAGES+=("$1"); shift; done; continue ;;
         *) echo "gpu_check: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
     esac
@@ -97,7 +100,7 @@ print(f"gpu_check: backends ready: _C with CUDA={_extension.extension_built_with
       f"GPU={torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (dry run)'}")
 EOF
 
-args=(--out "$OUT" --deadline "$DEADLINE" --start-time "$START_TIME")
+args=(--out "$OUT" --deadline "$DEADLINE" --start-time "$START_TIME" --tests-limit "$TESTS_LIMIT")
 [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
 [ "${#STAGES[@]}" -gt 0 ] && args+=(--stages "${STAGES[@]}")
 exec "$PY" -m benchmarks.gpu_check "${args[@]}"
