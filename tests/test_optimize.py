@@ -266,3 +266,15 @@ def test_cuda_graph_bf16_channels_last_runs():
     with torch.no_grad():
         expected = model(x)
     assert_logits_close(optimized(x), expected, rtol=5e-2)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_static_graph_inputs_are_zeros_in_the_inputs_memory_format(memory_format):
+    """The CUDA-graph buffers (built on the CPU here: the allocation is device-independent). Found on
+    the first GPU run: torch.zeros takes no memory_format, so every CUDA-graph capture failed."""
+    from ranet_fast.inference.optimize import _static_like
+
+    example = torch.randn(2, 5, 4, 3).contiguous(memory_format=memory_format)
+    static = _static_like(example, 7)
+    assert static.shape == (7, 5, 4, 3) and static.is_contiguous(memory_format=memory_format)
+    assert torch.equal(static, torch.zeros(7, 5, 4, 3))

@@ -69,7 +69,9 @@ def _static_like(t: torch.Tensor, rows: int) -> torch.Tensor:
     """A zero tensor like ``t`` with ``rows`` rows, dense in t's memory format. Zeros, not
     uninitialised memory: rows beyond the live ones are computed too, and garbage there could hold
     NaNs or denormals that slow some kernels down."""
-    return torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_memory_format(t))
+    # torch.zeros takes no memory_format (a TypeError first seen on an H200: the CPU path never
+    # captures graphs); empty with one does.
+    return torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_memory_format(t)).zero_()
 
 
 def _describe(shape, dtype, device) -> str:
