@@ -174,8 +174,20 @@ def test_batch_norm_ops_real_shapes(backend, shape, dtype, layout):
     grad = laid_out(random(*x.shape, dtype=dtype), layout)
     got = batch_norm_relu_backward(grad, x, mean, invstd, weight, bias, backend=backend)
     expected = batch_norm_relu_backward_reference(grad.double(), x.double(), **double)
-    for name, g, e in zip(("input", "weight", "bias"), got, expected):
-        assert_close(g, e, dtype if name == "input" else torch.float32, f"batch_norm_relu_backward {name} {backend}")
+    assert_close(got[0], expected[0], dtype, f"batch_norm_relu_backward input {backend}")
+    # The weight and bias gradients are sums of N*H*W terms of both signs (262,144 here) whose
+    # result is far smaller than the sum of their magnitudes: float32 accumulation is held to 1e-5
+    # of that magnitude (the bound of a summation in fp32), not of the cancelled result (measured
+    # on an H200: the Triton weight gradient 1.6e-5 of the result, the CUDA one under 1e-5).
+    g64, x64 = grad.double(), x.double()
+    normalised = (x64 - double["mean"].view(1, -1, 1, 1)) * double["invstd"].view(1, -1, 1, 1)
+    active = (normalised * double["weight"].view(1, -1, 1, 1) + double["bias"].view(1, -1, 1, 1)) > 0
+    magnitudes = {"weight": (g64 * normalised * active).abs().sum(dim=(0, 2, 3)),
+                  "bias": (g64 * active).abs().sum(dim=(0, 2, 3))}
+    for name, g, e in zip(("weight", "bias"), got[1:], expected[1:]):
+        error = ((g.double() - e).norm() / magnitudes[name].norm()).item()
+        assert error <= TOLERANCE[torch.float32], f"batch_norm_relu_backward {name} {backend}: {error:.3g} of the " \
+                                                  "summed magnitudes"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
