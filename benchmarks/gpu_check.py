@@ -196,6 +196,7 @@ class Check:
             self.log(f"== {stage.name}: SKIPPED ({entry['reason']})")
             return entry
         self.log(f"== {stage.name}: {stage.what} ({remaining:.0f} s left)\n$ {entry['command']}")
+        log_start = os.path.getsize(self.log_path)
         begin = time.time()
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **stage.environment)
         try:
@@ -225,6 +226,10 @@ class Check:
                 entry["result"] = json.load(handle)
         if stage.junit_xml and os.path.exists(stage.junit_xml):
             entry["tests"] = junit_counts(stage.junit_xml)
+        elif stage.junit_xml:
+            with open(self.log_path) as handle:
+                handle.seek(log_start)
+                entry["tests"] = tests_from_log(handle.read())
         if stage.name == "sanitizer" and not self.options.dry_run:
             entry.update(sanitizer_outcome(os.path.join(self.options.out, "sanitizer.log"), entry))
         self.log(f"== {stage.name}: {entry['status'].upper()} in {entry['seconds']:.0f} s")
@@ -243,6 +248,32 @@ class Check:
         self.log(summary)
         failed = [name for name, entry in self.record["stages"].items() if entry["status"] in ("failed", "timed out")]
         return 1 if failed else 0
+
+
+TEST_OUTCOMES = ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL", "XPASS")
+
+
+def tests_from_log(text: str) -> dict:
+    """Counts of the outcome lines pytest -v printed: what a stopped run (no JUnit file) still tells."""
+    counts = dict.fromkeys(TEST_OUTCOMES, 0)
+    failed = []
+    for line in text.splitlines():
+        words = line.split()
+        outcome = next((word for word in words if word in TEST_OUTCOMES), None)
+        if outcome is None:
+            continue
+        # "[gw3] [ 12%] PASSED tests/x.py::test[id]" (xdist) or "tests/x.py::test[id] PASSED [ 12%]";
+        # parametrisation ids may hold spaces.
+        before, after = line.split(outcome, 1)
+        node = after.strip() if "::" in after else before.strip()
+        if "::" not in node:
+            continue
+        counts[outcome] += 1
+        if outcome in ("FAILED", "ERROR"):
+            failed.append(node)
+    return {"tests": sum(counts.values()), "passed": counts["PASSED"], "failures": counts["FAILED"],
+            "errors": counts["ERROR"], "skipped": counts["SKIPPED"], "failed_tests": failed[:100],
+            "source": "pytest -v lines of a stopped run"}
 
 
 def junit_counts(path: str) -> dict:

@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_report            # rewrite the block in README.md
     python -m benchmarks.gpu_report --check    # exit 1 if README.md differs from the results
 
-Reads every ``benchmarks/results/gpu/gpu_check*.json`` (one per call of scripts/gpu_check.sh, in
+Reads every ``benchmarks/results/gpu/gpu_check-N.json`` (one per call of scripts/gpu_check.sh, in
 name order; a later file's stage replaces an earlier one's only when the later one has results)
 and writes the tables between the ``<!-- gpu-results:begin -->`` and ``<!-- gpu-results:end -->``
 lines of README.md. tests/test_gpu_report.py keeps the README equal to what this renders, so no
@@ -19,6 +19,7 @@ import os
 import sys
 
 from benchmarks.common import geometric_mean
+from benchmarks.gpu_check import tests_from_log
 from benchmarks.roofline import H200_BF16_FLOPS, H200_COPY_BYTES, floors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,19 @@ BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 
 
 def load_runs(directory: str = RESULTS) -> list[tuple[str, dict]]:
-    return [(os.path.relpath(path, ROOT), json.load(open(path)))
-            for path in sorted(glob.glob(os.path.join(directory, "gpu_check*.json")))]
+    runs = []
+    for path in sorted(glob.glob(os.path.join(directory, "gpu_check-*.json"))):
+        record = json.load(open(path))
+        tests = record["stages"].get("tests")
+        # Calls made before the check counted a stopped run's tests itself: count them from the
+        # committed log (log-N.txt beside gpu_check-N.json), between the stage's own markers.
+        log = path.replace("gpu_check-", "log-").replace(".json", ".txt")
+        if tests and "tests" not in tests and os.path.exists(log):
+            text = open(log).read()
+            segment = text.split("== tests:", 1)[1].split("\n== tests:", 1)[0] if "== tests:" in text else ""
+            tests["tests"] = tests_from_log(segment)
+        runs.append((os.path.relpath(path, ROOT), record))
+    return runs
 
 
 def latest_stages(runs) -> dict[str, tuple[str, dict, dict]]:
@@ -57,8 +69,11 @@ def tests_section(entry) -> list[str]:
     lines = [f"GPU tests (`pytest -m gpu`): {counts['passed']} passed, {counts['failures'] + counts['errors']} "
              f"failed, {counts['skipped']} skipped in {entry['seconds']:.0f} s ({entry['status']})."]
     if counts["failed_tests"]:
-        lines.append("Failed: " + ", ".join(f"`{name.split('.')[-1]}`" for name in counts["failed_tests"][:12])
-                     + (" and more" if len(counts["failed_tests"]) > 12 else "") + ".")
+        functions: dict[str, int] = {}
+        for node in counts["failed_tests"]:
+            name = node.split("[")[0].replace("tests/", "")
+            functions[name] = functions.get(name, 0) + 1
+        lines.append("Failed: " + "; ".join(f"`{name}` ({n})" for name, n in functions.items()) + ".")
     return lines
 
 
@@ -72,14 +87,17 @@ def ops_section(entry) -> list[str]:
              f"{result['options']['max_shapes']} heaviest shapes of each configuration). Ceilings measured in the "
              f"same run: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, {ceilings['matmul_dtype']} matmul "
              f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s. Geometric means over the cases; "
-             "x floor = time over max(FLOPs / matmul rate, minimal bytes / copy bandwidth):", "",
-             "| op | dtype | cases | backend | vs eager | x floor | fastest in |", "|---|---|---|---|---|---|---|"]
+             "per call = as a caller sees it (host overhead included); GPU time = the call captured in a CUDA "
+             "graph and replayed; x floor = GPU time over max(FLOPs / matmul rate, minimal bytes / copy bandwidth):",
+             "", "| op | dtype | cases | backend | per call vs eager | GPU time vs eager | x floor | fastest per call in |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, summary in result["summary"].items():
         op, dtype = key.rsplit(" ", 1)
         for name in summary["geomean_x_floor"]:
-            vs_eager = summary["geomean_vs_eager"].get(name)
-            lines.append(f"| {op} | {dtype} | {summary['cases']} | {name} | "
-                         f"{'1.00x' if name == 'eager' else f'{vs_eager:.2f}x'} | "
+            wall = summary["geomean_vs_eager"].get(name)
+            device = summary.get("geomean_device_vs_eager", {}).get(name)
+            lines.append(f"| {op} | {dtype} | {summary['cases']} | {name} | {wall:.2f}x | "
+                         f"{'-' if device is None or device != device else f'{device:.2f}x'} | "
                          f"{summary['geomean_x_floor'][name]:.1f} | {summary['fastest_counts'][name]} |")
     failures = [(r["op"], r["config"], name, error) for r in result["rows"] for name, error in r["errors"].items()]
     if failures:
