@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_check --out gpu_results --deadline 500 [--dry-run] [--stages tests ops ...]
 
-A GPU is lent rarely and briefly, so one call must bring back everything: correctness first
+A GPU is lent rarely and briefly (15 minutes of device time, at most 10 minutes a call), so its
+calls must bring back everything: correctness first
 (the GPU tests at real sizes), then the figures (every op on every backend against eager with its
 roofline floor, anytime inference, the training step, real early exit), then the memory checker and
 torch.compile, which cost most per figure. Each stage runs as a subprocess; it starts only if its
@@ -10,6 +11,11 @@ estimate fits in the time left before the deadline, runs with the time left as i
 log and results are written under ``--out`` as soon as it ends, so a call cut short still returns
 what finished. ``--dry-run`` runs every stage on the CPU at tiny sizes: a rehearsal that catches a
 typo before a GPU's minutes are spent (tests/test_gpu_check.py runs it).
+
+Estimates are from the first H200 calls (2026-12-04: build 32-43 s, the GPU tests ~110 s on 12
+workers, the op benchmark ~60 s per op, most of it Triton compiling per shape). All stages need
+about 12 minutes, more than one call may take: in a 15-minute lease use two calls,
+``--stages tests ops sanitizer`` (deadline 520) and ``--stages anytime train early-exit compile``.
 
 Files under ``--out`` (at most 8, no sub-folders): ``summary.md`` (the table printed last),
 ``gpu_check.json`` (environment, every stage's status, timing and results), ``log.txt`` (every
@@ -89,12 +95,12 @@ def stages(options, scratch: str) -> list[Stage]:
               # The figures of the later stages are worth more than the last of 1,300 tests.
               limit_s=options.tests_limit, environment={**test_environment, **failure_log},
               junit_xml=os.path.join(scratch, "tests.xml")),
-        Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 70,
+        Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 150,
               python() + ["-m", "benchmarks.op_backends", "--device", device, "--json", result("ops")]
               + (["--dtypes", "fp32", "--configs", "cifar-c1", "--batch", "2", "--max-shapes", "1", "--repeats", "1",
                   "--min-run-time", "0.001", "--small-ceilings"] if dry else
                  ["--dtypes", "bf16", "--configs", "cifar-c1", "cifar-c3", "imagenet-1", "--batch", "256",
-                  "--max-shapes", "4"]),
+                  "--max-shapes", "3"]),
               result_json=result("ops")),
         Stage("anytime", "C-1 and C-3 anytime inference: eager, ranet_fast, optimize (+ CUDA graphs)", 80,
               suite + ["--workloads", "anytime", "--configs", "cifar-c1"] + ([] if dry else ["cifar-c3"])
@@ -379,7 +385,7 @@ def parse_args(argv=None):
     parser.add_argument("--start-time", type=float, help="epoch seconds the deadline counts from (default: now)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
     parser.add_argument("--stages", nargs="+", help="run only these stages (default: all, in order of value)")
-    parser.add_argument("--tests-limit", type=float, default=240, help="seconds the tests stage may take at most")
+    parser.add_argument("--tests-limit", type=float, default=200, help="seconds the tests stage may take at most")
     parser.add_argument("--estimate-scale", type=float, default=1.0,
                         help="multiply the stages' time estimates (0 runs every stage whatever the deadline)")
     return parser.parse_args(argv)

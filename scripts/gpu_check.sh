@@ -16,6 +16,10 @@
 #   3. prints a short table last. Files under OUT (default gpu_results/): summary.md,
 #      gpu_check.json, log.txt, failures.txt, build.log, sanitizer.log.
 #
+# All stages take about 12 minutes on an H200, more than one device call may: with a 15-minute
+# lease, run --stages tests ops sanitizer, then --stages anytime train early-exit compile
+# (benchmarks/gpu_check.py says what each stage took there).
+#
 # --dry-run: no build (the installed extension is used), every stage on the CPU at tiny sizes.
 # That is the rehearsal tests/test_gpu_check.py runs in CI, so a typo cannot cost GPU minutes.
 #
@@ -28,7 +32,7 @@ cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 DEADLINE=500
-TESTS_LIMIT=240
+TESTS_LIMIT=200
 STAGES=()
 while [ $# -gt 0 ]; do
     case "$1" in
