@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import subprocess
+import time
 
 import torch
 from torch.utils import benchmark as tbench
@@ -21,6 +22,27 @@ def median_seconds(fn, repeats: int, min_run_time: float) -> float:
     """Median over ``repeats`` torch.utils.benchmark measurements (each synchronises CUDA)."""
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
     return statistics.median(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, calls: int, device: torch.device) -> float:
+    """Mean seconds of ``calls`` back-to-back calls: CUDA events on a GPU, perf_counter on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) / calls
 
 
 def git_commit() -> str | None:

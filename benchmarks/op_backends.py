@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.batch_norm_relu import bn_shapes
-from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
+from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, seconds_per_call, write_json
 from benchmarks.fused_conv2d import conv_shapes
 from benchmarks.gather_rows import index_select_loop, live_shapes
 from benchmarks.upsample_concat import eager_concat, fusion_shapes
@@ -277,18 +277,9 @@ def measure(fn, device: torch.device, repeats: int, min_run_time: float) -> tupl
 
 
 def _event_median(fn, repeats: int, min_run_time: float) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def sample(calls: int) -> float:
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-
-    calls = max(1, min(500, int(min_run_time / max(sample(1), 1e-7))))
-    return statistics.median(sample(calls) for _ in range(repeats))
+    cuda = torch.device("cuda")
+    calls = max(1, min(500, int(min_run_time / max(seconds_per_call(fn, 1, cuda), 1e-7))))
+    return statistics.median(seconds_per_call(fn, calls, cuda) for _ in range(repeats))
 
 
 def run_op(op, configs, batch, device, dtype, layout, ceilings, options) -> list[dict]:

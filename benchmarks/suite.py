@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import ranet_fast
-from .common import DTYPES, git_commit, provenance, write_json
+from .common import DTYPES, git_commit, provenance, seconds_per_call, synchronize, write_json
 from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops, optimize
 from ranet_fast.models import PAPER_CONFIGS, RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
@@ -85,27 +85,6 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cu
 # ---------------------------------------------------------------------------
 # Measuring one callable
 # ---------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_per_call(fn, calls: int, device: torch.device) -> float:
-    """Mean seconds of ``calls`` back-to-back calls: CUDA events on a GPU, perf_counter on a CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - begin) / calls
 
 
 def peak_memory(fn, device: torch.device) -> tuple[int, int | None]:
