@@ -422,7 +422,7 @@ def test_unavailable_backend_raises_and_says_why(monkeypatch):
     monkeypatch.delenv("RANET_FAST_BACKEND", raising=False)
     logits = random_logits((3, 5), torch.float32, seed=20)
     if not _extension.extension_loaded():
-        expected_reason = r"_C import failed"
+        expected_reason = r"_C not loaded"
     elif not _extension.extension_built_with_cuda():
         expected_reason = r"extension built without CUDA"
     else:
@@ -467,7 +467,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     from ranet_fast.ops import exit_confidence, exit_confidence_reference
 
     assert not _extension.extension_loaded()
-    assert "_C import failed" in _extension.backend_status("cpu", "cpu")[1]
+    assert "_C not loaded" in _extension.backend_status("cpu", "cpu")[1]
     logits = torch.randn(6, 11)
     assert _extension.resolve_backend("op", logits) == "reference"
     for got, expected in zip(exit_confidence(logits), exit_confidence_reference(logits)):
@@ -475,7 +475,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     try:
         exit_confidence(logits, backend="cpu")
     except _extension.BackendUnavailableError as error:
-        assert "_C import failed" in str(error), error
+        assert "_C not loaded" in str(error), error
     else:
         raise AssertionError("backend='cpu' should be unavailable")
     try:
@@ -486,7 +486,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
         raise AssertionError("backend='triton' should be unavailable")
     from ranet_fast.env import format_report, environment_info
     report = format_report(environment_info())
-    assert "_C import failed" in report and "triton not installed" in report, report
+    assert "_C not loaded" in report and "triton not installed" in report, report
     compiled = torch.compile(exit_confidence, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits)[1], logits.argmax(dim=1))
     print("fallback ok")
