@@ -15,9 +15,9 @@ import torch
 
 from ranet_fast import _extension
 from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
+from cuda_testing import NO_CUDA_GPU
 
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 HAS_GPU = torch.cuda.is_available()
 
 # Against the float64 reference. float32: accumulation-order rounding over up to 9 * 70 products of
@@ -121,7 +121,7 @@ def _backends():
         pytest.param(("reference", "cpu"), id="reference"),
         pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
             not (HAS_GPU and _extension.extension_built_with_cuda()),
-            reason=NO_GPU if not HAS_GPU else "extension built without CUDA")),
+            reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA")),
     ]
 
 
@@ -357,7 +357,7 @@ def test_cpu_extension_channels_last_output_layouts():
 
 
 def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
 
 
 def opcheck_arguments(device):

@@ -15,9 +15,10 @@ from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops, o
 from ranet_fast.models import MSDNet, RANet, msdnet_config, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN
 from ranet_fast.nn.folded import FoldedConvBasic, FoldedConvBN, fold
+from cuda_testing import NO_CUDA_GPU
 
 SMALL = dict(nChannels=4, growthRate=4, step=2)  # C-1/C-3 layouts, narrow and shallow: fast on CPU
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 
 # The CPU default (folded, channels_last), the folded NCHW variant, and the converted fast layers.
 PATHS = {"folded-channels_last": {}, "folded-nchw": dict(channels_last=False),

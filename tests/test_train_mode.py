@@ -19,8 +19,8 @@ from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal
 from ranet_fast.nn import convert, train_mode
 from triton_interpreter import run_script_on_triton_backend
+from cuda_testing import NO_CUDA_GPU
 
-NO_GPU = "no GPU"
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
 BACKENDS = [pytest.param("cpu", marks=needs_extension), "reference"]
 
@@ -307,7 +307,7 @@ def test_dense_block_train_under_triton_interpreter():
     run_script_on_triton_backend(script)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_converted_ranet_train_on_gpu(monkeypatch, backend, dtype):

@@ -1,0 +1,81 @@
+"""Suite-wide rules: the skip policy, and no CUDA numerics settings leaking from one test to the next.
+
+Skip policy. On a machine without a CUDA GPU the GPU-only tests skip with the reason "no CUDA GPU"
+(tests/cuda_testing.py); on one with a GPU, tests that only make sense without one skip with a
+reason starting "CUDA GPU present". Every other skip means that something the suite should have
+tested was not there (ranet_fast._C, its CUDA kernels, Triton, torchrun). In CI (environment
+variable CI=true) such a skip fails the run, after the tests, with the list of them; elsewhere the
+list is printed as a warning.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cuda_testing import exact_float32, numerics_state, restore_numerics, skip_is_expected
+
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _record(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not skip_is_expected(reason, torch.cuda.is_available()):
+        _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report):
+    _record(report)
+
+
+def pytest_collectreport(report):
+    # A module that skips as a whole (pytest.skip(..., allow_module_level=True)) skips while collected.
+    _record(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and _in_ci() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _unexpected_skips:
+        return
+    verdict = "fail the run (CI=true)" if _in_ci() else "would fail a CI run (CI=true)"
+    terminalreporter.section("skips other than for the GPU", sep="=", red=_in_ci(), yellow=not _in_ci())
+    terminalreporter.line(
+        f"{len(_unexpected_skips)} test(s) skipped for a reason other than the machine's GPU; these "
+        f"{verdict}: something the suite is meant to test is missing here."
+    )
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.line(f"  {nodeid}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_numerics_do_not_leak():
+    """Restores TF32, cuDNN benchmark/deterministic and deterministic-algorithms mode after each test.
+
+    These are process-wide: one test (or code it runs, e.g. the trainer's cudnn.benchmark = True on
+    CUDA) changing them would change the numerics of every later test.
+    """
+    state = numerics_state()
+    yield
+    restore_numerics(state)
+
+
+@pytest.fixture
+def float32_without_tf32():
+    """For a test that compares float32 results with eager cuDNN: TF32 off while it runs (see
+    cuda_testing.exact_float32)."""
+    with exact_float32():
+        yield
