@@ -310,11 +310,11 @@ def test_dense_block_train_under_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_converted_ranet_train_on_gpu(monkeypatch, backend, dtype):
+def test_converted_ranet_train_on_gpu(monkeypatch, float32_without_tf32, backend, dtype):
+    # float32_without_tf32: eager cuDNN convolutions (and both sides' conv backward) default to TF32
+    # in float32. It sets torch's fp32_precision where torch has it (>= 2.9): monkeypatching the
+    # legacy allow_tf32 flags there raises once anything has used the new settings.
     monkeypatch.setenv("RANET_FAST_BACKEND", backend)
-    if dtype == torch.float32:
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(8)
     eager = RANet(ranet_config("cifar-c3")).to(dtype)
     randomize_bn(eager)
