@@ -114,6 +114,8 @@ _REBUILD = (f"rebuild from the repository root with `{_extension.REBUILD_COMMAND
 def _extension_problem() -> str | None:
     if _extension.extension_loaded():
         return None
+    if _extension._env_flag(_extension.NO_EXTENSION_ENV_VAR):
+        return f"ranet_fast._C is not loaded: {_extension.NO_EXTENSION_ENV_VAR}=1 is set; unset it"
     return (f"ranet_fast._C is not loaded ({_extension.extension_import_error()}); the package was "
             f"installed without its compiled extension: {_REBUILD}")
 

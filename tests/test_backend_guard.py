@@ -105,6 +105,45 @@ def test_check_fails_when_a_backend_is_missing(extension, triton, expected):
     assert "pip install --no-build-isolation --no-deps -e ." in done.stderr or "pip install triton" in done.stderr
 
 
+def _run_sh_check_line(tmp_path, ci: str | None):
+    """The line of ./run.sh's setup that runs the check, executed as written (with its find_cuda_home
+    and a stand-in CUDA toolkit), in a Python where Triton is hidden."""
+    run_sh = open(os.path.join(ROOT, "run.sh"), encoding="utf-8").read()
+    lines = [line.strip() for line in run_sh.splitlines() if "ranet_fast.env --require" in line]
+    assert len(lines) == 1, lines
+    start = run_sh.index("find_cuda_home() {")
+    function = run_sh[start:run_sh.index("\n}\n", start) + 3]
+    toolkit = tmp_path / "cuda"
+    (toolkit / "include").mkdir(parents=True, exist_ok=True)
+    (toolkit / "bin").mkdir(exist_ok=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    hide = tmp_path / "hide-triton"
+    hide.mkdir(exist_ok=True)
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["triton"] = None\n')
+    script = f"set -euo pipefail\n{function}\nPY={sys.executable}\n{lines[0]}\necho reached the tests\n"
+    environment = dict(os.environ, CUDA_HOME=str(toolkit), PYTHONPATH=str(hide))
+    environment.pop("CI", None)
+    if ci is not None:
+        environment["CI"] = ci
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_ci_run_stops_at_set_up_without_triton(tmp_path):
+    """.ci/run exports CI=true and runs ./run.sh test, whose set-up ends with the check."""
+    ci_run = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert "\nexport CI=true" in ci_run and "./run.sh test" in ci_run
+    done = _run_sh_check_line(tmp_path, "true")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "triton: Triton is unusable (triton not installed)" in done.stderr
+    assert "reached the tests" not in done.stdout
+    # Outside CI the set-up goes on: a developer may lack Triton.
+    done = _run_sh_check_line(tmp_path, None)
+    assert done.returncode == 0 and "reached the tests" in done.stdout, done.stdout + done.stderr
+
+
 @needs_extension
 def test_extension_requirement_alone_accepts_a_cpu_only_build():
     done = run_check("cpu-only", "absent", "extension")
