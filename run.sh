@@ -47,6 +47,8 @@ setup() {
     fi
     MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation -e ".[test]"
     "$PY" -m ranet_fast.env
+    # CI (CI=true) on a machine with a CUDA toolkit: a _C without CUDA kernels, or no Triton, fails here.
+    if [[ "${CI:-}" =~ ^(1|true|yes)$ ]] && find_cuda_home >/dev/null; then "$PY" -m ranet_fast.env --require cuda-build,triton; fi
 }
 
 command="${1:-}"
@@ -55,7 +57,7 @@ case "$command" in
     setup) setup ;;
     test)
         setup
-        exec "$PY" -m pytest -q "$@" tests
+        exec "$PY" -m pytest -q -rs "$@" tests
         ;;
     demo)
         setup

@@ -15,7 +15,12 @@ the automatic choice: CUDA tensors use ``cuda``, then ``triton``, then
 ``reference``; CPU tensors use ``cpu``, then ``reference``. A backend that was
 asked for but cannot run raises :class:`BackendUnavailableError` saying why.
 
-Nothing here needs the extension or Triton to import.
+Nothing here needs the extension or Triton to import. An extension that is
+absent (a pure-Python install, or ``RANET_FAST_NO_EXTENSION=1`` at run time)
+leaves the ``cpu`` and ``cuda`` backends unavailable; one that exists but does
+not import, or was built against another torch, makes ``import ranet_fast``
+raise :class:`ExtensionImportError` naming both torch versions and the rebuild
+command, rather than silently falling back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -37,11 +43,92 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run for this input."""
 
 
-def _import_extension() -> tuple[ModuleType | None, str | None]:
+NO_EXTENSION_ENV_VAR = "RANET_FAST_NO_EXTENSION"
+REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e ."
+# setup.py compiles this marker into _C (csrc/module.cpp), so that the torch a _C was built against
+# can be read from the file even when the import itself fails.
+_BUILD_INFO_MARKER = re.compile(rb"ranet_fast build info: torch=([^;\x00]*);")
+
+
+class ExtensionImportError(ImportError):
+    """``ranet_fast._C`` exists but cannot be used with the torch of this Python.
+
+    Raised by ``import ranet_fast`` instead of falling back to Triton or the
+    reference: a broken or mismatched build is a mistake to fix (rebuild),
+    not a configuration. A ``_C`` that is absent (a pure-Python install) is not
+    an error.
+    """
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def built_with_torch_of_file(path: str | None) -> str | None:
+    """The torch version recorded in the compiled extension at ``path``, read from its bytes."""
+    if path is None:
+        return None
     try:
-        return importlib.import_module("ranet_fast._C"), None
-    except Exception as error:  # any failure (missing file, bad ABI) means "not built"
-        return None, f"{type(error).__name__}: {error}"
+        with open(path, "rb") as library:
+            match = _BUILD_INFO_MARKER.search(library.read())
+    except OSError:
+        return None
+    return None if match is None else match.group(1).decode("utf-8", "replace")
+
+
+def _extension_path() -> str | None:
+    try:
+        spec = importlib.util.find_spec("ranet_fast._C")
+    except (ImportError, ValueError):
+        return None
+    return None if spec is None else spec.origin
+
+
+def _mismatch_message(path: str | None, built_with: str | None, problem: str) -> str:
+    built = (f"torch {built_with}" if built_with is not None
+             else "an unknown torch (this _C records none: it predates the record, or setup.py did not build it)")
+    return (
+        f"ranet_fast._C ({path or 'location unknown'}) {problem}.\n"
+        f"  built against: {built}\n"
+        f"  running:       torch {torch.__version__} ({os.path.dirname(torch.__file__)})\n"
+        "The compiled extension only works with the torch it was built against. Rebuild it against this "
+        f"torch, from the repository root: `{REBUILD_COMMAND}` (or `./run.sh setup`). To run without it "
+        f"(Triton or the PyTorch reference instead), set {NO_EXTENSION_ENV_VAR}=1."
+    )
+
+
+def _import_extension() -> tuple[ModuleType | None, str | None]:
+    """(the loaded ``_C``, None), or (None, why there is none).
+
+    Only an absent ``_C`` (or ``RANET_FAST_NO_EXTENSION=1``) means "no
+    extension"; a ``_C`` that fails to import, or that was built against
+    another torch, raises ExtensionImportError naming both torch versions.
+    """
+    if _env_flag(NO_EXTENSION_ENV_VAR):
+        return None, f"{NO_EXTENSION_ENV_VAR}=1: the compiled extension is not used"
+    try:
+        module = importlib.import_module("ranet_fast._C")
+    except ModuleNotFoundError as error:
+        if error.name == "ranet_fast._C":  # no such file: a pure-Python install
+            return None, f"{type(error).__name__}: {error}"
+        path = _extension_path()
+        raise ExtensionImportError(_mismatch_message(
+            path, built_with_torch_of_file(path), f"exists but failed to import: {type(error).__name__}: {error}"
+        )) from error
+    except Exception as error:  # an undefined symbol, a missing libc10.so, a bad ABI...
+        path = _extension_path()
+        raise ExtensionImportError(_mismatch_message(
+            path, built_with_torch_of_file(path), f"exists but failed to import: {type(error).__name__}: {error}"
+        )) from error
+    built_with = getattr(module, "TORCH_VERSION", None)
+    if built_with != str(torch.__version__):
+        # It imported, but the torch C++ ABI is not stable across versions: a mismatch that happens
+        # to link can still crash or compute garbage later.
+        raise ExtensionImportError(_mismatch_message(
+            getattr(module, "__file__", None) or _extension_path(), built_with,
+            "was built against another torch than this one"
+        ))
+    return module, None
 
 
 # Importing _C registers its torch.ops.ranet_fast.* operators.
@@ -59,6 +146,11 @@ def extension_import_error() -> str | None:
 
 def extension_built_with_cuda() -> bool:
     return _C is not None and bool(getattr(_C, "WITH_CUDA", 0))
+
+
+def extension_torch_version() -> str | None:
+    """The torch version the loaded ``_C`` was built against (the running one), or None without ``_C``."""
+    return None if _C is None else getattr(_C, "TORCH_VERSION", None)
 
 
 def _triton_import_error() -> str | None:
@@ -127,13 +219,13 @@ def backend_status(
         return True, "pure PyTorch"
     if backend == "cpu":
         if _C is None:
-            return False, f"_C import failed: {_C_IMPORT_ERROR}"
+            return False, f"_C not loaded: {_C_IMPORT_ERROR}"
         if device.type != "cpu":
             return False, f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
         return True, "compiled extension"
     if backend == "cuda":
         if _C is None:
-            return False, f"_C import failed: {_C_IMPORT_ERROR}"
+            return False, f"_C not loaded: {_C_IMPORT_ERROR}"
         if not extension_built_with_cuda():
             return False, "extension built without CUDA"
         if device.type != "cuda":

@@ -2,6 +2,13 @@
 
     python -m ranet_fast.env            human-readable report
     python -m ranet_fast.env --json     the same as JSON (for benchmark records)
+    python -m ranet_fast.env --require cuda-build,triton
+                                        exit 1, saying what is missing, unless every named
+                                        requirement holds (CI runs this where nvcc exists)
+
+Requirements: ``extension`` (ranet_fast._C imports), ``cuda-build`` (and was
+compiled with its CUDA kernels), ``triton`` (Triton imports). A GPU is not
+needed for any of them.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 
 import torch
 
@@ -68,6 +76,7 @@ def environment_info() -> dict:
         "extension": {
             "loaded": _extension.extension_loaded(),
             "with_cuda": _extension.extension_built_with_cuda(),
+            "built_with_torch": _extension.extension_torch_version(),
             "import_error": _extension.extension_import_error(),
         },
         "triton_interpret": _extension.triton_interpret_requested(),
@@ -98,13 +107,78 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+_REBUILD = (f"rebuild from the repository root with `{_extension.REBUILD_COMMAND}` "
+            "(or `./run.sh setup`)")
+
+
+def _extension_problem() -> str | None:
+    if _extension.extension_loaded():
+        return None
+    if _extension._env_flag(_extension.NO_EXTENSION_ENV_VAR):
+        return f"ranet_fast._C is not loaded: {_extension.NO_EXTENSION_ENV_VAR}=1 is set; unset it"
+    return (f"ranet_fast._C is not loaded ({_extension.extension_import_error()}); the package was "
+            f"installed without its compiled extension: {_REBUILD}")
+
+
+def _cuda_build_problem() -> str | None:
+    problem = _extension_problem()
+    if problem is not None or _extension.extension_built_with_cuda():
+        return problem
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        why = ("setup.py found no CUDA toolkit (set CUDA_HOME to the toolkit root holding "
+               "include/cuda_runtime.h and bin/nvcc), or RANET_FAST_WITH_CUDA=0 was set")
+    return f"ranet_fast._C was built without its CUDA kernels: {why}; then {_REBUILD}"
+
+
+def _triton_problem() -> str | None:
+    error = _extension.triton_import_error()
+    if error is None:
+        return None
+    return f"Triton is unusable ({error}): install it in this environment, e.g. `pip install triton`"
+
+
+REQUIREMENTS = {"extension": _extension_problem, "cuda-build": _cuda_build_problem, "triton": _triton_problem}
+
+
+def unmet_requirements(names: list[str]) -> list[str]:
+    """One message per requirement in ``names`` that does not hold here."""
+    unknown = [name for name in names if name not in REQUIREMENTS]
+    if unknown:
+        raise ValueError(f"unknown requirement(s) {', '.join(unknown)}; choose from {', '.join(REQUIREMENTS)}")
+    return [f"{name}: {problem}" for name in names if (problem := REQUIREMENTS[name]()) is not None]
+
+
+def _requirement_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REQUIREMENTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(REQUIREMENTS)}; got {text!r}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ranet_fast.env", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--require", type=_requirement_list, metavar="LIST",
+                        help=f"exit 1 unless all of these hold: {', '.join(REQUIREMENTS)} (comma-separated); "
+                             "prints only the verdict")
     args = parser.parse_args(argv)
+    if args.require is not None:
+        problems = unmet_requirements(args.require)
+        if problems:
+            print(f"ranet_fast.env: {len(problems)} required backend(s) missing:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 1
+        print(f"ranet_fast.env: required backends present: {', '.join(args.require)}")
+        return 0
     info = environment_info()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

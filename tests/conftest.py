@@ -1,40 +1,105 @@
-"""Test-suite wide hooks.
+"""Suite-wide rules: the skip policy, and no CUDA numerics settings leaking from one test to the next.
 
-Every test skipped for want of a GPU gets the ``gpu`` marker, so the GPU machine runs exactly those
-(``pytest -m gpu``, as scripts/gpu_check.sh does) without a list to keep in step with the tests.
+Skip policy. On a machine without a CUDA GPU the GPU-only tests skip with the reason "no CUDA GPU"
+(tests/cuda_testing.py); on one with a GPU, tests that only make sense without one skip with a
+reason starting "CUDA GPU present". Every other skip means that something the suite should have
+tested was not there (ranet_fast._C, its CUDA kernels, Triton, torchrun). In CI (environment
+variable CI=true) such a skip fails the run, after the tests, with the list of them; elsewhere the
+list is printed as a warning.
+
+GPU marker. Every test skipped for want of a GPU gets the ``gpu`` marker, so the GPU machine runs
+exactly those (``pytest -m gpu``, as scripts/gpu_check.sh does) without a list to keep in step with
+the tests. Failure log. Where ``RANET_FAST_FAILURE_LOG`` names a file, each failure is appended to it
+with its traceback as it happens, so a run that a deadline stops still says what failed and why.
 """
+
+from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
-# scripts/gpu_check.sh names a file here: each failure is appended as it happens, so a run that a
-# deadline stops still says what failed and why.
+from cuda_testing import NO_CUDA_GPU, exact_float32, numerics_state, restore_numerics, skip_is_expected
+
 FAILURE_LOG_VAR = "RANET_FAST_FAILURE_LOG"
+_unexpected_skips: list[tuple[str, str]] = []
+_controller = True  # False in pytest-xdist's workers, which forward their reports to the controller
 
 
 def pytest_configure(config):
     global _controller
-    _controller = not hasattr(config, "workerinput")  # xdist forwards workers' reports to the controller
+    _controller = not hasattr(config, "workerinput")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (added to every test with a skipif mark for want "
                                        "of one); scripts/gpu_check.sh runs pytest -m gpu")
 
 
-def needs_gpu(reason: str) -> bool:
-    return "no GPU" in reason or "no CUDA GPU" in reason
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(needs_gpu(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
+        if any(mark.kwargs.get("reason") == NO_CUDA_GPU for mark in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
 
 
-_controller = True
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _record(report) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not skip_is_expected(reason, torch.cuda.is_available()):
+        _unexpected_skips.append((report.nodeid, reason))
 
 
 def pytest_runtest_logreport(report):
+    _record(report)
     path = os.environ.get(FAILURE_LOG_VAR)
     if path and _controller and report.failed:
         with open(path, "a") as log:
             log.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
+
+
+def pytest_collectreport(report):
+    # A module that skips as a whole (pytest.skip(..., allow_module_level=True)) skips while collected.
+    _record(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips and _in_ci() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _unexpected_skips:
+        return
+    verdict = "fail the run (CI=true)" if _in_ci() else "would fail a CI run (CI=true)"
+    terminalreporter.section("skips other than for the GPU", sep="=", red=_in_ci(), yellow=not _in_ci())
+    terminalreporter.line(
+        f"{len(_unexpected_skips)} test(s) skipped for a reason other than the machine's GPU; these "
+        f"{verdict}: something the suite is meant to test is missing here."
+    )
+    for nodeid, reason in _unexpected_skips:
+        terminalreporter.line(f"  {nodeid}: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_numerics_do_not_leak():
+    """Restores TF32, cuDNN benchmark/deterministic and deterministic-algorithms mode after each test.
+
+    These are process-wide: one test (or code it runs, e.g. the trainer's cudnn.benchmark = True on
+    CUDA) changing them would change the numerics of every later test.
+    """
+    state = numerics_state()
+    yield
+    restore_numerics(state)
+
+
+@pytest.fixture
+def float32_without_tf32():
+    """For a test that compares float32 results with eager cuDNN: TF32 off while it runs (see
+    cuda_testing.exact_float32)."""
+    with exact_float32():
+        yield

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
                             batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference)
+from cuda_testing import NO_CUDA_GPU
 
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 HAS_GPU = torch.cuda.is_available()
 EPS = 1e-5
 
@@ -105,7 +105,7 @@ def _backends():
         pytest.param(("reference", "cpu"), id="reference"),
         pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
             not (HAS_GPU and _extension.extension_built_with_cuda()),
-            reason=NO_GPU if not HAS_GPU else "extension built without CUDA")),
+            reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA")),
     ]
 
 
@@ -439,7 +439,7 @@ def test_reference_stats_are_torch_var_mean():
 
 
 def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
 
 
 def opcheck_arguments(device):

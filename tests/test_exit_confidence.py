@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import exit_confidence, exit_confidence_reference
 from triton_interpreter import run_cases_in_triton_interpreter
+from cuda_testing import NO_CUDA_GPU
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF_DTYPES
@@ -37,7 +38,6 @@ FLOAT64_ACCUMULATION = dict(rtol=1e-12, atol=1e-15)
 exit_confidence_module = importlib.import_module("ranet_fast.ops.exit_confidence")
 
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 
 
 def random_logits(shape, dtype, seed, scale=3.0):
@@ -107,7 +107,7 @@ def test_reference_matches_its_definition():
 def _in_process_backends():
     has_gpu = torch.cuda.is_available()
     cuda_extension_missing = (
-        NO_GPU if not has_gpu else _extension.backend_status("cuda", "cuda")[1]
+        NO_CUDA_GPU if not has_gpu else _extension.backend_status("cuda", "cuda")[1]
     )
     return [
         pytest.param(
@@ -127,7 +127,7 @@ def _in_process_backends():
             id="triton-gpu",
             marks=pytest.mark.skipif(
                 not has_gpu or _extension.triton_import_error() is not None,
-                reason=NO_GPU if not has_gpu else str(_extension.triton_import_error()),
+                reason=NO_CUDA_GPU if not has_gpu else str(_extension.triton_import_error()),
             ),
         ),
     ]
@@ -307,8 +307,9 @@ def test_compiled_op_passes_opcheck(logits):
     torch.library.opcheck(torch.ops.ranet_fast.exit_confidence.default, (logits,))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+# Without a GPU the reason is the GPU, whatever the build (the decorator nearest the test is checked first).
 @pytest.mark.skipif(not _extension.extension_built_with_cuda(), reason="extension built without CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 def test_cuda_op_passes_opcheck():
     logits = random_logits((8, 10), torch.float16, seed=15).cuda()
     torch.library.opcheck(torch.ops.ranet_fast.exit_confidence.default, (logits,))
@@ -422,7 +423,7 @@ def test_unavailable_backend_raises_and_says_why(monkeypatch):
     monkeypatch.delenv("RANET_FAST_BACKEND", raising=False)
     logits = random_logits((3, 5), torch.float32, seed=20)
     if not _extension.extension_loaded():
-        expected_reason = r"_C import failed"
+        expected_reason = r"_C not loaded"
     elif not _extension.extension_built_with_cuda():
         expected_reason = r"extension built without CUDA"
     else:
@@ -467,7 +468,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     from ranet_fast.ops import exit_confidence, exit_confidence_reference
 
     assert not _extension.extension_loaded()
-    assert "_C import failed" in _extension.backend_status("cpu", "cpu")[1]
+    assert "_C not loaded" in _extension.backend_status("cpu", "cpu")[1]
     logits = torch.randn(6, 11)
     assert _extension.resolve_backend("op", logits) == "reference"
     for got, expected in zip(exit_confidence(logits), exit_confidence_reference(logits)):
@@ -475,7 +476,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     try:
         exit_confidence(logits, backend="cpu")
     except _extension.BackendUnavailableError as error:
-        assert "_C import failed" in str(error), error
+        assert "_C not loaded" in str(error), error
     else:
         raise AssertionError("backend='cpu' should be unavailable")
     try:
@@ -486,7 +487,7 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
         raise AssertionError("backend='triton' should be unavailable")
     from ranet_fast.env import format_report, environment_info
     report = format_report(environment_info())
-    assert "_C import failed" in report and "triton not installed" in report, report
+    assert "_C not loaded" in report and "triton not installed" in report, report
     compiled = torch.compile(exit_confidence, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits)[1], logits.argmax(dim=1))
     print("fallback ok")

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, exit_partition_reference
 from triton_interpreter import run_cases_in_triton_interpreter
+from cuda_testing import NO_CUDA_GPU
 
 CRITERIA = ("max_softmax", "entropy")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(0, 10), (1, 1), (1, 10), (7, 1), (64, 10), (33, 100), (16, 1000), (5000, 10)]
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 
 # Backends accumulate in float32 from the same input values the reference sees.
 # max_softmax: as exit_confidence. entropy: confidence = 1 - H / log C, so an
@@ -146,13 +146,13 @@ def _in_process_backends():
             id="cuda-extension",
             marks=pytest.mark.skipif(
                 not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_GPU if not has_gpu else "extension built without CUDA",
+                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
             ),
         ),
         pytest.param(
             ("triton", "cuda"),
             id="triton-gpu",
-            marks=pytest.mark.skipif(not has_gpu, reason=NO_GPU),
+            marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU),
         ),
     ]
 
@@ -361,8 +361,9 @@ def test_compiled_op_passes_opcheck(logits, criterion):
     torch.library.opcheck(torch.ops.ranet_fast.exit_partition.default, (logits, 0.3, criterion))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+# Without a GPU the reason is the GPU, whatever the build (the decorator nearest the test is checked first).
 @pytest.mark.skipif(not _extension.extension_built_with_cuda(), reason="extension built without CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 def test_cuda_op_passes_opcheck():
     logits = random_logits((8, 10), torch.float16, seed=15).cuda()
     for criterion in CRITERIA:

@@ -15,9 +15,9 @@ import torch
 
 from ranet_fast import _extension
 from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
+from cuda_testing import NO_CUDA_GPU, deterministic_on
 
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 HAS_GPU = torch.cuda.is_available()
 
 # Against the float64 reference. float32: accumulation-order rounding over up to 9 * 70 products of
@@ -121,7 +121,7 @@ def _backends():
         pytest.param(("reference", "cpu"), id="reference"),
         pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
             not (HAS_GPU and _extension.extension_built_with_cuda()),
-            reason=NO_GPU if not HAS_GPU else "extension built without CUDA")),
+            reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA")),
     ]
 
 
@@ -270,7 +270,10 @@ def check_gradcheck(backend, device):
         return fused_conv2d(x, weight, **dict(zip(names, vector_values)), **case.options(), backend=backend)
 
     inputs = [t.double().requires_grad_() for t in (x, weight, *vectors.values())]
-    assert torch.autograd.gradcheck(function, inputs)
+    # On CUDA the conv backward is cuDNN's, whose weight-gradient algorithms may sum with atomics;
+    # gradcheck's reentrancy check (two backward passes, compared bit for bit) needs repeatable ones.
+    with deterministic_on(device):
+        assert torch.autograd.gradcheck(function, inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def test_cpu_extension_channels_last_output_layouts():
 
 
 def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
 
 
 def opcheck_arguments(device):

@@ -18,8 +18,8 @@ import torch
 
 import test_fused_conv2d as checks
 from ranet_fast import _extension
+from cuda_testing import NO_CUDA_GPU
 
-NO_GPU = "no GPU"
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -113,7 +113,7 @@ def test_triton_under_interpreter(interpreter_report, name):
     assert interpreter_report[name] == "ok", interpreter_report[name]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("name", list(named_checks()))
 def test_triton_on_gpu(name):
     function, *arguments = named_checks()[name]

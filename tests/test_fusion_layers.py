@@ -18,6 +18,7 @@ import ranet_fast
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.nn import FastBlockUpNormal, FastConvUpNormal, convert
+from cuda_testing import NO_CUDA_GPU
 
 
 def eager_and_fast(name: str, dtype: torch.dtype, seed: int = 0, **overrides):
@@ -136,7 +137,7 @@ def test_converted_ranet_under_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_converted_ranet_equals_eager_on_gpu(monkeypatch, backend):
     monkeypatch.setenv("RANET_FAST_BACKEND", backend)

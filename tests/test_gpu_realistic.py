@@ -23,6 +23,7 @@ import os
 import pytest
 import torch
 
+from cuda_testing import NO_CUDA_GPU
 from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
                             batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference, exit_partition,
@@ -31,7 +32,7 @@ from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_nor
 
 DEVICE = torch.device(os.environ.get("RANET_FAST_REALISTIC_DEVICE", "cuda"))
 REHEARSAL = DEVICE.type == "cpu"
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA GPU")
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 
 BACKENDS = ("cpu", "reference") if REHEARSAL else ("cuda", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

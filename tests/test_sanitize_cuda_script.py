@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cuda_testing import CUDA_GPU_PRESENT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run the sanitizer")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=f"{CUDA_GPU_PRESENT}: the script would run the sanitizer")
 def test_fails_fast_without_a_gpu(tmp_path):
     report = tmp_path / "report"
     completed = subprocess.run(["bash", str(ROOT / "scripts" / "sanitize_cuda.sh"), str(report)], cwd=ROOT,
@@ -22,7 +24,7 @@ def test_fails_fast_without_a_gpu(tmp_path):
     assert not report.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run the sanitizer")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=f"{CUDA_GPU_PRESENT}: the script would run the sanitizer")
 def test_a_driver_without_a_usable_gpu_is_caught_by_the_torch_check(tmp_path):
     """An nvidia-smi that lists a device while torch sees none (a CPU-only torch, say)."""
     fake = tmp_path / "bin"

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, scatter_exits
 from triton_interpreter import run_cases_in_triton_interpreter
+from cuda_testing import NO_CUDA_GPU
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 SENTINEL_EXIT = -12345
 
 
@@ -72,10 +72,10 @@ def _in_process_backends():
             id="cuda-extension",
             marks=pytest.mark.skipif(
                 not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_GPU if not has_gpu else "extension built without CUDA",
+                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
             ),
         ),
-        pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.skipif(not has_gpu, reason=NO_GPU)),
+        pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU)),
     ]
 
 
@@ -253,8 +253,9 @@ def test_compiled_op_passes_opcheck(dtype):
         torch.library.opcheck(torch.ops.ranet_fast.scatter_exits.default, (*case, 2))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+# Without a GPU the reason is the GPU, whatever the build (the decorator nearest the test is checked first).
 @pytest.mark.skipif(not _extension.extension_built_with_cuda(), reason="extension built without CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 def test_cuda_op_passes_opcheck():
     case = [tensor.cuda() for tensor in make_case(9, 5, 12, torch.float16, seed=6)]
     torch.library.opcheck(torch.ops.ranet_fast.scatter_exits.default, (*case, 2))

@@ -19,8 +19,8 @@ from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal
 from ranet_fast.nn import convert, train_mode
 from triton_interpreter import run_script_on_triton_backend
+from cuda_testing import NO_CUDA_GPU
 
-NO_GPU = "no GPU"
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
 BACKENDS = [pytest.param("cpu", marks=needs_extension), "reference"]
 
@@ -307,14 +307,14 @@ def test_dense_block_train_under_triton_interpreter():
     run_script_on_triton_backend(script)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_converted_ranet_train_on_gpu(monkeypatch, backend, dtype):
+def test_converted_ranet_train_on_gpu(monkeypatch, float32_without_tf32, backend, dtype):
+    # float32_without_tf32: eager cuDNN convolutions (and both sides' conv backward) default to TF32
+    # in float32. It sets torch's fp32_precision where torch has it (>= 2.9): monkeypatching the
+    # legacy allow_tf32 flags there raises once anything has used the new settings.
     monkeypatch.setenv("RANET_FAST_BACKEND", backend)
-    if dtype == torch.float32:
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(8)
     eager = RANet(ranet_config("cifar-c3")).to(dtype)
     randomize_bn(eager)

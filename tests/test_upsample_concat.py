@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import upsample_concat, upsample_concat_reference
+from cuda_testing import NO_CUDA_GPU
 
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-NO_GPU = "no GPU"
 HAS_GPU = torch.cuda.is_available()
 
 TOLERANCES = {
@@ -79,7 +79,7 @@ def _backends():
             id="cuda-extension",
             marks=pytest.mark.skipif(
                 not (HAS_GPU and _extension.extension_built_with_cuda()),
-                reason=NO_GPU if not HAS_GPU else "extension built without CUDA",
+                reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA",
             ),
         ),
     ]
@@ -364,7 +364,7 @@ def test_cpu_extension_random_shapes(batch, part_sizes, size, seed):
 # ---------------------------------------------------------------------------
 
 def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_GPU))]
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
 
 
 @needs_extension
@@ -484,7 +484,7 @@ def test_bad_input_raises_clear_error(backend):
         call([part], out=torch.empty(3, 4, 4))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
+@pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU)
 def test_device_mismatch_is_named():
     part = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match=r"part 1 is on cuda:0 but part 0 is on cpu"):

@@ -26,7 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-NO_GPU = "no GPU"
+from cuda_testing import CUDA_GPU_PRESENT, NO_CUDA_GPU
+
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
 # Against the float64 reference. float32: the kernel's float32 scale
@@ -383,7 +384,7 @@ def test_interpreter(interpreter_report, check):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
 @pytest.mark.parametrize("check", list(all_checks()))
 def test_gpu(check):
     all_checks()[check]("cuda")
@@ -424,7 +425,7 @@ def _compile_for_hopper(kernel, pointer_type, accumulation, index_type, ones=())
     return triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=f"{CUDA_GPU_PRESENT}: the GPU tests compile and run the kernels")
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_kernels_compile_for_gpu(direction):
     pytest.importorskip("triton")
