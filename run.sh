@@ -8,7 +8,8 @@
 #   ./run.sh setup                  only the set-up
 #
 # Environment: RANET_FAST_VENV (default .venv), PYTHON (default python3), RANET_FAST_TORCH (the pip
-# requirement for torch, default "torch==2.14.1 torchvision==0.29.1"), CUDA_HOME (found if unset),
+# requirement for torch, default "torch==2.14.1 torchvision==0.29.1"), RANET_FAST_TRITON (the pip
+# requirement for triton, default "triton": the newest that fits torch), CUDA_HOME (found if unset),
 # TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS (default: all cores).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,16 +30,36 @@ find_cuda_home() {
     return 1
 }
 
+# pip's requirement strings for what the set-up installs; a venv whose recorded requirements differ
+# (another RANET_FAST_TORCH, say) gets them installed again, so one venv never silently keeps an
+# older stack.
+TORCH_REQUIREMENT="${RANET_FAST_TORCH:-torch==2.14.1 torchvision==0.29.1}"
+TRITON_REQUIREMENT="${RANET_FAST_TRITON:-triton}"
+# What setup.py needs to build the editable install with --no-build-isolation (pyproject.toml's
+# build-system.requires, less torch): installed explicitly, because with build isolation off pip does
+# not, and what torch happens to pull in differs between torch releases (2.11.0 brings no wheel
+# and leaves the venv's setuptools 65.5, which cannot build an editable wheel).
+BUILD_REQUIREMENTS=("setuptools>=64" wheel ninja)
+
 setup() {
     [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
-    if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-        # shellcheck disable=SC2086 # the requirement list is meant to split
-        "$PY" -m pip install -q ${RANET_FAST_TORCH:-torch==2.14.1 torchvision==0.29.1}
+    local stamp="$VENV/.ranet_fast_requirements" wanted
+    wanted="$TORCH_REQUIREMENT | $TRITON_REQUIREMENT | ${BUILD_REQUIREMENTS[*]}"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! "$PY" -c "import torch, torchvision, setuptools, wheel, ninja" 2>/dev/null; then
+        "$PY" -m pip install -q "${BUILD_REQUIREMENTS[@]}"
+        # torch and triton in one resolver run, so that a pinned triton is checked against the one
+        # torch requires instead of being replaced by it afterwards.
+        # shellcheck disable=SC2086 # the requirement lists are meant to split
+        if "$PY" -m pip install -q $TORCH_REQUIREMENT $TRITON_REQUIREMENT; then
+            echo "$wanted" > "$stamp"
+        else
+            # Triton is optional (no wheel for this platform, say): the Triton backend then reports
+            # itself unavailable. torch is not. No stamp, so the next set-up tries triton again.
+            echo "run.sh: torch with $TRITON_REQUIREMENT could not be installed; trying without triton" >&2
+            # shellcheck disable=SC2086
+            "$PY" -m pip install -q $TORCH_REQUIREMENT
+        fi
     fi
-    "$PY" -c "import triton" 2>/dev/null || "$PY" -m pip install -q triton \
-        || echo "run.sh: triton could not be installed; the Triton backend will report itself unavailable" >&2
-    # ninja lets torch's extension builder compile in parallel (MAX_JOBS) and incrementally.
-    "$PY" -c "import ninja" 2>/dev/null || "$PY" -m pip install -q ninja
     local cuda_home
     if cuda_home=$(find_cuda_home); then
         export CUDA_HOME="$cuda_home"
