@@ -14,7 +14,7 @@
 # uninitialised reads from initcheck and out-of-bounds accesses inside a cached block from
 # memcheck, so it is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1).
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), CUDA_HOME (to find
+# Environment: PYTHON (default "${RANET_FAST_VENV:-.venv}/bin/python", the set-up's venv), CUDA_HOME (to find
 # compute-sanitizer when it is not on PATH), RANET_FAST_SANITIZE_TOOLS (default
 # "memcheck racecheck initcheck synccheck"), RANET_FAST_SANITIZE_SELECT (the pytest -k expression).
 set -euo pipefail
@@ -34,18 +34,16 @@ fail() {
     exit 2
 }
 
-if [ -n "${PYTHON:-}" ]; then
-    PY="$PYTHON"
-elif [ -x .venv/bin/python ]; then
-    PY=.venv/bin/python
-else
-    PY=python3
-fi
+# The set-up's venv (run.sh's RANET_FAST_VENV), whose torch the extension was built against; a bare
+# python3 would usually have no torch at all. PYTHON overrides.
+PY="${PYTHON:-${RANET_FAST_VENV:-.venv}/bin/python}"
 
 # Cheapest check first: without a driver there is no GPU to sanitise.
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     fail "no CUDA GPU visible (nvidia-smi is missing or lists no device); compute-sanitizer needs one. Run this script on a GPU machine."
 fi
+[ -x "$PY" ] || command -v "$PY" >/dev/null 2>&1 \
+    || fail "no Python at $PY: run ./run.sh setup first (RANET_FAST_VENV names its venv), or set PYTHON"
 "$PY" - <<'EOF' || exit 2
 import sys
 import torch

@@ -40,6 +40,10 @@ MODEL_FLAGS = ["--data", "synthetic", "--nChannels", "4", "--growthRate", "4", "
                "--block-step", "1", "--lr-type", "cosine", "--epochs", "2", "--lr", "0.005"]
 GLOBAL_BATCH, NUM_IMAGES, WORLD = 16, 48, 2
 TIMEOUT = 180
+# --standalone: the rendezvous store and the workers' MASTER_PORT take free ports. torchrun's default
+# is the fixed port 29500, so two runs at once on one machine (another pytest, another checkout's CI)
+# collide and one fails with "EADDRINUSE ... port: 29500".
+TORCHRUN_FLAGS = ["--standalone", "--nproc_per_node", str(WORLD)]
 
 
 def _env() -> dict:
@@ -141,7 +145,7 @@ def _single_process_reference() -> tuple[dict, list[float]]:
 
 def test_two_process_ddp_equals_single_process_training_on_the_global_batch(tmp_path):
     output = tmp_path / "ddp.pt"
-    command = [TORCHRUN, "--nproc_per_node", str(WORLD), "-m", "test_distributed", str(output)]
+    command = [TORCHRUN, *TORCHRUN_FLAGS, "-m", "test_distributed", str(output)]
     completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ddp = torch.load(output, weights_only=True)
@@ -169,7 +173,7 @@ FLAGS = ["--data", "synthetic", "--synthetic-size", "48,16,16", "-b", "8", "-j",
 
 
 def _torchrun(save: Path, logs: Path, *extra: str) -> subprocess.Popen:
-    command = [TORCHRUN, "--nproc_per_node", str(WORLD), "--log-dir", str(logs), "--tee", "3",
+    command = [TORCHRUN, *TORCHRUN_FLAGS, "--log-dir", str(logs), "--tee", "3",
                "-m", "ranet_fast.train", *FLAGS, "--save", str(save), *extra]
     return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

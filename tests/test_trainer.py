@@ -367,7 +367,8 @@ def test_torchrun_two_processes_only_rank0_writes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+    # --standalone: free ports instead of torchrun's fixed 29500, which another run at once would hold.
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
                "--log-dir", str(logs), "--redirects", "3", "-m", "ranet_fast.train",
                *TINY, "--epochs", "1", "--save", str(save)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

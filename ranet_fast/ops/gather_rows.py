@@ -188,7 +188,12 @@ def _backward(ctx, grad_outputs):
         else:
             # index_add sums the rows of repeated indices; rows never selected get zero.
             grads.append(torch.zeros(shape, dtype=dtype, device=device).index_add(0, index, grad))
-    return grads, None, None
+    # One gradient per input that reached autograd. The dispatcher drops check_index when it equals
+    # its default (True), so the C++ op's autograd function may see two inputs instead of three;
+    # torch 2.11's tensor-list wrapper then requires exactly two gradients ("Expected the return
+    # from backward to be of the same structure as the inputs"), while torch 2.14 accepts two or
+    # three. ctx.needs_input_grad has one entry per input that reached autograd on both.
+    return (grads, None, None)[: len(ctx.needs_input_grad)]
 
 
 if _extension.extension_loaded():
