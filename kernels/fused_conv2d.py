@@ -214,6 +214,10 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         block_m = min(1024, triton.next_power_of_2(rows))
         block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
         block_k = max(16, min(64, triton.next_power_of_2(reduction)))
+        if x.dtype == torch.float64:
+            # The elementwise product's BLOCK_M x BLOCK_K x BLOCK_N cube must stay within Triton's
+            # 2**20 elements per block: 1024 x 8 x 128 at most.
+            block_k = 8
         num_warps = 4
     else:
         block_m, block_n, block_k, num_warps = _gpu_tile(x.dtype, out_channels)
