@@ -14,10 +14,15 @@ tile in registers (its mean, then the sums of deviations from it), and tiles, th
 with Chan's formula, as in csrc/ops/batch_norm_relu_math.h. Nothing subtracts E[x]^2 from E[x^2].
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from .indexing import index_type
+from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
 
 _ACCUMULATION_TYPES = {
     torch.float32: tl.float32,
@@ -233,8 +238,7 @@ def _largest_offset(tensor: torch.Tensor) -> int:
 
 
 def _index_dtype(pixels: int, *tensors: torch.Tensor, block: int):
-    largest = max([pixels + block] + [_largest_offset(t) + block for t in tensors])
-    return tl.int32 if largest < 2**31 else tl.int64
+    return index_type(max([pixels + block] + [_largest_offset(t) + block for t in tensors]))
 
 
 def _blocks(x: torch.Tensor) -> tuple[int, int]:
@@ -249,10 +253,18 @@ def _blocks(x: torch.Tensor) -> tuple[int, int]:
         # The interpreter runs programs one after another as numpy calls: few large ones are fast.
         block_c = min(64, triton.next_power_of_2(channels))
         return max(16, 8192 // block_c), block_c
-    if channels > 1 and x.stride(1) == 1:
+    return _gpu_blocks(channels, channels > 1 and x.stride(1) == 1)
+
+
+def _gpu_blocks(channels: int, channels_inner: bool) -> tuple[int, int]:
+    if channels_inner:
         block_c = min(64, triton.next_power_of_2(channels))
         return max(16, 2048 // block_c), block_c
     return 1024, 1
+
+
+def _combine_block(channels: int) -> int:
+    return min(128, triton.next_power_of_2(channels))
 
 
 def _splits(pixels: int, block_p: int) -> tuple[int, int]:
@@ -266,6 +278,57 @@ def _splits(pixels: int, block_p: int) -> tuple[int, int]:
 def _shape(x: torch.Tensor) -> tuple[int, int, int, int]:
     batch, channels, height, width = x.shape
     return channels, height, width, batch * height * width
+
+
+def specializations() -> list[Specialization]:
+    """Every variant the batch-norm launchers compile on CUDA (see kernels/specializations.py)."""
+    result = []
+    channel_counts = powers_of_two(128)
+    # The combining kernels see only accumulation-type tensors: one variant set per accumulation type.
+    for acc_dtype in (torch.float32, torch.float64):
+        for block in sorted({_combine_block(channels) for channels in channel_counts}):
+            for wide, ones in itertools.product((False, True), ((), ("channels",))):
+                constants = dict(BLOCK_C=block, ACC_DTYPE=_ACCUMULATION_TYPES[acc_dtype])
+                result.append(Specialization(_moments_combine_kernel, constants, dict.fromkeys(
+                    ("mean_partials_ptr", "m2_partials_ptr", "mean_ptr", "var_ptr"), acc_dtype), wide=wide, ones=ones))
+                result.append(Specialization(_grad_combine_kernel, constants, dict.fromkeys(
+                    ("dz_partials_ptr", "dz_xhat_partials_ptr", "grad_weight_ptr", "grad_bias_ptr"), acc_dtype),
+                    wide=wide, ones=ones))
+    for dtype in FLOATING_DTYPES:
+        acc = _ACCUMULATION_TYPES[dtype]
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        tiles = {(_gpu_blocks(channels, inner), inner) for channels in channel_counts for inner in (False, True)
+                 if channels > 1 or not inner}
+        for ((block_p, block_c), inner), index_dtype, wide, unit_strides in itertools.product(
+                sorted(tiles), (tl.int32, tl.int64), (False, True), (False, True)):
+            if wide and index_dtype == tl.int32:
+                continue  # an integer argument of 2**31 or more means offsets that large: int64
+            tile = dict(BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, INDEX_DTYPE=index_dtype)
+            # A unit stride along the innermost dimension of every tensor (channels or width).
+            unit = "_stride_c" if inner else "_stride_w"
+            ones = lambda kernel: tuple(name for name in kernel.arg_names if unit_strides and f"_{name}".endswith(unit))
+            case = "unit inner strides" if unit_strides else "none"
+            vectors = ("mean_ptr", "invstd_ptr", "weight_ptr", "bias_ptr")
+            result.append(Specialization(
+                _moments_partials_kernel, tile,
+                dict(x_ptr=dtype, mean_partials_ptr=acc_dtype, m2_partials_ptr=acc_dtype),
+                wide=wide, ones=ones(_moments_partials_kernel), ones_case=case))
+            for relu in (False, True):
+                tile_relu = dict(RELU=relu, **tile)
+                result.append(Specialization(
+                    _forward_kernel, tile_relu, dict(x_ptr=dtype, out_ptr=dtype, **dict.fromkeys(vectors, acc_dtype)),
+                    wide=wide, ones=ones(_forward_kernel), ones_case=case))
+                result.append(Specialization(
+                    _grad_partials_kernel, tile_relu,
+                    dict(grad_ptr=dtype, x_ptr=dtype, dz_partials_ptr=acc_dtype, dz_xhat_partials_ptr=acc_dtype,
+                         **dict.fromkeys(vectors, acc_dtype)),
+                    wide=wide, ones=ones(_grad_partials_kernel), ones_case=case))
+                result.append(Specialization(
+                    _grad_x_kernel, tile_relu,
+                    dict(grad_ptr=dtype, x_ptr=dtype, out_ptr=dtype, grad_weight_ptr=acc_dtype,
+                         grad_bias_ptr=acc_dtype, **dict.fromkeys(vectors, acc_dtype)),
+                    wide=wide, ones=ones(_grad_x_kernel), ones_case=case))
+    return result
 
 
 def batch_norm_stats_triton(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -283,7 +346,7 @@ def batch_norm_stats_triton(x: torch.Tensor, mean: torch.Tensor, var: torch.Tens
         x, mean_partials, m2_partials, channels, height, width, pixels, pixels_per_split, *x.stride(),
         BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, INDEX_DTYPE=_index_dtype(pixels, x, block=block_p),
     )
-    combine_block = min(128, triton.next_power_of_2(channels))
+    combine_block = _combine_block(channels)
     _moments_combine_kernel[(triton.cdiv(channels, combine_block),)](
         mean_partials, m2_partials, mean, var, channels, pixels, pixels_per_split, splits,
         BLOCK_C=combine_block, ACC_DTYPE=acc,
@@ -326,7 +389,7 @@ def batch_norm_relu_backward_triton(grad_x, grad_weight, grad_bias, grad_out, x,
         channels, height, width, pixels, pixels_per_split, *grad_out.stride(), *x.stride(),
         RELU=bool(relu), BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=acc, INDEX_DTYPE=index_dtype,
     )
-    combine_block = min(128, triton.next_power_of_2(channels))
+    combine_block = _combine_block(channels)
     _grad_combine_kernel[(triton.cdiv(channels, combine_block),)](
         dz_partials, dz_xhat_partials, grad_weight, grad_bias, channels, splits,
         BLOCK_C=combine_block, ACC_DTYPE=acc,

@@ -15,9 +15,13 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
+
 # Elements held per program: enough to hide memory latency on the GPU while
-# keeping registers per thread low.
-_ELEMENTS_PER_PROGRAM = 4096
+# keeping registers per thread low. 4096 spilled on sm_90 (each thread also keeps
+# the running state of every row it holds); with 1024 no variant spills, though
+# float64 ones use up to 254 registers (tests/test_triton_sm90_compile.py).
+_ELEMENTS_PER_PROGRAM = 1024
 _MAX_BLOCK_COLS = 1024
 
 
@@ -86,6 +90,49 @@ def _exit_confidence_kernel(
 INTERPRETED = isinstance(_exit_confidence_kernel, InterpretedFunction)
 
 
+def tile(num_cols: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) for logits with num_cols classes (also the entropy kernel's).
+
+    A function of the class count only, not of the batch size: early exit shrinks the batch at
+    every exit, and a tile that followed it would compile a new kernel for each power of two.
+    Padding rows of a small batch are masked and cost no memory traffic.
+    """
+    block_cols = min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
+    return max(1, _ELEMENTS_PER_PROGRAM // block_cols), block_cols
+
+
+def _confidence_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def accumulation_type(logits_dtype: torch.dtype):
+    return tl.float64 if logits_dtype == torch.float64 else tl.float32
+
+
+# Integer arguments that can be 1: the unit column stride of contiguous logits (the usual case), or
+# every count and stride of one-class logits (only with the one-column tile).
+_UNIT_CASES = ((), ("stride_col",), ("num_rows", "num_cols", "stride_row", "stride_col"))
+
+
+def specializations() -> list[Specialization]:
+    """Every variant exit_confidence_triton compiles on CUDA (see kernels/specializations.py)."""
+    tiles = sorted({tile(num_cols) for num_cols in powers_of_two(_MAX_BLOCK_COLS)})
+    return [
+        Specialization(
+            _exit_confidence_kernel,
+            dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, ACC_DTYPE=accumulation_type(dtype)),
+            dict(logits_ptr=dtype, confidence_ptr=_confidence_dtype(dtype), prediction_ptr=torch.int64),
+            wide=wide,
+            ones=ones,
+        )
+        for dtype in FLOATING_DTYPES
+        for block_rows, block_cols in tiles
+        for wide in (False, True)
+        for ones in _UNIT_CASES
+        if "num_cols" not in ones or block_cols == 1
+    ]
+
+
 def exit_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the kernel on a validated [N, C] floating tensor (any strides).
 
@@ -93,13 +140,11 @@ def exit_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     float64 logits), prediction as int64 column indices.
     """
     num_rows, num_cols = logits.shape
-    is_double = logits.dtype == torch.float64
-    confidence = torch.empty(num_rows, dtype=torch.float64 if is_double else torch.float32, device=logits.device)
+    confidence = torch.empty(num_rows, dtype=_confidence_dtype(logits.dtype), device=logits.device)
     prediction = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return confidence, prediction
-    block_cols = min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
-    block_rows = min(max(1, _ELEMENTS_PER_PROGRAM // block_cols), triton.next_power_of_2(num_rows))
+    block_rows, block_cols = tile(num_cols)
     grid = (triton.cdiv(num_rows, block_rows),)
     _exit_confidence_kernel[grid](
         logits,
@@ -111,6 +156,6 @@ def exit_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         logits.stride(1),
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
-        ACC_DTYPE=tl.float64 if is_double else tl.float32,
+        ACC_DTYPE=accumulation_type(logits.dtype),
     )
     return confidence, prediction

@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .exit_confidence import exit_confidence_triton
+from .exit_confidence import _MAX_BLOCK_COLS, accumulation_type, exit_confidence_triton, tile
+from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
 
-_MAX_BLOCK_COLS = 1024
-_ELEMENTS_PER_PROGRAM = 4096
 _PARTITION_BLOCK = 1024
 
 
@@ -105,8 +104,7 @@ def _entropy_confidence(logits: torch.Tensor, prediction: torch.Tensor) -> torch
     confidence = torch.empty(num_rows, dtype=torch.float64 if is_double else torch.float32, device=logits.device)
     if num_rows == 0:
         return confidence
-    block_cols = min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
-    block_rows = min(max(1, _ELEMENTS_PER_PROGRAM // block_cols), triton.next_power_of_2(num_rows))
+    block_rows, block_cols = tile(num_cols)
     _entropy_confidence_kernel[(triton.cdiv(num_rows, block_rows),)](
         logits,
         prediction,
@@ -117,9 +115,41 @@ def _entropy_confidence(logits: torch.Tensor, prediction: torch.Tensor) -> torch
         logits.stride(1),
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
-        ACC_DTYPE=tl.float64 if is_double else tl.float32,
+        ACC_DTYPE=accumulation_type(logits.dtype),
     )
     return confidence
+
+
+def specializations() -> list[Specialization]:
+    """Every variant exit_partition_triton compiles on CUDA besides exit_confidence's (see
+    kernels/specializations.py): the entropy kernel on exit_confidence's tiles, and the partition."""
+    tiles = sorted({tile(num_cols) for num_cols in powers_of_two(_MAX_BLOCK_COLS)})
+    # Integer arguments that can be 1: counts, and strides of one-class or contiguous logits.
+    unit_cases = ((), ("stride_col",), ("num_rows", "num_cols", "stride_row", "stride_col"))
+    entropy = [
+        Specialization(
+            _entropy_confidence_kernel,
+            dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, ACC_DTYPE=accumulation_type(dtype)),
+            dict(logits_ptr=dtype, prediction_ptr=torch.int64,
+                 confidence_ptr=torch.float64 if dtype == torch.float64 else torch.float32),
+            floats=("inverse_log_classes",),
+            wide=wide,
+            ones=ones,
+        )
+        for dtype in FLOATING_DTYPES
+        for block_rows, block_cols in tiles
+        for wide in (False, True)
+        for ones in unit_cases
+        if "num_cols" not in ones or block_cols == 1
+    ]
+    partition = [
+        Specialization(_stable_partition_kernel, dict(BLOCK=_PARTITION_BLOCK),
+                       dict(leaves_ptr=torch.bool, order_ptr=torch.int64, num_continue_ptr=torch.int64),
+                       wide=wide, ones=ones)
+        for wide in (False, True)
+        for ones in ((), ("num_rows",))
+    ]
+    return entropy + partition
 
 
 def exit_partition_triton(

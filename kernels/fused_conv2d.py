@@ -17,10 +17,15 @@ tl.dot everywhere). Triton's interpreter computes bfloat16 dots wrongly, so unde
 TRITON_INTERPRET=1 bfloat16 tiles are upcast to float32 first.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from .indexing import index_type
+from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
 
 _ACCUMULATION_TYPES = {
     torch.float32: tl.float32,
@@ -141,6 +146,53 @@ def _dot_mode(dtype: torch.dtype) -> int:
     return _DOT_NATIVE
 
 
+def _gpu_tile(dtype: torch.dtype, out_channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of a compiled (GPU) launch."""
+    if dtype == torch.float64:
+        # The elementwise product holds a BLOCK_M x BLOCK_K x BLOCK_N cube in registers.
+        return 32, 16, 8, 4
+    # Eight warps: with four, a 64 x 64 tile spilled registers on sm_90 for float32 (IEEE products on
+    # the FMA units) and for 64-bit indices (tests/test_triton_sm90_compile.py); the two warpgroups
+    # split the tile's columns, so half-precision products stay wgmma instructions. float32 also
+    # takes half the reduction step (a 64 x 32 x 32 step with 64-bit indices still spilled); the
+    # FMA units gain nothing from a longer one.
+    block_n = max(16, min(64, triton.next_power_of_2(out_channels)))
+    return 64, block_n, 16 if dtype == torch.float32 else 32, 8
+
+
+# Kernel sizes of RANet's and MSDNet's convs (1, 3) and of torchvision stems that convert fuses (7).
+KERNEL_SIZES = (1, 3, 7)
+_FLAGS = ("HAS_PROLOGUE", "HAS_EPILOGUE_SCALE", "HAS_EPILOGUE_SHIFT", "RELU")
+# Integer arguments that can be 1: none, or the unit width strides of NCHW input and output (most calls).
+_UNIT_CASES = ((), ("x_stride_w", "out_stride_w"))
+
+
+def specializations() -> list[Specialization]:
+    """Every variant fused_conv2d_triton compiles on CUDA for KERNEL_SIZES (see kernels/specializations.py)."""
+    result = []
+    for dtype in FLOATING_DTYPES:
+        accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+        for block_m, block_n, block_k, num_warps in sorted({_gpu_tile(dtype, co) for co in powers_of_two(128)}):
+            for kernel, flags, index_dtype, wide, ones in itertools.product(
+                    KERNEL_SIZES, itertools.product((False, True), repeat=len(_FLAGS)), (tl.int32, tl.int64),
+                    (False, True), _UNIT_CASES):
+                if wide and index_dtype == tl.int32:
+                    continue  # an integer argument of 2**31 or more means offsets that large: int64
+                result.append(Specialization(
+                    _fused_conv2d_kernel,
+                    dict(KERNEL=kernel, **dict(zip(_FLAGS, flags)), BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, ACC_DTYPE=_ACCUMULATION_TYPES[dtype], DOT_MODE=_dot_mode(dtype),
+                         INDEX_DTYPE=index_dtype),
+                    dict(x_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, prologue_scale_ptr=accumulation,
+                         prologue_shift_ptr=accumulation, epilogue_scale_ptr=accumulation,
+                         epilogue_shift_ptr=accumulation),
+                    wide=wide,
+                    ones=ones,
+                    num_warps=num_warps,
+                ))
+    return result
+
+
 def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride: int,
                         padding: int, relu: bool, out_offset: int) -> None:
     """Writes act(es * conv2d(pro(x), weight) + eh) into out[:, out_offset : out_offset + Co].
@@ -162,12 +214,15 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         block_m = min(1024, triton.next_power_of_2(rows))
         block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
         block_k = max(16, min(64, triton.next_power_of_2(reduction)))
-    elif x.dtype == torch.float64:
-        # The elementwise product holds a BLOCK_M x BLOCK_K x BLOCK_N cube in registers.
-        block_m, block_n, block_k = 32, 16, 8
+        if x.dtype == torch.float64:
+            # The elementwise product's BLOCK_M x BLOCK_K x BLOCK_N cube must stay within Triton's
+            # 2**20 elements per block: 1024 x 8 x 128 at most.
+            block_k = 8
+        num_warps = 4
     else:
-        block_m, block_n, block_k = 64, max(16, min(64, triton.next_power_of_2(out_channels))), 32
-    index_dtype = tl.int32 if max(_largest_offset(x), _largest_offset(out), rows) < 2**31 - block_m else tl.int64
+        block_m, block_n, block_k, num_warps = _gpu_tile(x.dtype, out_channels)
+    # The last row block overshoots rows by up to block_m.
+    index_dtype = index_type(max(_largest_offset(x), _largest_offset(out), rows) + block_m)
     # Absent scales and shifts are never loaded (constexpr flags); any pointer fills their place.
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n))
     _fused_conv2d_kernel[grid](
@@ -200,4 +255,5 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         ACC_DTYPE=_ACCUMULATION_TYPES[x.dtype],
         DOT_MODE=_dot_mode(x.dtype),
         INDEX_DTYPE=index_dtype,
+        num_warps=num_warps,
     )

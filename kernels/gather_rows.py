@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .specializations import Specialization
+
 # Units per program (a power of two: the block of tl.arange).
 UNITS_PER_ITEM = 1024
 # Columns of the descriptor table (one row per tensor, see build_table).
@@ -104,6 +106,20 @@ def _gather_rows_kernel(table_ptr, index_ptr, num_tensors, rows_out,
 
 
 INTERPRETED = isinstance(_gather_rows_kernel, InterpretedFunction)
+
+
+def specializations() -> list[Specialization]:
+    """Every variant gather_rows_triton compiles on CUDA (see kernels/specializations.py): one
+    kernel for all dtypes and copy widths (the width is read from the table at run time)."""
+    return [
+        # num_tensors counts the table's rows: always a 32-bit value.
+        Specialization(_gather_rows_kernel, dict(FIELDS=_FIELDS, BLOCK=UNITS_PER_ITEM),
+                       dict(table_ptr=torch.int64, index_ptr=torch.int64), wide=wide, narrow=("num_tensors",),
+                       ones=ones)
+        for wide in (False, True)
+        # One tensor, or one output row: Triton passes arguments equal to 1 as constants.
+        for ones in ((), ("num_tensors",), ("rows_out",), ("num_tensors", "rows_out"))
+    ]
 
 
 def copy_unit_bytes(src_address: int, dst_address: int, row_bytes: int, src_stride_bytes: int) -> int:

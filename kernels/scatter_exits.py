@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
+
 _MAX_BLOCK_COLS = 1024
 
 
@@ -44,6 +46,34 @@ def _scatter_exits_kernel(
     tl.store(result_exit_ptr + position * result_exit_stride, exit_index.to(tl.int64), mask=leaving & (column_block == 0))
 
 
+def _block_cols(num_cols: int) -> int:
+    return min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
+
+
+def specializations() -> list[Specialization]:
+    """Every variant scatter_exits_triton compiles on CUDA (see kernels/specializations.py)."""
+    # Integer arguments that can be 1 (exit_index is never specialised): unit column strides of
+    # contiguous logits and results, or every size and stride of a one-class problem.
+    unit_cases = ((), ("result_stride_col", "logits_stride_col"),
+                  ("result_stride_row", "result_stride_col", "result_exit_stride", "logits_stride_row",
+                   "logits_stride_col", "num_cols"))
+    return [
+        Specialization(
+            _scatter_exits_kernel,
+            dict(BLOCK_COLS=block_cols),
+            dict(result_logits_ptr=dtype, result_exit_ptr=torch.int64, logits_ptr=dtype, order_ptr=torch.int64,
+                 num_continue_ptr=torch.int64, positions_ptr=torch.int64),
+            wide=wide,
+            ones=ones,
+        )
+        for dtype in FLOATING_DTYPES
+        for block_cols in sorted({_block_cols(num_cols) for num_cols in powers_of_two(_MAX_BLOCK_COLS)})
+        for wide in (False, True)
+        for ones in unit_cases
+        if "num_cols" not in ones or block_cols == 1
+    ]
+
+
 def scatter_exits_triton(
     result_logits: torch.Tensor,
     result_exit: torch.Tensor,
@@ -60,7 +90,7 @@ def scatter_exits_triton(
     # Read-only index inputs may be copied; the results are written in place.
     order = order.contiguous()
     positions = positions.contiguous()
-    block_cols = min(triton.next_power_of_2(num_cols), _MAX_BLOCK_COLS)
+    block_cols = _block_cols(num_cols)
     _scatter_exits_kernel[(num_rows, triton.cdiv(num_cols, block_cols))](
         result_logits,
         result_logits.stride(0),

@@ -20,6 +20,7 @@ scale = (in - 1) / (out - 1) if out > 1 else 0; src = scale * dst;
 i0 = (int)src; i1 = i0 + (i0 < in - 1 and scale != 1); l1 = src - i0; l0 = 1 - l1.
 """
 
+import itertools
 import math
 
 import torch
@@ -27,10 +28,20 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .indexing import index_type
+from .specializations import FLOATING_DTYPES, Specialization
+
 MAX_PARTS_PER_LAUNCH = 4
 # Elements per program: enough to hide memory latency, few registers per thread.
 _FORWARD_BLOCK = 1024
 _BACKWARD_BLOCK = 256
+# Warps of compiled launches (tests/test_triton_sm90_compile.py checks both on sm_90). Forward:
+# with Triton's default of four the float16 forward with unit strides spilled registers (8
+# elements per thread). Backward: Triton's four; its 64-bit variant calls ptxas's 64-bit
+# division subroutine, and ptxas (Triton 3.8's options) saves a few registers to local memory
+# around those calls, more with two or eight warps than with four.
+_FORWARD_WARPS = 8
+_BACKWARD_WARPS = 4
 
 
 @triton.jit
@@ -365,16 +376,12 @@ def _candidate_search(in_size: int, out_size: int) -> tuple[float, int]:
 
 
 def _index_dtype(tensors, largest_index_range: int):
-    """tl.int32 when every element index and memory offset fits in 31 bits, else tl.int64.
-
-    64-bit division and modulo cost several times more on the GPU, and the
-    index arithmetic is most of these memory-bound kernels' work.
-    """
-    limit = 2**31 - _FORWARD_BLOCK - _BACKWARD_BLOCK  # room for the last block's overshoot
+    """tl.int32 when every element index and memory offset fits in 31 bits, else tl.int64 (see kernels/indexing.py)."""
     largest_offset = max(
         sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())) for tensor in tensors
     )
-    return tl.int32 if max(largest_offset, largest_index_range) < limit else tl.int64
+    # Room for the last block's overshoot.
+    return index_type(max(largest_offset, largest_index_range) + _FORWARD_BLOCK + _BACKWARD_BLOCK)
 
 
 def gradient_memory_format(grad_output: torch.Tensor) -> torch.memory_format:
@@ -404,6 +411,63 @@ def _check_offsets(tensor: torch.Tensor, channel_offsets, part_channels) -> None
 def _chunks(count: int):
     for start in range(0, count, MAX_PARTS_PER_LAUNCH):
         yield range(start, min(start + MAX_PARTS_PER_LAUNCH, count))
+
+
+def _unused_forward_part(tensor: torch.Tensor, blocks_end: int) -> list:
+    """The arguments of an unused part slot: any pointer, sizes 1, zero strides and scales."""
+    return [tensor, 1, 1, 1, 0, 0, 0, 0, 0, 0.0, 0.0, blocks_end]
+
+
+def _unused_backward_part(tensor: torch.Tensor, blocks_end: int) -> list:
+    return [tensor, 1, 1, 1, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 1, 1, blocks_end]
+
+
+def _part_parameters(kernel, slot: int) -> list[str]:
+    """Names of the kernel's parameters of part slot (p<slot>_ptr ... p<slot>_end), in order."""
+    return [name for name in kernel.arg_names if name.startswith(f"p{slot}_")]
+
+
+def specializations() -> list[Specialization]:
+    """Every variant the forward and backward launchers compile on CUDA (see kernels/specializations.py).
+
+    Unused part slots get _unused_*_part's arguments, whose ones Triton turns into constants.
+    Used parts and out may have a unit stride along their innermost dimension (width, or
+    channels when CHANNELS_INNER) or not (views).
+    """
+    result = []
+    for kernel, block, warps, unused_part in (
+            (_upsample_concat_forward_kernel, _FORWARD_BLOCK, _FORWARD_WARPS, _unused_forward_part),
+            (_upsample_concat_backward_kernel, _BACKWARD_BLOCK, _BACKWARD_WARPS, _unused_backward_part)):
+        tensor_parameter = kernel.arg_names[0]
+        for dtype, num_parts, channels_inner, index_dtype, wide, unit_strides in itertools.product(
+                FLOATING_DTYPES, range(1, MAX_PARTS_PER_LAUNCH + 1), (False, True), (tl.int32, tl.int64),
+                (False, True), (False, True)):
+            if wide and index_dtype == tl.int32:
+                continue  # an integer argument of 2**31 or more means offsets that large: int64
+            ones = []
+            for slot in range(num_parts, MAX_PARTS_PER_LAUNCH):
+                ones += [name for name, value in zip(_part_parameters(kernel, slot), unused_part(None, 2))
+                         if type(value) is int and value == 1]
+            if unit_strides:
+                inner = "c" if channels_inner else "w"
+                ones += [f"{tensor_parameter.removesuffix('_ptr')}_stride_{inner}"]
+                ones += [f"p{slot}_s{inner}" for slot in range(num_parts)]
+            for identities in itertools.product((False, True), repeat=num_parts):
+                result.append(Specialization(
+                    kernel,
+                    dict(NUM_PARTS=num_parts,
+                         **{f"IDENTITY{slot}": slot >= num_parts or identities[slot]
+                            for slot in range(MAX_PARTS_PER_LAUNCH)},
+                         CHANNELS_INNER=channels_inner, BLOCK=block, ACC_DTYPE=_ACCUMULATION_TYPES[dtype],
+                         INDEX_DTYPE=index_dtype),
+                    {name: dtype for name in kernel.arg_names if name.endswith("_ptr")},
+                    floats=tuple(name for name in kernel.arg_names if "_scale_" in name or "_rate_" in name),
+                    wide=wide,
+                    ones=tuple(ones),
+                    ones_case="unit inner strides" if unit_strides else "unused slots only",
+                    num_warps=warps,
+                ))
+    return result
 
 
 def upsample_concat_forward_triton(out: torch.Tensor, parts, channel_offsets) -> None:
@@ -439,7 +503,7 @@ def upsample_concat_forward_triton(out: torch.Tensor, parts, channel_offsets) ->
         num_parts = len(chunk)
         # Unused slots: never reached (their program-id range is empty).
         for _ in range(num_parts, MAX_PARTS_PER_LAUNCH):
-            part_arguments += [out, 1, 1, 1, 0, 0, 0, 0, 0, 0.0, 0.0, blocks_end]
+            part_arguments += _unused_forward_part(out, blocks_end)
             identity_flags.append(True)
         if blocks_end == 0:
             continue
@@ -459,6 +523,7 @@ def upsample_concat_forward_triton(out: torch.Tensor, parts, channel_offsets) ->
             BLOCK=_FORWARD_BLOCK,
             ACC_DTYPE=accumulation,
             INDEX_DTYPE=index_dtype,
+            num_warps=_FORWARD_WARPS,
         )
 
 
@@ -507,7 +572,7 @@ def upsample_concat_backward_triton(grad_output: torch.Tensor, channel_offsets, 
             identity_flags.append((height, width) == (out_height, out_width))
         num_parts = len(chunk)
         for _ in range(num_parts, MAX_PARTS_PER_LAUNCH):
-            part_arguments += [grads[chunk[0]], 1, 1, 1, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 1, 1, blocks_end]
+            part_arguments += _unused_backward_part(grads[chunk[0]], blocks_end)
             identity_flags.append(True)
         _upsample_concat_backward_kernel[(blocks_end,)](
             grad_output,
@@ -525,5 +590,6 @@ def upsample_concat_backward_triton(grad_output: torch.Tensor, channel_offsets, 
             BLOCK=_BACKWARD_BLOCK,
             ACC_DTYPE=accumulation,
             INDEX_DTYPE=index_dtype,
+            num_warps=_BACKWARD_WARPS,
         )
     return grads

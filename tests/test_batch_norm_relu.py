@@ -46,6 +46,9 @@ SHAPES = {
     "pixels-only-batch": (5, 6, 1, 1),
     # More pixels than one CUDA split (4096) and one Triton tile.
     "many-pixels": (1, 3, 64, 70),
+    # Several programs along both grid axes of every Triton kernel, the last ones ragged: 70
+    # channels over tiles of 64, 2310 pixels over the interpreter's tiles of 128 and splits of 8 tiles.
+    "multi-tile": (2, 70, 33, 35),
 }
 
 
@@ -246,8 +249,8 @@ def _poisoned_out(layout, batch, channels, height, width, dtype, device):
     raise ValueError(layout)
 
 
-def check_out_slice(backend, device, layout, dtype=torch.float32, relu=True):
-    shape = SHAPES["odd"]
+def check_out_slice(backend, device, layout, dtype=torch.float32, relu=True, shape_name="odd"):
+    shape = SHAPES[shape_name]
     x = random_input(shape, dtype, seed_of("out", layout), device)
     mean, invstd = batch_statistics(x)
     weight, bias = random_parameters(shape[1], torch.float32, seed_of("out-parameters"), device)

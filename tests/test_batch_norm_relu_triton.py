@@ -19,6 +19,7 @@ import torch
 import test_batch_norm_relu as checks
 from ranet_fast import _extension
 from cuda_testing import NO_CUDA_GPU
+from triton_interpreter import int64_indices
 
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +54,26 @@ def named_checks():
     named["deterministic"] = (checks.check_deterministic,)
     named["refuses-grad"] = (checks.check_refuses_grad,)
     named["opcheck"] = (check_opcheck,)
+    named["out-multi-tile"] = (checks.check_out_slice, "channels_last", torch.float32, True, "multi-tile")
+    # The 64-bit index variant of every kernel that has one, forced on small tensors.
+    int64_checks = {
+        "stats-multi-tile": (checks.check_stats, checks.SHAPES["multi-tile"], torch.float32),
+        "backward-multi-tile": (checks.check_backward, checks.SHAPES["multi-tile"], torch.float64),
+        "backward-odd-bfloat16": (checks.check_backward, checks.SHAPES["odd"], torch.bfloat16),
+        "out-multi-tile": (checks.check_out_slice, "slice", torch.float32, False, "multi-tile"),
+        "out-channels_last": (checks.check_out_slice, "channels_last", torch.float64),
+    }
+    for name, (function, *arguments) in int64_checks.items():
+        named[f"int64-index-{name}"] = (check_with_int64_indices, function, *arguments)
     return named
+
+
+def check_with_int64_indices(backend, device, function, *arguments):
+    from ranet_fast.kernels import batch_norm_relu as kernels
+
+    with int64_indices(kernels, "_moments_partials_kernel", "_forward_kernel", "_grad_partials_kernel",
+                       "_grad_x_kernel"):
+        function(backend, device, *arguments)
 
 
 def check_opcheck(backend, device):

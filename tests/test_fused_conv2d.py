@@ -99,6 +99,10 @@ CASES = {
     "7x7-stem": Case(1, 3, 13, 12, 4, 7, stride=2, padding=3, epilogue_scale=False),
     # More channels than one CUDA/Triton tile holds, in every direction of the GEMM.
     "wide": Case(1, 70, 5, 4, 70, 3, padding=1, prologue=True),
+    # More of everything than one Triton interpreter tile takes (1024 output pixels, 128 output
+    # channels, 64 reductions), none a multiple of it: two programs along both grid axes, the
+    # second ones ragged, and a ragged second reduction step.
+    "multi-tile": Case(2, 9, 24, 24, 130, 3, padding=1, prologue=True),
 }
 
 

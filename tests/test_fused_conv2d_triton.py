@@ -19,6 +19,7 @@ import torch
 import test_fused_conv2d as checks
 from ranet_fast import _extension
 from cuda_testing import NO_CUDA_GPU
+from triton_interpreter import int64_indices
 
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,7 +52,25 @@ def named_checks():
     named["gradcheck"] = (checks.check_gradcheck,)
     named["opcheck"] = (check_opcheck,)
     named["compile-fullgraph"] = (check_compile_fullgraph,)
+    named["forward-multi-tile-bfloat16"] = (checks.check_forward, checks.CASES["multi-tile"], torch.bfloat16)
+    named["out-slice-multi-tile"] = (checks.check_out_slice, "slice", "multi-tile")
+    # The 64-bit index variant, forced on small tensors.
+    int64_checks = {
+        "forward-3x3-down-odd": (checks.check_forward, checks.CASES["3x3-down-odd"], torch.float32),
+        "input-prefix_channels_last": (checks.check_input_layout, "prefix_channels_last", "3x3-prologue-down"),
+        "out-strided": (checks.check_out_slice, "strided", "3x3-down-odd"),
+        "out-slice-multi-tile-bfloat16": (checks.check_out_slice, "channels_last", "multi-tile", torch.bfloat16),
+    }
+    for name, (function, *arguments) in int64_checks.items():
+        named[f"int64-index-{name}"] = (check_with_int64_indices, function, *arguments)
     return named
+
+
+def check_with_int64_indices(backend, device, function, *arguments):
+    from ranet_fast.kernels import fused_conv2d as kernels
+
+    with int64_indices(kernels, "_fused_conv2d_kernel"):
+        function(backend, device, *arguments)
 
 
 def check_opcheck(backend, device):

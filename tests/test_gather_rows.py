@@ -8,8 +8,8 @@ kernels' narrower copy units), rows longer than one work item, zero-size rows.
 
 The cpu and reference backends (and cuda on a GPU) run in process. The Triton
 backend runs the same checks on CPU tensors under the Triton interpreter in a
-subprocess (Triton fixes interpreter mode when a kernel module is imported),
-plus a compilation of the kernel for sm_90 when there is no GPU.
+subprocess (Triton fixes interpreter mode when a kernel module is imported);
+tests/test_triton_sm90_compile.py compiles the kernel for sm_90.
 """
 
 import json
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import gather_rows, gather_rows_reference
 from ranet_fast.ops.gather_rows import output_strides
-from cuda_testing import CUDA_GPU_PRESENT, NO_CUDA_GPU, deterministic_on
+from cuda_testing import NO_CUDA_GPU, deterministic_on
 
 HAS_GPU = torch.cuda.is_available()
 NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
@@ -556,32 +556,3 @@ def test_triton_interpreter(interpreter_report, check):
 @pytest.mark.parametrize("check", ["kernel-writes-every-byte", "opcheck"])
 def test_triton_gpu_extras(check):
     TRITON_CHECKS[check]("triton", "cuda")
-
-
-@pytest.mark.skipif(HAS_GPU, reason=f"{CUDA_GPU_PRESENT}: the GPU tests compile and run the kernel")
-@pytest.mark.parametrize("specialised", [False, True], ids=["general", "ones-specialised"])
-def test_triton_kernel_compiles_for_gpu(specialised):
-    """The int-to-pointer casts and the per-width branches compile for sm_90, not only interpret."""
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from ranet_fast.kernels import gather_rows as kernels
-
-    if kernels.INTERPRETED:
-        pytest.skip("ranet_fast.kernels was imported in interpreter mode")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"Triton without its CUDA backend: {error}")
-    kernel = kernels._gather_rows_kernel
-    constants = {"FIELDS": kernels._FIELDS, "BLOCK": kernels.UNITS_PER_ITEM}
-    if specialised:  # one tensor, one output row: Triton passes arguments equal to 1 as constants
-        constants.update(num_tensors=1, rows_out=1)
-    signature = {"table_ptr": "*i64", "index_ptr": "*i64", "num_tensors": "i32", "rows_out": "i64"}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
-    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm

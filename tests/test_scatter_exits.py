@@ -335,6 +335,9 @@ def _triton_cases():
                 cases[f"{dtype}-{num_rows}x{num_classes}-{threshold}"] = (case, 4)
     # The interpreter runs each of the N programs in Python: one large batch only.
     cases["large-batch"] = (make_case(2000, 3, 2500, torch.float32, seed=10), 4)
+    # More classes than one program's column block (1024): two programs along the column axis of
+    # the grid, the second ragged (three of the six rows leave).
+    cases["many-classes"] = (make_case(6, 1500, 9, torch.bfloat16, seed=11, threshold=0.12), 5)
     result_logits, result_exit, logits, order, num_continue, positions = make_case(50, 12, 70, torch.float32, seed=8)
     strided = (
         result_logits.t().contiguous().t(),

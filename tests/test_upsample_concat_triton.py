@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_testing import CUDA_GPU_PRESENT, NO_CUDA_GPU
+from cuda_testing import NO_CUDA_GPU
 
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
@@ -388,58 +388,3 @@ def test_interpreter(interpreter_report, check):
 @pytest.mark.parametrize("check", list(all_checks()))
 def test_gpu(check):
     all_checks()[check]("cuda")
-
-
-# ---------------------------------------------------------------------------
-# Without a GPU: the kernels still compile for one (the interpreter accepts
-# code that the compiler refuses, e.g. methods on arguments specialised to 1).
-# ---------------------------------------------------------------------------
-
-
-def _compile_for_hopper(kernel, pointer_type, accumulation, index_type, ones=()):
-    """Compiles kernel to a cubin for sm_90 with every part present; names in ones specialised to 1."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    constants = dict(
-        NUM_PARTS=4, IDENTITY0=False, IDENTITY1=True, IDENTITY2=False, IDENTITY3=False,
-        CHANNELS_INNER=True, BLOCK=256, ACC_DTYPE=accumulation, INDEX_DTYPE=index_type,
-    )
-    constants.update({name: 1 for name in ones})
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + pointer_type
-        elif "scale" in name or "rate" in name:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i64" if name.endswith(("_sn", "stride_n")) else "i32"
-    source = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
-    )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason=f"{CUDA_GPU_PRESENT}: the GPU tests compile and run the kernels")
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_kernels_compile_for_gpu(direction):
-    pytest.importorskip("triton")
-    import triton.language as tl
-
-    kernels = kernels_module()
-    if kernels.INTERPRETED:
-        pytest.skip("ranet_fast.kernels was imported in interpreter mode")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"Triton without its CUDA backend: {error}")
-    kernel = getattr(kernels, f"_upsample_concat_{direction}_kernel")
-    assert "cubin" in _compile_for_hopper(kernel, "bf16", tl.float32, tl.int32).asm
-    ones = ["num_batches", "out_height", "p0_h", "p0_w", "p1_c", "p0_sw", "p0_count_h"]
-    ones = [name for name in ones if name in kernel.arg_names]
-    assert "cubin" in _compile_for_hopper(kernel, "fp64", tl.float64, tl.int64, ones=ones).asm

@@ -6,6 +6,7 @@ interpreter too. A test module instead saves its cases, runs a script of its own
 interpreter process and compares what the script saved with its reference.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -50,3 +51,42 @@ def run_script_on_triton_backend(script: str) -> None:
     completed = subprocess.run([sys.executable, "-c", script], cwd=root, env=environment, capture_output=True,
                                text=True, timeout=600)
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stdout + completed.stderr
+
+
+@contextlib.contextmanager
+def int64_indices(kernel_module, *kernel_names):
+    """Runs the block with the 64-bit index variant forced (RANET_FAST_TRITON_INT64_INDEX=1, see
+    ranet_fast/kernels/indexing.py) and checks that the named kernels of kernel_module were
+    launched, each time with INDEX_DTYPE int64: without the switch, small tensors take int32."""
+    from ranet_fast.kernels.indexing import FORCE_INT64_ENV
+
+    index_types = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*arguments, **keywords):
+                index_types.append(str(keywords["INDEX_DTYPE"]))
+                return launch(*arguments, **keywords)
+
+            return run
+
+    originals = {name: getattr(kernel_module, name) for name in kernel_names}
+    previous = os.environ.get(FORCE_INT64_ENV)
+    os.environ[FORCE_INT64_ENV] = "1"
+    for name, kernel in originals.items():
+        setattr(kernel_module, name, Recording(kernel))
+    try:
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernel_module, name, kernel)
+        if previous is None:
+            del os.environ[FORCE_INT64_ENV]
+        else:
+            os.environ[FORCE_INT64_ENV] = previous
+    assert index_types and set(index_types) == {"int64"}, index_types
