@@ -132,7 +132,6 @@ def specializations() -> list[Specialization]:
             dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, ACC_DTYPE=accumulation_type(dtype)),
             dict(logits_ptr=dtype, prediction_ptr=torch.int64,
                  confidence_ptr=torch.float64 if dtype == torch.float64 else torch.float32),
-            floats=("inverse_log_classes",),
             wide=wide,
             ones=ones,
         )
