@@ -111,12 +111,20 @@ def test_converted_ranet_empty_batch():
 
 def test_converted_ranet_batch_of_one_matches():
     eager, fast = eager_and_fast("cifar-c1", torch.float32)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     eager.eval()
     fast.eval()
     with torch.no_grad():
-        for a, b in zip(fast(x), eager(x)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        exact = copy.deepcopy(eager).double()(x.double())
+        # Both float32 runs approximate the float64 one; they sum in different orders, so they may
+        # differ from each other by more than either differs from it (seen on torch 2.11: 6e-5 at a
+        # logit of 3). Ours must be as accurate as eager (twice its error, rounding being random)
+        # and within fp32's 1e-5 of the largest logit.
+        for ours, theirs, truth in zip(fast(x), eager(x), exact):
+            scale = truth.abs().max().item()
+            our_error = (ours.double() - truth).abs().max().item()
+            eager_error = (theirs.double() - truth).abs().max().item()
+            assert our_error <= max(2 * eager_error, 1e-5 * scale), (our_error, eager_error, scale)
 
 
 def test_converted_ranet_under_triton_interpreter():
