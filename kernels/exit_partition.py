@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .exit_confidence import _MAX_BLOCK_COLS, accumulation_type, exit_confidence_triton, tile
+from .exit_confidence import (_MAX_BLOCK_COLS, _UNIT_CASES, _confidence_dtype, accumulation_type,
+                              exit_confidence_triton, tile)
 from .specializations import FLOATING_DTYPES, Specialization, powers_of_two
 
 _PARTITION_BLOCK = 1024
@@ -124,21 +125,18 @@ def specializations() -> list[Specialization]:
     """Every variant exit_partition_triton compiles on CUDA besides exit_confidence's (see
     kernels/specializations.py): the entropy kernel on exit_confidence's tiles, and the partition."""
     tiles = sorted({tile(num_cols) for num_cols in powers_of_two(_MAX_BLOCK_COLS)})
-    # Integer arguments that can be 1: counts, and strides of one-class or contiguous logits.
-    unit_cases = ((), ("stride_col",), ("num_rows", "num_cols", "stride_row", "stride_col"))
     entropy = [
         Specialization(
             _entropy_confidence_kernel,
             dict(BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, ACC_DTYPE=accumulation_type(dtype)),
-            dict(logits_ptr=dtype, prediction_ptr=torch.int64,
-                 confidence_ptr=torch.float64 if dtype == torch.float64 else torch.float32),
+            dict(logits_ptr=dtype, prediction_ptr=torch.int64, confidence_ptr=_confidence_dtype(dtype)),
             wide=wide,
             ones=ones,
         )
         for dtype in FLOATING_DTYPES
         for block_rows, block_cols in tiles
         for wide in (False, True)
-        for ones in unit_cases
+        for ones in _UNIT_CASES  # exit_confidence's: the entropy kernel takes the same arguments
         if "num_cols" not in ones or block_cols == 1
     ]
     partition = [
