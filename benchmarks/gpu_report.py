@@ -1,22 +1,16 @@
-"""The README's GPU tables, rendered from the committed results of the GPU check.
-
-    python -m benchmarks.gpu_report            # rewrite the block in README.md
-    python -m benchmarks.gpu_report --check    # exit 1 if README.md differs from the results
+"""The GPU tables of docs/gpu.md, rendered from the committed results of the GPU check.
 
 Reads every ``benchmarks/results/gpu/gpu_check-N.json`` (one per call of scripts/gpu_check.sh, in
-name order; a later file's stage replaces an earlier one's only when the later one has results)
-and writes the tables between the ``<!-- gpu-results:begin -->`` and ``<!-- gpu-results:end -->``
-lines of README.md. tests/test_gpu_report.py keeps the README equal to what this renders, so no
-GPU figure in the README is typed by hand.
+name order; a later file's stage replaces an earlier one's only when the later one has results).
+``python -m benchmarks.figures`` writes what ``render`` returns into the page, and
+tests/test_figures.py keeps the page equal to it, so no GPU figure is typed by hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 
 from benchmarks.common import geometric_mean
 from benchmarks.gpu_check import tests_from_log
@@ -24,8 +18,6 @@ from benchmarks.roofline import H200_BF16_FLOPS, H200_COPY_BYTES, floors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu")
-README = os.path.join(ROOT, "README.md")
-BEGIN, END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 
 
 def load_runs(directory: str = RESULTS) -> list[tuple[str, dict]]:
@@ -40,7 +32,8 @@ def load_runs(directory: str = RESULTS) -> list[tuple[str, dict]]:
             text = open(log).read()
             segment = text.split("== tests:", 1)[1].split("\n== tests:", 1)[0] if "== tests:" in text else ""
             tests["tests"] = tests_from_log(segment)
-        runs.append((os.path.relpath(path, ROOT), record))
+        # Named as committed, so that a copy elsewhere (a test's) renders the same text.
+        runs.append((f"benchmarks/results/gpu/{os.path.basename(path)}", record))
     return runs
 
 
@@ -155,7 +148,7 @@ def render(runs) -> str:
     stages = latest_stages(runs)
     files = sorted({path for path, _, _ in stages.values()})
     lines = ["Measured by `scripts/gpu_check.sh` on a lent GPU; each figure below is rendered from these files "
-             "by `python -m benchmarks.gpu_report`:", ""]
+             "by `python -m benchmarks.figures`:", ""]
     lines += [f"- {_environment_line(path, record)}" for path, record in runs if path in files]
     lines.append("")
     lines.append("| stage | status | seconds | file |")
@@ -185,31 +178,3 @@ def render(runs) -> str:
             lines += section + [""]
     return "\n".join(lines).rstrip() + "\n"
 
-
-def replace_block(text: str, block: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}{END}{tail}"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results render")
-    options = parser.parse_args(argv)
-    text = open(README).read()
-    updated = replace_block(text, render(load_runs()))
-    if options.check:
-        if updated != text:
-            print("README.md's GPU tables differ from benchmarks/results/gpu/: run python -m benchmarks.gpu_report",
-                  file=sys.stderr)
-            return 1
-        return 0
-    with open(README, "w") as handle:
-        handle.write(updated)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,11 @@
-"""The README's GPU tables are rendered from benchmarks/results/gpu/ and nothing else."""
+"""The GPU tables of docs/gpu.md are rendered from benchmarks/results/gpu/ and nothing else.
+
+That the page equals what they render is tests/test_figures.py's check."""
 
 import json
 import shutil
 
 from benchmarks import gpu_report
-
-
-def test_readme_gpu_block_equals_what_the_results_render():
-    assert gpu_report.main(["--check"]) == 0, "run: python -m benchmarks.gpu_report"
 
 
 def test_the_block_follows_the_results(tmp_path):
