@@ -49,6 +49,7 @@ class Specialization:
     narrow: tuple = ()  # integer parameters that stay i32 when wide (counts that cannot reach 2**31)
     ones: tuple = ()  # integer parameters specialised to the constant 1
     num_warps: int = 4  # what the launch passes (Triton's default is 4)
+    max_registers: int | None = None  # the launch's maxnreg, if it passes one
     # Which choice of ones this is, when ones also holds arguments implied by the constexprs (the
     # test's covering pairs this with the other dimensions instead of the tuple itself).
     ones_case: str | None = None
@@ -72,6 +73,10 @@ class Specialization:
         return {(index,): [["tt.divisibility", 16]] for index, name in enumerate(self.kernel.arg_names)
                 if name in self.pointers}
 
+    def options(self) -> dict[str, int]:
+        """The compile options a launch passes: num_warps, and maxnreg where it caps registers."""
+        return {"num_warps": self.num_warps, **({"maxnreg": self.max_registers} if self.max_registers else {})}
+
     def constants(self) -> dict[str, Any]:
         return {**self.constexprs, **{name: 1 for name in self.ones}}
 
@@ -80,8 +85,9 @@ class Specialization:
         types = ",".join(sorted({TRITON_TYPES[dtype] for dtype in self.pointers.values()}))
         constants = ",".join(f"{name}={_show(value)}" for name, value in self.constexprs.items())
         ones = f" ones={','.join(self.ones)}" if self.ones else ""
+        cap = f" maxnreg={self.max_registers}" if self.max_registers else ""
         return (f"{self.kernel.fn.__name__}[{types}] {constants} {'i64' if self.wide else 'i32'} "
-                f"warps={self.num_warps}{ones}")
+                f"warps={self.num_warps}{cap}{ones}")
 
 
 def _show(value: Any) -> str:

@@ -37,11 +37,14 @@ _FORWARD_BLOCK = 1024
 _BACKWARD_BLOCK = 256
 # Warps of compiled launches (tests/test_triton_sm90_compile.py checks both on sm_90). Forward:
 # with Triton's default of four the float16 forward with unit strides spilled registers (8
-# elements per thread). Backward: Triton's four; its 64-bit variant calls ptxas's 64-bit
-# division subroutine, and ptxas (Triton 3.8's options) saves a few registers to local memory
-# around those calls, more with two or eight warps than with four.
+# elements per thread). Backward: Triton's four.
 _FORWARD_WARPS = 8
 _BACKWARD_WARPS = 4
+# The backward's register cap (PTX .maxnreg). Left to itself, ptxas (sm_90) kept int64 backward
+# variants at 56 registers and spilled 8 bytes to local memory around its 64-bit division subroutine,
+# far below any hardware limit; given an explicit cap it allocates what it needs instead (up to 72
+# registers, fp64 with int64 indices) and spills nothing. A cap of 64 still spilled those fp64 variants.
+_BACKWARD_MAX_REGISTERS = 128
 
 
 @triton.jit
@@ -435,9 +438,10 @@ def specializations() -> list[Specialization]:
     channels when CHANNELS_INNER) or not (views).
     """
     result = []
-    for kernel, block, warps, unused_part in (
-            (_upsample_concat_forward_kernel, _FORWARD_BLOCK, _FORWARD_WARPS, _unused_forward_part),
-            (_upsample_concat_backward_kernel, _BACKWARD_BLOCK, _BACKWARD_WARPS, _unused_backward_part)):
+    for kernel, block, warps, max_registers, unused_part in (
+            (_upsample_concat_forward_kernel, _FORWARD_BLOCK, _FORWARD_WARPS, None, _unused_forward_part),
+            (_upsample_concat_backward_kernel, _BACKWARD_BLOCK, _BACKWARD_WARPS, _BACKWARD_MAX_REGISTERS,
+             _unused_backward_part)):
         tensor_parameter = kernel.arg_names[0]
         for dtype, num_parts, channels_inner, index_dtype, wide, unit_strides in itertools.product(
                 FLOATING_DTYPES, range(1, MAX_PARTS_PER_LAUNCH + 1), (False, True), (tl.int32, tl.int64),
@@ -466,6 +470,7 @@ def specializations() -> list[Specialization]:
                     ones=tuple(ones),
                     ones_case="unit inner strides" if unit_strides else "unused slots only",
                     num_warps=warps,
+                    max_registers=max_registers,
                 ))
     return result
 
@@ -591,5 +596,6 @@ def upsample_concat_backward_triton(grad_output: torch.Tensor, channel_offsets, 
             ACC_DTYPE=accumulation,
             INDEX_DTYPE=index_dtype,
             num_warps=_BACKWARD_WARPS,
+            maxnreg=_BACKWARD_MAX_REGISTERS,
         )
     return grads
