@@ -27,18 +27,15 @@ compiled and the Triton backends. The ``out=`` form is not differentiable.
 
 from __future__ import annotations
 
-import importlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from .. import _extension
+from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STRIDES = (1, 2)
-OP_NAME = "ranet_fast::fused_conv2d"
-OUT_OP_NAME = "ranet_fast::fused_conv2d_out"
-TRITON_MODULE = "fused_conv2d"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -295,22 +292,6 @@ def _backward(ctx, grad_output):
             None, None, None)
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes and the gradient
-    # formula come from here.
-    torch.library.register_fake(OP_NAME)(_fake_fused_conv2d)
-    torch.library.register_fake(OUT_OP_NAME)(_fake_fused_conv2d_out)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-
-
-# The Triton backend: custom ops so that torch.compile treats each Triton launch as one opaque call.
-
-
-def _triton_kernels():
-    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
-
-
-@torch.library.custom_op("ranet_fast::fused_conv2d_triton", mutates_args=())
 def _fused_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -323,13 +304,11 @@ def _fused_conv2d_triton(
     relu: bool,
 ) -> torch.Tensor:
     out = _fake_fused_conv2d(x, weight, None, None, None, None, stride, padding, relu)
-    _triton_kernels().fused_conv2d_triton(
-        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu, 0
-    )
+    _fused_conv2d_triton_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                             padding, relu, 0)
     return out
 
 
-@torch.library.custom_op("ranet_fast::fused_conv2d_triton_out", mutates_args=("out",))
 def _fused_conv2d_triton_out(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -343,15 +322,27 @@ def _fused_conv2d_triton_out(
     relu: bool,
     out_offset: int,
 ) -> None:
-    _triton_kernels().fused_conv2d_triton(
+    triton_kernels(SPEC.triton_module).fused_conv2d_triton(
         out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu,
         out_offset,
     )
 
 
-_fused_conv2d_triton.register_fake(_fake_fused_conv2d)
-_fused_conv2d_triton_out.register_fake(_fake_fused_conv2d_out)
-_fused_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+def _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+                   relu, out_offset=0):
+    """fused_conv2d_reference with the compiled ops' arguments; ``out=None`` is the functional form."""
+    return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
+                                  prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
+                                  epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+
+
+SPEC = OpSpec("fused_conv2d", "fused_conv2d", {
+    FUNCTIONAL: Form(triton=_fused_conv2d_triton, reference=functools.partial(_reference_out, None),
+                     fake=_fake_fused_conv2d, backward=_backward, setup_context=_setup_context),
+    OUT: Form(triton=_fused_conv2d_triton_out, reference=_reference_out, fake=_fake_fused_conv2d_out,
+              mutates_args=("out",)),
+})
+register(SPEC)
 
 
 def fused_conv2d(
@@ -397,28 +388,12 @@ def fused_conv2d(
     prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
     epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
     vectors = (prologue_scale, prologue_shift, epilogue_scale, epilogue_shift)
-    chosen = _extension.resolve_backend("fused_conv2d", x, backend, TRITON_MODULE)
     if out is None:
-        arguments = (x, weight, *vectors, stride, padding, relu)
-        if chosen in ("cpu", "cuda"):
-            return torch.ops.ranet_fast.fused_conv2d(*arguments)
-        if chosen == "triton":
-            return _fused_conv2d_triton(*arguments)
-        return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
-                                      prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
-                                      epilogue_shift=epilogue_shift, relu=relu)
+        return run(SPEC, backend, x, weight, *vectors, stride, padding, relu)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, out, *vectors)):
         raise RuntimeError(
             "fused_conv2d: the out= form is not differentiable, but an input or out requires grad; call it "
             "without out= (or under torch.no_grad() if no gradient is needed)"
         )
-    arguments = (out, x, weight, *vectors, stride, padding, relu, out_offset)
-    if chosen in ("cpu", "cuda"):
-        torch.ops.ranet_fast.fused_conv2d_out(*arguments)
-    elif chosen == "triton":
-        _fused_conv2d_triton_out(*arguments)
-    else:
-        fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
-                               prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
-                               epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+    run(SPEC, backend, out, x, weight, *vectors, stride, padding, relu, out_offset, form=OUT)
     return out
