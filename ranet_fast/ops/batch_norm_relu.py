@@ -33,7 +33,8 @@ import functools
 
 import torch
 
-from ._memory import require_no_overlap
+from ._checks import (require_channel_vector, require_int, require_no_overlap, require_out_channels,
+                      require_out_like)
 from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 from .fused_conv2d import output_memory_format
 
@@ -65,19 +66,8 @@ def _validate_input(op_name: str, name: str, x: object) -> torch.Tensor:
 
 
 def _validate_vectors(op_name: str, x: torch.Tensor, vectors: dict) -> None:
-    channels = x.shape[1]
     for name, vector in vectors.items():
-        if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"{op_name} expects {name} as a torch.Tensor, got {type(vector).__name__}")
-        if vector.dim() != 1 or vector.shape[0] != channels:
-            raise ValueError(
-                f"{op_name}: {name} must be a 1-D tensor with one entry per channel ({channels}); "
-                f"got shape {tuple(vector.shape)}"
-            )
-        if not vector.is_floating_point():
-            raise TypeError(f"{op_name}: {name} must be a floating tensor, got {vector.dtype}")
-        if vector.device != x.device:
-            raise ValueError(f"{op_name}: {name} is on {vector.device} but x is on {x.device}")
+        require_channel_vector(op_name, name, vector, x.shape[1], x)
 
 
 def _refuse_grad(op_name: str, *tensors) -> None:
@@ -98,40 +88,22 @@ def _validate_stats(x: object) -> None:
     _refuse_grad("batch_norm_stats", x)
 
 
-def _check_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"batch_norm_relu expects {name} as an int, got {value!r}")
-    return value
-
-
 def _validate_forward(x, vectors: dict, out, out_offset) -> None:
     op_name = "batch_norm_relu"
     _validate_input(op_name, "x", x)
     _validate_vectors(op_name, x, vectors)
     if out is None:
-        if _check_int("out_offset", out_offset) != 0:
+        if require_int(op_name, "out_offset", out_offset) != 0:
             raise ValueError(f"{op_name}: out_offset ({out_offset}) needs out=")
     else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{op_name} expects out as a torch.Tensor, got {type(out).__name__}")
-        if out.dim() != 4:
-            raise ValueError(f"{op_name}: out must be a 4-D [N, C_out, H, W] tensor; got shape {tuple(out.shape)}")
-        if out.dtype != x.dtype:
-            raise TypeError(f"{op_name}: out has dtype {out.dtype} but x has {x.dtype}")
-        if out.device != x.device:
-            raise ValueError(f"{op_name}: out is on {out.device} but x is on {x.device}")
+        require_out_like(op_name, out, x, "[N, C_out, H, W]")
         if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"{op_name}: out has shape {tuple(out.shape)} but must be [{x.shape[0]}, C_out, {x.shape[2]}, "
                 f"{x.shape[3]}] for x of shape {tuple(x.shape)}"
             )
-        channels = x.shape[1]
-        if _check_int("out_offset", out_offset) < 0 or out_offset + channels > out.shape[1]:
-            raise ValueError(
-                f"{op_name}: the output needs channels [{out_offset}, {out_offset + channels}) but out has "
-                f"{out.shape[1]} channels"
-            )
-        require_no_overlap(op_name, "out", out.narrow(1, out_offset, channels))
+        require_out_channels(op_name, out, out_offset, x.shape[1])
+        require_no_overlap(op_name, "out", out.narrow(1, out_offset, x.shape[1]))
     _refuse_grad(op_name, x, *vectors.values(), out)
 
 
@@ -225,7 +197,7 @@ def batch_norm_relu_backward_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations (no autograd: not differentiable).
+# The specs: fake implementations and Triton bodies (no autograd: not differentiable).
 # ---------------------------------------------------------------------------
 
 

@@ -32,8 +32,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ._checks import require_channel_vector, require_int, require_out_channels, require_out_like
 from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
+OP_NAME = "fused_conv2d"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STRIDES = (1, 2)
 
@@ -45,28 +47,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def _check_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"fused_conv2d expects {name} as an int, got {value!r}")
-    return value
-
-
-def _validate_vector(name: str, vector: object, length: int, x: torch.Tensor, what: str) -> None:
-    if vector is None:
-        return
-    if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"fused_conv2d expects {name} as a torch.Tensor or None, got {type(vector).__name__}")
-    if vector.dim() != 1 or vector.shape[0] != length:
-        raise ValueError(
-            f"fused_conv2d: {name} must be a 1-D tensor with one entry per {what} ({length}); "
-            f"got shape {tuple(vector.shape)}"
-        )
-    if not vector.is_floating_point():
-        raise TypeError(f"fused_conv2d: {name} must be a floating tensor, got {vector.dtype}")
-    if vector.device != x.device:
-        raise ValueError(f"fused_conv2d: {name} is on {vector.device} but x is on {x.device}")
 
 
 def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift,
@@ -96,9 +76,9 @@ def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilog
         raise ValueError(f"fused_conv2d supports square kernels only; weight has a {kernel_h}x{kernel_w} kernel")
     if out_channels < 1 or in_channels < 1:
         raise ValueError(f"fused_conv2d needs Co, Ci >= 1; weight has shape {tuple(weight.shape)}")
-    if _check_int("stride", stride) not in SUPPORTED_STRIDES:
+    if require_int(OP_NAME, "stride", stride) not in SUPPORTED_STRIDES:
         raise ValueError(f"fused_conv2d supports stride 1 or 2, got {stride}")
-    if _check_int("padding", padding) not in (0, (kernel_h - 1) // 2):
+    if require_int(OP_NAME, "padding", padding) not in (0, (kernel_h - 1) // 2):
         raise ValueError(
             f"fused_conv2d supports padding 0 or (k - 1) // 2 = {(kernel_h - 1) // 2} for a {kernel_h}x{kernel_h} "
             f"kernel, got {padding}"
@@ -111,32 +91,22 @@ def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilog
         )
     if (prologue_scale is None) != (prologue_shift is None):
         raise ValueError("fused_conv2d: give prologue_scale and prologue_shift together (or neither)")
-    _validate_vector("prologue_scale", prologue_scale, in_channels, x, "input channel")
-    _validate_vector("prologue_shift", prologue_shift, in_channels, x, "input channel")
-    _validate_vector("epilogue_scale", epilogue_scale, out_channels, x, "output channel")
-    _validate_vector("epilogue_shift", epilogue_shift, out_channels, x, "output channel")
+    for name, vector, length, what in (("prologue_scale", prologue_scale, in_channels, "input channel"),
+                                       ("prologue_shift", prologue_shift, in_channels, "input channel"),
+                                       ("epilogue_scale", epilogue_scale, out_channels, "output channel"),
+                                       ("epilogue_shift", epilogue_shift, out_channels, "output channel")):
+        require_channel_vector(OP_NAME, name, vector, length, x, what, optional=True)
     if out is None:
         if out_offset != 0:
             raise ValueError(f"fused_conv2d: out_offset ({out_offset}) needs out=")
         return height, width
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"fused_conv2d expects out as a torch.Tensor, got {type(out).__name__}")
-    if out.dim() != 4:
-        raise ValueError(f"fused_conv2d: out must be a 4-D [N, C, Ho, Wo] tensor; got shape {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"fused_conv2d: out has dtype {out.dtype} but x has {x.dtype}")
-    if out.device != x.device:
-        raise ValueError(f"fused_conv2d: out is on {out.device} but x is on {x.device}")
+    require_out_like(OP_NAME, out, x, "[N, C, Ho, Wo]")
     if out.shape[0] != x.shape[0] or tuple(out.shape[2:]) != (height, width):
         raise ValueError(
             f"fused_conv2d: out has shape {tuple(out.shape)} but must be [{x.shape[0]}, C, {height}, {width}] "
             f"for this input and convolution"
         )
-    if _check_int("out_offset", out_offset) < 0 or out_offset + out_channels > out.shape[1]:
-        raise ValueError(
-            f"fused_conv2d: the output needs channels [{out_offset}, {out_offset + out_channels}) but out has "
-            f"{out.shape[1]} channels"
-        )
+    require_out_channels(OP_NAME, out, out_offset, out_channels)
     return height, width
 
 
@@ -213,7 +183,7 @@ def fused_conv2d_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 
@@ -336,7 +306,7 @@ def _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scal
                                   epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
 
 
-SPEC = OpSpec("fused_conv2d", "fused_conv2d", {
+SPEC = OpSpec(OP_NAME, "fused_conv2d", {
     FUNCTIONAL: Form(triton=_fused_conv2d_triton, reference=functools.partial(_reference_out, None),
                      fake=_fake_fused_conv2d, backward=_backward, setup_context=_setup_context),
     OUT: Form(triton=_fused_conv2d_triton_out, reference=_reference_out, fake=_fake_fused_conv2d_out,

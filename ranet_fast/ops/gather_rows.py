@@ -160,7 +160,7 @@ def gather_rows_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 

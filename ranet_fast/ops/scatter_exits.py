@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._memory import require_no_overlap
+from ._checks import require_no_overlap
 from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import SUPPORTED_DTYPES
 

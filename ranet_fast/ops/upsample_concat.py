@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._memory import require_no_overlap
+from ._checks import require_no_overlap
 from ._registry import BACKWARD, FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -221,7 +221,7 @@ def _backward_reference(grad_output, channel_offsets, part_channels, part_height
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 
