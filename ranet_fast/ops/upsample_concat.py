@@ -266,12 +266,9 @@ def _setup_context(ctx, inputs, output):
     ctx.part_widths = [part.shape[3] for part in parts]
 
 
-def _backward_arguments(ctx, grad_output):
-    return (grad_output, ctx.channel_offsets, ctx.part_channels, ctx.part_heights, ctx.part_widths)
-
-
 def _backward(ctx, grad_output):
-    part_gradients = ctx.same_backend(BACKWARD)(*_backward_arguments(ctx, grad_output))
+    backward = ctx.same_backend(BACKWARD)
+    part_gradients = backward(grad_output, ctx.channel_offsets, ctx.part_channels, ctx.part_heights, ctx.part_widths)
     return list(part_gradients), None, None, None, None
 
 
@@ -283,7 +280,7 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.part_shapes = list(zip(part_channels, part_heights, part_widths))
 
 
-def _transpose_of_backward(ctx, part_gradient_grads, functional_op):
+def _double_backward(ctx, part_gradient_grads):
     """Gradient of the backward op with respect to grad_output.
 
     The backward is linear in grad_output and its transpose is the forward:
@@ -305,11 +302,8 @@ def _transpose_of_backward(ctx, part_gradient_grads, functional_op):
     if covered_until < channels:
         parts.append(torch.zeros((batch, channels - covered_until, height, width), dtype=ctx.dtype, device=ctx.device))
         offsets.append(covered_until)
-    return functional_op(parts, offsets, channels, height, width), None, None, None, None
-
-
-def _double_backward(ctx, part_gradient_grads):
-    return _transpose_of_backward(ctx, part_gradient_grads, ctx.same_backend(FUNCTIONAL))
+    functional = ctx.same_backend(FUNCTIONAL)
+    return functional(parts, offsets, channels, height, width), None, None, None, None
 
 
 # The Triton twins' bodies.
