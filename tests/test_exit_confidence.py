@@ -6,6 +6,7 @@ TRITON_INTERPRET=1 in this process would depend on import order and would also
 switch every other test's Triton kernels to the interpreter.
 """
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import exit_confidence, exit_confidence_reference
+from ranet_fast.ops._registry import FUNCTIONAL
 from triton_interpreter import run_cases_in_triton_interpreter
 from cuda_testing import NO_CUDA_GPU
 
@@ -381,13 +383,16 @@ def test_reference_backend_works_anywhere_and_needs_no_grad():
 
 def _spy_on_reference(monkeypatch):
     calls = []
-    real_reference = exit_confidence_module.exit_confidence_reference
+    spec = exit_confidence_module.SPEC
+    real_reference = spec.forms[FUNCTIONAL].reference
 
     def spy(logits):
         calls.append(logits.shape)
         return real_reference(logits)
 
-    monkeypatch.setattr(exit_confidence_module, "exit_confidence_reference", spy)
+    # The op dispatches through its spec, so the spy replaces the spec's reference.
+    spied_form = dataclasses.replace(spec.forms[FUNCTIONAL], reference=spy)
+    monkeypatch.setattr(exit_confidence_module, "SPEC", dataclasses.replace(spec, forms={FUNCTIONAL: spied_form}))
     return calls
 
 

@@ -29,12 +29,13 @@ whose mean is large against its spread keeps its variance.
 
 from __future__ import annotations
 
-import importlib
+import functools
 
 import torch
 
-from .. import _extension
-from ._memory import require_no_overlap
+from ._checks import (require_channel_vector, require_int, require_no_overlap, require_out_channels,
+                      require_out_like)
+from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 from .fused_conv2d import output_memory_format
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,19 +66,8 @@ def _validate_input(op_name: str, name: str, x: object) -> torch.Tensor:
 
 
 def _validate_vectors(op_name: str, x: torch.Tensor, vectors: dict) -> None:
-    channels = x.shape[1]
     for name, vector in vectors.items():
-        if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"{op_name} expects {name} as a torch.Tensor, got {type(vector).__name__}")
-        if vector.dim() != 1 or vector.shape[0] != channels:
-            raise ValueError(
-                f"{op_name}: {name} must be a 1-D tensor with one entry per channel ({channels}); "
-                f"got shape {tuple(vector.shape)}"
-            )
-        if not vector.is_floating_point():
-            raise TypeError(f"{op_name}: {name} must be a floating tensor, got {vector.dtype}")
-        if vector.device != x.device:
-            raise ValueError(f"{op_name}: {name} is on {vector.device} but x is on {x.device}")
+        require_channel_vector(op_name, name, vector, x.shape[1], x)
 
 
 def _refuse_grad(op_name: str, *tensors) -> None:
@@ -98,40 +88,22 @@ def _validate_stats(x: object) -> None:
     _refuse_grad("batch_norm_stats", x)
 
 
-def _check_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"batch_norm_relu expects {name} as an int, got {value!r}")
-    return value
-
-
 def _validate_forward(x, vectors: dict, out, out_offset) -> None:
     op_name = "batch_norm_relu"
     _validate_input(op_name, "x", x)
     _validate_vectors(op_name, x, vectors)
     if out is None:
-        if _check_int("out_offset", out_offset) != 0:
+        if require_int(op_name, "out_offset", out_offset) != 0:
             raise ValueError(f"{op_name}: out_offset ({out_offset}) needs out=")
     else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{op_name} expects out as a torch.Tensor, got {type(out).__name__}")
-        if out.dim() != 4:
-            raise ValueError(f"{op_name}: out must be a 4-D [N, C_out, H, W] tensor; got shape {tuple(out.shape)}")
-        if out.dtype != x.dtype:
-            raise TypeError(f"{op_name}: out has dtype {out.dtype} but x has {x.dtype}")
-        if out.device != x.device:
-            raise ValueError(f"{op_name}: out is on {out.device} but x is on {x.device}")
+        require_out_like(op_name, out, x, "[N, C_out, H, W]")
         if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"{op_name}: out has shape {tuple(out.shape)} but must be [{x.shape[0]}, C_out, {x.shape[2]}, "
                 f"{x.shape[3]}] for x of shape {tuple(x.shape)}"
             )
-        channels = x.shape[1]
-        if _check_int("out_offset", out_offset) < 0 or out_offset + channels > out.shape[1]:
-            raise ValueError(
-                f"{op_name}: the output needs channels [{out_offset}, {out_offset + channels}) but out has "
-                f"{out.shape[1]} channels"
-            )
-        require_no_overlap(op_name, "out", out.narrow(1, out_offset, channels))
+        require_out_channels(op_name, out, out_offset, x.shape[1])
+        require_no_overlap(op_name, "out", out.narrow(1, out_offset, x.shape[1]))
     _refuse_grad(op_name, x, *vectors.values(), out)
 
 
@@ -225,7 +197,7 @@ def batch_norm_relu_backward_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations (no autograd: not differentiable).
+# The specs: fake implementations and Triton bodies (no autograd: not differentiable).
 # ---------------------------------------------------------------------------
 
 
@@ -248,38 +220,23 @@ def _fake_backward(grad_out, x, mean, invstd, weight, bias, relu):
     return grad_x, vector, torch.empty_like(vector)
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes come from here.
-    torch.library.register_fake("ranet_fast::batch_norm_stats")(_fake_stats)
-    torch.library.register_fake("ranet_fast::batch_norm_relu")(_fake_forward)
-    torch.library.register_fake("ranet_fast::batch_norm_relu_out")(_fake_forward_out)
-    torch.library.register_fake("ranet_fast::batch_norm_relu_backward")(_fake_backward)
+# The Triton twins' bodies: allocate the outputs (as the fake functions say) and launch.
 
 
-# The Triton backend: custom ops so that torch.compile treats each Triton launch as one opaque call.
-
-
-def _triton_kernels():
-    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
-
-
-@torch.library.custom_op("ranet_fast::batch_norm_stats_triton", mutates_args=())
 def _batch_norm_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, var = _fake_stats(x)
-    _triton_kernels().batch_norm_stats_triton(x, mean, var)
+    triton_kernels(TRITON_MODULE).batch_norm_stats_triton(x, mean, var)
     return mean, var
 
 
-@torch.library.custom_op("ranet_fast::batch_norm_relu_triton", mutates_args=())
 def _batch_norm_relu_triton(
     x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool
 ) -> torch.Tensor:
     out = _fake_forward(x, mean, invstd, weight, bias, relu)
-    _triton_kernels().batch_norm_relu_triton(out, x, mean, invstd, weight, bias, relu)
+    triton_kernels(TRITON_MODULE).batch_norm_relu_triton(out, x, mean, invstd, weight, bias, relu)
     return out
 
 
-@torch.library.custom_op("ranet_fast::batch_norm_relu_triton_out", mutates_args=("out",))
 def _batch_norm_relu_triton_out(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -290,11 +247,10 @@ def _batch_norm_relu_triton_out(
     relu: bool,
     out_offset: int,
 ) -> None:
-    _triton_kernels().batch_norm_relu_triton(out.narrow(1, out_offset, x.shape[1]), x, mean, invstd, weight, bias,
-                                             relu)
+    triton_kernels(TRITON_MODULE).batch_norm_relu_triton(out.narrow(1, out_offset, x.shape[1]), x, mean, invstd,
+                                                         weight, bias, relu)
 
 
-@torch.library.custom_op("ranet_fast::batch_norm_relu_backward_triton", mutates_args=())
 def _batch_norm_relu_backward_triton(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -305,15 +261,38 @@ def _batch_norm_relu_backward_triton(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_x, grad_weight, grad_bias = _fake_backward(grad_out, x, mean, invstd, weight, bias, relu)
-    _triton_kernels().batch_norm_relu_backward_triton(grad_x, grad_weight, grad_bias, grad_out, x, mean, invstd,
-                                                      weight, bias, relu)
+    triton_kernels(TRITON_MODULE).batch_norm_relu_backward_triton(grad_x, grad_weight, grad_bias, grad_out, x, mean,
+                                                                  invstd, weight, bias, relu)
     return grad_x, grad_weight, grad_bias
 
 
-_batch_norm_stats_triton.register_fake(_fake_stats)
-_batch_norm_relu_triton.register_fake(_fake_forward)
-_batch_norm_relu_triton_out.register_fake(_fake_forward_out)
-_batch_norm_relu_backward_triton.register_fake(_fake_backward)
+# The references with the compiled ops' arguments.
+
+
+def _forward_reference_out(out, x, mean, invstd, weight, bias, relu, out_offset=0):
+    """batch_norm_relu_reference; ``out=None`` is the functional form."""
+    return batch_norm_relu_reference(x, mean, invstd, weight, bias, relu=relu, out=out, out_offset=out_offset)
+
+
+def _backward_reference(grad_out, x, mean, invstd, weight, bias, relu):
+    return batch_norm_relu_backward_reference(grad_out, x, mean, invstd, weight, bias, relu=relu)
+
+
+STATS_SPEC = OpSpec("batch_norm_stats", TRITON_MODULE, {
+    FUNCTIONAL: Form(triton=_batch_norm_stats_triton, reference=batch_norm_stats_reference, fake=_fake_stats),
+})
+FORWARD_SPEC = OpSpec("batch_norm_relu", TRITON_MODULE, {
+    FUNCTIONAL: Form(triton=_batch_norm_relu_triton, reference=functools.partial(_forward_reference_out, None),
+                     fake=_fake_forward),
+    OUT: Form(triton=_batch_norm_relu_triton_out, reference=_forward_reference_out, fake=_fake_forward_out,
+              mutates_args=("out",)),
+})
+BACKWARD_SPEC = OpSpec("batch_norm_relu_backward", TRITON_MODULE, {
+    FUNCTIONAL: Form(triton=_batch_norm_relu_backward_triton, reference=_backward_reference, fake=_fake_backward),
+})
+register(STATS_SPEC)
+register(FORWARD_SPEC)
+register(BACKWARD_SPEC)
 
 
 # ---------------------------------------------------------------------------
@@ -334,12 +313,7 @@ def batch_norm_stats(x: torch.Tensor, *, backend: str | None = None) -> tuple[to
         (mean, var): [C] each, float32 (float64 for float64 x). Not differentiable.
     """
     _validate_stats(x)
-    chosen = _extension.resolve_backend("batch_norm_stats", x, backend, TRITON_MODULE)
-    if chosen in ("cpu", "cuda"):
-        return torch.ops.ranet_fast.batch_norm_stats(x)
-    if chosen == "triton":
-        return _batch_norm_stats_triton(x)
-    return batch_norm_stats_reference(x)
+    return run(STATS_SPEC, backend, x)
 
 
 def batch_norm_relu(
@@ -373,19 +347,9 @@ def batch_norm_relu(
     vectors = dict(mean=mean, invstd=invstd, weight=weight, bias=bias)
     _validate_forward(x, vectors, out, out_offset)
     mean, invstd, weight, bias = _as_accumulation(x, vectors)
-    chosen = _extension.resolve_backend("batch_norm_relu", x, backend, TRITON_MODULE)
     if out is None:
-        if chosen in ("cpu", "cuda"):
-            return torch.ops.ranet_fast.batch_norm_relu(x, mean, invstd, weight, bias, relu)
-        if chosen == "triton":
-            return _batch_norm_relu_triton(x, mean, invstd, weight, bias, relu)
-        return batch_norm_relu_reference(x, mean, invstd, weight, bias, relu=relu)
-    if chosen in ("cpu", "cuda"):
-        torch.ops.ranet_fast.batch_norm_relu_out(out, x, mean, invstd, weight, bias, relu, out_offset)
-    elif chosen == "triton":
-        _batch_norm_relu_triton_out(out, x, mean, invstd, weight, bias, relu, out_offset)
-    else:
-        batch_norm_relu_reference(x, mean, invstd, weight, bias, relu=relu, out=out, out_offset=out_offset)
+        return run(FORWARD_SPEC, backend, x, mean, invstd, weight, bias, relu)
+    run(FORWARD_SPEC, backend, out, x, mean, invstd, weight, bias, relu, out_offset, form=OUT)
     return out
 
 
@@ -418,9 +382,4 @@ def batch_norm_relu_backward(
     vectors = dict(mean=mean, invstd=invstd, weight=weight, bias=bias)
     _validate_backward(grad_out, x, vectors)
     mean, invstd, weight, bias = _as_accumulation(x, vectors)
-    chosen = _extension.resolve_backend("batch_norm_relu_backward", x, backend, TRITON_MODULE)
-    if chosen in ("cpu", "cuda"):
-        return torch.ops.ranet_fast.batch_norm_relu_backward(grad_out, x, mean, invstd, weight, bias, relu)
-    if chosen == "triton":
-        return _batch_norm_relu_backward_triton(grad_out, x, mean, invstd, weight, bias, relu)
-    return batch_norm_relu_backward_reference(grad_out, x, mean, invstd, weight, bias, relu=relu)
+    return run(BACKWARD_SPEC, backend, grad_out, x, mean, invstd, weight, bias, relu)

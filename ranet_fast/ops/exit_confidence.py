@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-OP_NAME = "ranet_fast::exit_confidence"
-TRITON_OP_NAME = "ranet_fast::exit_confidence_triton"
 
 
 def _confidence_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -79,19 +77,14 @@ def _fake_exit_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return confidence, prediction
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the op and its CPU/CUDA kernels; shapes and
-    # dtypes for FakeTensor/torch.compile come from here.
-    torch.library.register_fake(OP_NAME)(_fake_exit_confidence)
-
-
-@torch.library.custom_op(TRITON_OP_NAME, mutates_args=())
 def _exit_confidence_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # A custom op so that torch.compile treats the Triton launch as one opaque call.
-    return _extension.triton_kernels().exit_confidence_triton(logits)
+    return triton_kernels(SPEC.triton_module).exit_confidence_triton(logits)
 
 
-_exit_confidence_triton.register_fake(_fake_exit_confidence)
+SPEC = OpSpec("exit_confidence", "exit_confidence", {
+    FUNCTIONAL: Form(triton=_exit_confidence_triton, reference=exit_confidence_reference, fake=_fake_exit_confidence),
+})
+register(SPEC)
 
 
 def exit_confidence(logits: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +101,4 @@ def exit_confidence(logits: torch.Tensor, backend: str | None = None) -> tuple[t
         tensors of shape [N] on the input's device.
     """
     validate_logits(logits)
-    chosen = _extension.resolve_backend("exit_confidence", logits, backend)
-    logits = logits.detach()
-    if chosen in ("cpu", "cuda"):
-        return torch.ops.ranet_fast.exit_confidence(logits)
-    if chosen == "triton":
-        return _exit_confidence_triton(logits)
-    return exit_confidence_reference(logits)
+    return run(SPEC, backend, logits.detach())

@@ -29,11 +29,9 @@ import math
 
 import torch
 
-from .. import _extension
+from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import exit_confidence_reference, validate_logits
 
-OP_NAME = "ranet_fast::exit_partition"
-TRITON_OP_NAME = "ranet_fast::exit_partition_triton"
 CRITERIA = ("max_softmax", "entropy")
 
 
@@ -107,19 +105,16 @@ def _fake_exit_partition(
     return confidence, prediction, order, num_continue
 
 
-if _extension.extension_loaded():
-    torch.library.register_fake(OP_NAME)(_fake_exit_partition)
-
-
-@torch.library.custom_op(TRITON_OP_NAME, mutates_args=())
 def _exit_partition_triton(
     logits: torch.Tensor, threshold: float, criterion: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # A custom op so that torch.compile treats the Triton launches as one opaque call.
-    return _extension.triton_kernels().exit_partition_triton(logits, threshold, criterion)
+    return triton_kernels(SPEC.triton_module).exit_partition_triton(logits, threshold, criterion)
 
 
-_exit_partition_triton.register_fake(_fake_exit_partition)
+SPEC = OpSpec("exit_partition", "exit_partition", {
+    FUNCTIONAL: Form(triton=_exit_partition_triton, reference=exit_partition_reference, fake=_fake_exit_partition),
+})
+register(SPEC)
 
 
 def exit_partition(
@@ -141,13 +136,7 @@ def exit_partition(
         0-dim int64 tensor.
     """
     validate_exit_partition_args(logits, threshold, criterion)
-    chosen = _extension.resolve_backend("exit_partition", logits, backend, triton_module="exit_partition")
-    logits = logits.detach()
     if isinstance(threshold, int):
         # The schemas take a float; a SymFloat stays symbolic under torch.compile.
         threshold = float(threshold)
-    if chosen in ("cpu", "cuda"):
-        return torch.ops.ranet_fast.exit_partition(logits, threshold, criterion)
-    if chosen == "triton":
-        return _exit_partition_triton(logits, threshold, criterion)
-    return exit_partition_reference(logits, threshold, criterion)
+    return run(SPEC, backend, logits.detach(), threshold, criterion)

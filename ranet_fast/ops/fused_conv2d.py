@@ -27,18 +27,17 @@ compiled and the Triton backends. The ``out=`` form is not differentiable.
 
 from __future__ import annotations
 
-import importlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from .. import _extension
+from ._checks import require_channel_vector, require_int, require_out_channels, require_out_like
+from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
+OP_NAME = "fused_conv2d"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STRIDES = (1, 2)
-OP_NAME = "ranet_fast::fused_conv2d"
-OUT_OP_NAME = "ranet_fast::fused_conv2d_out"
-TRITON_MODULE = "fused_conv2d"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,28 +47,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def _check_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"fused_conv2d expects {name} as an int, got {value!r}")
-    return value
-
-
-def _validate_vector(name: str, vector: object, length: int, x: torch.Tensor, what: str) -> None:
-    if vector is None:
-        return
-    if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"fused_conv2d expects {name} as a torch.Tensor or None, got {type(vector).__name__}")
-    if vector.dim() != 1 or vector.shape[0] != length:
-        raise ValueError(
-            f"fused_conv2d: {name} must be a 1-D tensor with one entry per {what} ({length}); "
-            f"got shape {tuple(vector.shape)}"
-        )
-    if not vector.is_floating_point():
-        raise TypeError(f"fused_conv2d: {name} must be a floating tensor, got {vector.dtype}")
-    if vector.device != x.device:
-        raise ValueError(f"fused_conv2d: {name} is on {vector.device} but x is on {x.device}")
 
 
 def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift,
@@ -99,9 +76,9 @@ def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilog
         raise ValueError(f"fused_conv2d supports square kernels only; weight has a {kernel_h}x{kernel_w} kernel")
     if out_channels < 1 or in_channels < 1:
         raise ValueError(f"fused_conv2d needs Co, Ci >= 1; weight has shape {tuple(weight.shape)}")
-    if _check_int("stride", stride) not in SUPPORTED_STRIDES:
+    if require_int(OP_NAME, "stride", stride) not in SUPPORTED_STRIDES:
         raise ValueError(f"fused_conv2d supports stride 1 or 2, got {stride}")
-    if _check_int("padding", padding) not in (0, (kernel_h - 1) // 2):
+    if require_int(OP_NAME, "padding", padding) not in (0, (kernel_h - 1) // 2):
         raise ValueError(
             f"fused_conv2d supports padding 0 or (k - 1) // 2 = {(kernel_h - 1) // 2} for a {kernel_h}x{kernel_h} "
             f"kernel, got {padding}"
@@ -114,32 +91,22 @@ def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilog
         )
     if (prologue_scale is None) != (prologue_shift is None):
         raise ValueError("fused_conv2d: give prologue_scale and prologue_shift together (or neither)")
-    _validate_vector("prologue_scale", prologue_scale, in_channels, x, "input channel")
-    _validate_vector("prologue_shift", prologue_shift, in_channels, x, "input channel")
-    _validate_vector("epilogue_scale", epilogue_scale, out_channels, x, "output channel")
-    _validate_vector("epilogue_shift", epilogue_shift, out_channels, x, "output channel")
+    for name, vector, length, what in (("prologue_scale", prologue_scale, in_channels, "input channel"),
+                                       ("prologue_shift", prologue_shift, in_channels, "input channel"),
+                                       ("epilogue_scale", epilogue_scale, out_channels, "output channel"),
+                                       ("epilogue_shift", epilogue_shift, out_channels, "output channel")):
+        require_channel_vector(OP_NAME, name, vector, length, x, what, optional=True)
     if out is None:
         if out_offset != 0:
             raise ValueError(f"fused_conv2d: out_offset ({out_offset}) needs out=")
         return height, width
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"fused_conv2d expects out as a torch.Tensor, got {type(out).__name__}")
-    if out.dim() != 4:
-        raise ValueError(f"fused_conv2d: out must be a 4-D [N, C, Ho, Wo] tensor; got shape {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"fused_conv2d: out has dtype {out.dtype} but x has {x.dtype}")
-    if out.device != x.device:
-        raise ValueError(f"fused_conv2d: out is on {out.device} but x is on {x.device}")
+    require_out_like(OP_NAME, out, x, "[N, C, Ho, Wo]")
     if out.shape[0] != x.shape[0] or tuple(out.shape[2:]) != (height, width):
         raise ValueError(
             f"fused_conv2d: out has shape {tuple(out.shape)} but must be [{x.shape[0]}, C, {height}, {width}] "
             f"for this input and convolution"
         )
-    if _check_int("out_offset", out_offset) < 0 or out_offset + out_channels > out.shape[1]:
-        raise ValueError(
-            f"fused_conv2d: the output needs channels [{out_offset}, {out_offset + out_channels}) but out has "
-            f"{out.shape[1]} channels"
-        )
+    require_out_channels(OP_NAME, out, out_offset, out_channels)
     return height, width
 
 
@@ -216,7 +183,7 @@ def fused_conv2d_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 
@@ -295,22 +262,6 @@ def _backward(ctx, grad_output):
             None, None, None)
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes and the gradient
-    # formula come from here.
-    torch.library.register_fake(OP_NAME)(_fake_fused_conv2d)
-    torch.library.register_fake(OUT_OP_NAME)(_fake_fused_conv2d_out)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-
-
-# The Triton backend: custom ops so that torch.compile treats each Triton launch as one opaque call.
-
-
-def _triton_kernels():
-    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
-
-
-@torch.library.custom_op("ranet_fast::fused_conv2d_triton", mutates_args=())
 def _fused_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -323,13 +274,11 @@ def _fused_conv2d_triton(
     relu: bool,
 ) -> torch.Tensor:
     out = _fake_fused_conv2d(x, weight, None, None, None, None, stride, padding, relu)
-    _triton_kernels().fused_conv2d_triton(
-        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu, 0
-    )
+    _fused_conv2d_triton_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                             padding, relu, 0)
     return out
 
 
-@torch.library.custom_op("ranet_fast::fused_conv2d_triton_out", mutates_args=("out",))
 def _fused_conv2d_triton_out(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -343,15 +292,27 @@ def _fused_conv2d_triton_out(
     relu: bool,
     out_offset: int,
 ) -> None:
-    _triton_kernels().fused_conv2d_triton(
+    triton_kernels(SPEC.triton_module).fused_conv2d_triton(
         out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu,
         out_offset,
     )
 
 
-_fused_conv2d_triton.register_fake(_fake_fused_conv2d)
-_fused_conv2d_triton_out.register_fake(_fake_fused_conv2d_out)
-_fused_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+def _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+                   relu, out_offset=0):
+    """fused_conv2d_reference with the compiled ops' arguments; ``out=None`` is the functional form."""
+    return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
+                                  prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
+                                  epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+
+
+SPEC = OpSpec(OP_NAME, "fused_conv2d", {
+    FUNCTIONAL: Form(triton=_fused_conv2d_triton, reference=functools.partial(_reference_out, None),
+                     fake=_fake_fused_conv2d, backward=_backward, setup_context=_setup_context),
+    OUT: Form(triton=_fused_conv2d_triton_out, reference=_reference_out, fake=_fake_fused_conv2d_out,
+              mutates_args=("out",)),
+})
+register(SPEC)
 
 
 def fused_conv2d(
@@ -397,28 +358,12 @@ def fused_conv2d(
     prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
     epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
     vectors = (prologue_scale, prologue_shift, epilogue_scale, epilogue_shift)
-    chosen = _extension.resolve_backend("fused_conv2d", x, backend, TRITON_MODULE)
     if out is None:
-        arguments = (x, weight, *vectors, stride, padding, relu)
-        if chosen in ("cpu", "cuda"):
-            return torch.ops.ranet_fast.fused_conv2d(*arguments)
-        if chosen == "triton":
-            return _fused_conv2d_triton(*arguments)
-        return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
-                                      prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
-                                      epilogue_shift=epilogue_shift, relu=relu)
+        return run(SPEC, backend, x, weight, *vectors, stride, padding, relu)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, out, *vectors)):
         raise RuntimeError(
             "fused_conv2d: the out= form is not differentiable, but an input or out requires grad; call it "
             "without out= (or under torch.no_grad() if no gradient is needed)"
         )
-    arguments = (out, x, weight, *vectors, stride, padding, relu, out_offset)
-    if chosen in ("cpu", "cuda"):
-        torch.ops.ranet_fast.fused_conv2d_out(*arguments)
-    elif chosen == "triton":
-        _fused_conv2d_triton_out(*arguments)
-    else:
-        fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
-                               prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
-                               epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+    run(SPEC, backend, out, x, weight, *vectors, stride, padding, relu, out_offset, form=OUT)
     return out

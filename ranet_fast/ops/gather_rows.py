@@ -37,15 +37,11 @@ zeros with ``index_add`` of the output gradient's rows (repeated indices sum).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 
-from .. import _extension
-
-OP_NAME = "ranet_fast::gather_rows"
-TRITON_MODULE = "gather_rows"
+from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -164,7 +160,7 @@ def gather_rows_reference(
 
 
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 
@@ -196,32 +192,24 @@ def _backward(ctx, grad_outputs):
     return (grads, None, None)[: len(ctx.needs_input_grad)]
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the op and its CPU/CUDA kernels; shapes,
-    # strides and the gradient formula come from here.
-    torch.library.register_fake(OP_NAME)(_fake_gather_rows)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-
-
-# The Triton backend: a custom op so that torch.compile treats the Triton
-# launch as one opaque call.
-
-
-def _triton_kernels():
-    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
-
-
-@torch.library.custom_op("ranet_fast::gather_rows_triton", mutates_args=())
 def _gather_rows_triton(tensors: list[torch.Tensor], index: torch.Tensor, check_index: bool) -> list[torch.Tensor]:
     if check_index:
         check_index_values(index, tensors[0].shape[0])
     outputs = allocate_outputs(tensors, index.shape[0])
-    _triton_kernels().gather_rows_triton(outputs, [make_row_dense(tensor) for tensor in tensors], index)
+    triton_kernels(SPEC.triton_module).gather_rows_triton(outputs, [make_row_dense(tensor) for tensor in tensors],
+                                                          index)
     return outputs
 
 
-_gather_rows_triton.register_fake(_fake_gather_rows)
-_gather_rows_triton.register_autograd(_backward, setup_context=_setup_context)
+def _gather_rows_reference(tensors: list[torch.Tensor], index: torch.Tensor, check_index: bool) -> list[torch.Tensor]:
+    return gather_rows_reference(tensors, index, check_index=check_index)
+
+
+SPEC = OpSpec("gather_rows", "gather_rows", {
+    FUNCTIONAL: Form(triton=_gather_rows_triton, reference=_gather_rows_reference, fake=_fake_gather_rows,
+                     backward=_backward, setup_context=_setup_context),
+})
+register(SPEC)
 
 
 def gather_rows(
@@ -253,9 +241,4 @@ def gather_rows(
         every backend. Differentiable with respect to the floating inputs.
     """
     tensors = _validate(tensors, index)
-    chosen = _extension.resolve_backend("gather_rows", index, backend, TRITON_MODULE)
-    if chosen in ("cpu", "cuda"):
-        return list(torch.ops.ranet_fast.gather_rows(tensors, index, check_index))
-    if chosen == "triton":
-        return list(_gather_rows_triton(tensors, index, check_index))
-    return gather_rows_reference(tensors, index, check_index=check_index)
+    return list(run(SPEC, backend, tensors, index, check_index))

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
-from ._memory import require_no_overlap
+from ._checks import require_no_overlap
+from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import SUPPORTED_DTYPES
-
-OP_NAME = "ranet_fast::scatter_exits"
-TRITON_OP_NAME = "ranet_fast::scatter_exits_triton"
 
 
 def _require_tensor(name: str, value: object) -> torch.Tensor:
@@ -148,11 +145,6 @@ def _fake_scatter_exits(
     )
 
 
-if _extension.extension_loaded():
-    torch.library.register_fake(OP_NAME)(_fake_scatter_exits)
-
-
-@torch.library.custom_op(TRITON_OP_NAME, mutates_args=("result_logits", "result_exit"))
 def _scatter_exits_triton(
     result_logits: torch.Tensor,
     result_exit: torch.Tensor,
@@ -162,13 +154,16 @@ def _scatter_exits_triton(
     positions: torch.Tensor,
     exit_index: int,
 ) -> None:
-    # A custom op so that torch.compile treats the Triton launch as one opaque call.
-    _extension.triton_kernels().scatter_exits_triton(
+    triton_kernels(SPEC.triton_module).scatter_exits_triton(
         result_logits, result_exit, logits, order, num_continue, positions, exit_index
     )
 
 
-_scatter_exits_triton.register_fake(_fake_scatter_exits)
+SPEC = OpSpec("scatter_exits", "scatter_exits", {
+    FUNCTIONAL: Form(triton=_scatter_exits_triton, reference=scatter_exits_reference, fake=_fake_scatter_exits,
+                     mutates_args=("result_logits", "result_exit")),
+})
+register(SPEC)
 
 
 def scatter_exits(
@@ -194,12 +189,4 @@ def scatter_exits(
             "cuda", "triton", "cpu" or "reference"; see ranet_fast._extension.
     """
     validate_scatter_exits_args(result_logits, result_exit, logits, order, num_continue, positions, exit_index)
-    chosen = _extension.resolve_backend("scatter_exits", logits, backend, triton_module="scatter_exits")
-    logits = logits.detach()
-    arguments = (result_logits, result_exit, logits, order, num_continue, positions, exit_index)
-    if chosen in ("cpu", "cuda"):
-        torch.ops.ranet_fast.scatter_exits(*arguments)
-    elif chosen == "triton":
-        _scatter_exits_triton(*arguments)
-    else:
-        scatter_exits_reference(*arguments)
+    run(SPEC, backend, result_logits, result_exit, logits.detach(), order, num_continue, positions, exit_index)

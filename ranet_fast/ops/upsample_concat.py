@@ -19,20 +19,15 @@ deterministic without atomics.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .. import _extension
-from ._memory import require_no_overlap
+from ._checks import require_no_overlap
+from ._registry import BACKWARD, FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-OP_NAME = "ranet_fast::upsample_concat"
-OUT_OP_NAME = "ranet_fast::upsample_concat_out"
-BACKWARD_OP_NAME = "ranet_fast::upsample_concat_backward"
-TRITON_MODULE = "upsample_concat"
 
 
 def _size_pair(size: object) -> tuple[int, int]:
@@ -190,15 +185,43 @@ def upsample_concat_reference(
     parts, (height, width), offsets, channels = _validate(parts, size, channel_offsets, out)
     if out is None:
         out = _allocate_output(parts, channels, height, width)
-    for part, offset in zip(parts, offsets):
-        if tuple(part.shape[2:]) != (height, width):
-            part = F.interpolate(part, size=(height, width), mode="bilinear", align_corners=True)
+    return _write_resized(out, parts, offsets)
+
+
+def _write_resized(out: torch.Tensor, parts: list[torch.Tensor], channel_offsets: list[int]) -> torch.Tensor:
+    """The reference's computation on validated arguments: each part resized to out's size, into its slice."""
+    size = tuple(out.shape[2:])
+    for part, offset in zip(parts, channel_offsets):
+        if tuple(part.shape[2:]) != size:
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=True)
         out.narrow(1, offset, part.shape[1]).copy_(part)
     return out
 
 
+def _reference(parts: list[torch.Tensor], channel_offsets: list[int], channels: int, height: int, width: int):
+    return _write_resized(_allocate_output(parts, channels, height, width), parts, channel_offsets)
+
+
+def _reference_out(out: torch.Tensor, parts: list[torch.Tensor], channel_offsets: list[int]) -> torch.Tensor:
+    return _write_resized(out, parts, channel_offsets)
+
+
+def _backward_reference(grad_output, channel_offsets, part_channels, part_heights, part_widths):
+    """Each part's gradient: its channel slice of grad_output, through bilinear resizing's backward."""
+    size = list(grad_output.shape[2:])
+    gradients = []
+    for offset, channels, height, width in zip(channel_offsets, part_channels, part_heights, part_widths):
+        sliced = grad_output.narrow(1, offset, channels)
+        if [height, width] == size:
+            gradients.append(sliced.clone(memory_format=_gradient_memory_format(grad_output)))
+        else:
+            gradients.append(torch.ops.aten.upsample_bilinear2d_backward(
+                sliced, size, [grad_output.shape[0], channels, height, width], True))
+    return gradients
+
+
 # ---------------------------------------------------------------------------
-# torch.library registration: fake implementations and autograd.
+# The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
 
@@ -243,12 +266,9 @@ def _setup_context(ctx, inputs, output):
     ctx.part_widths = [part.shape[3] for part in parts]
 
 
-def _backward_arguments(ctx, grad_output):
-    return (grad_output, ctx.channel_offsets, ctx.part_channels, ctx.part_heights, ctx.part_widths)
-
-
-def _compiled_backward(ctx, grad_output):
-    part_gradients = torch.ops.ranet_fast.upsample_concat_backward(*_backward_arguments(ctx, grad_output))
+def _backward(ctx, grad_output):
+    backward = ctx.same_backend(BACKWARD)
+    part_gradients = backward(grad_output, ctx.channel_offsets, ctx.part_channels, ctx.part_heights, ctx.part_widths)
     return list(part_gradients), None, None, None, None
 
 
@@ -260,7 +280,7 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.part_shapes = list(zip(part_channels, part_heights, part_widths))
 
 
-def _transpose_of_backward(ctx, part_gradient_grads, functional_op):
+def _double_backward(ctx, part_gradient_grads):
     """Gradient of the backward op with respect to grad_output.
 
     The backward is linear in grad_output and its transpose is the forward:
@@ -282,48 +302,25 @@ def _transpose_of_backward(ctx, part_gradient_grads, functional_op):
     if covered_until < channels:
         parts.append(torch.zeros((batch, channels - covered_until, height, width), dtype=ctx.dtype, device=ctx.device))
         offsets.append(covered_until)
-    return functional_op(parts, offsets, channels, height, width), None, None, None, None
+    functional = ctx.same_backend(FUNCTIONAL)
+    return functional(parts, offsets, channels, height, width), None, None, None, None
 
 
-def _compiled_double_backward(ctx, part_gradient_grads):
-    return _transpose_of_backward(ctx, part_gradient_grads, torch.ops.ranet_fast.upsample_concat)
+# The Triton twins' bodies.
 
 
-if _extension.extension_loaded():
-    # The C++ extension defines the ops and their CPU/CUDA kernels; shapes,
-    # dtypes and the gradient formula come from here.
-    torch.library.register_fake(OP_NAME)(_fake_upsample_concat)
-    torch.library.register_fake(OUT_OP_NAME)(_fake_upsample_concat_out)
-    torch.library.register_fake(BACKWARD_OP_NAME)(_fake_upsample_concat_backward)
-    torch.library.register_autograd(OP_NAME, _compiled_backward, setup_context=_setup_context)
-    torch.library.register_autograd(
-        BACKWARD_OP_NAME, _compiled_double_backward, setup_context=_setup_backward_context
-    )
-
-
-# The Triton backend: custom ops so that torch.compile treats each Triton
-# launch as one opaque call.
-
-
-def _triton_kernels():
-    return importlib.import_module(f"ranet_fast.kernels.{TRITON_MODULE}")
-
-
-@torch.library.custom_op("ranet_fast::upsample_concat_triton", mutates_args=())
 def _upsample_concat_triton(
     parts: list[torch.Tensor], channel_offsets: list[int], channels: int, height: int, width: int
 ) -> torch.Tensor:
     out = _allocate_output(parts, channels, height, width)
-    _triton_kernels().upsample_concat_forward_triton(out, parts, channel_offsets)
+    _upsample_concat_triton_out(out, parts, channel_offsets)
     return out
 
 
-@torch.library.custom_op("ranet_fast::upsample_concat_triton_out", mutates_args=("out",))
 def _upsample_concat_triton_out(out: torch.Tensor, parts: list[torch.Tensor], channel_offsets: list[int]) -> None:
-    _triton_kernels().upsample_concat_forward_triton(out, parts, channel_offsets)
+    triton_kernels(SPEC.triton_module).upsample_concat_forward_triton(out, parts, channel_offsets)
 
 
-@torch.library.custom_op("ranet_fast::upsample_concat_triton_backward", mutates_args=())
 def _upsample_concat_triton_backward(
     grad_output: torch.Tensor,
     channel_offsets: list[int],
@@ -332,23 +329,20 @@ def _upsample_concat_triton_backward(
     part_widths: list[int],
 ) -> list[torch.Tensor]:
     part_shapes = list(zip(part_channels, part_heights, part_widths))
-    return list(_triton_kernels().upsample_concat_backward_triton(grad_output, channel_offsets, part_shapes))
+    return list(triton_kernels(SPEC.triton_module).upsample_concat_backward_triton(grad_output, channel_offsets,
+                                                                                   part_shapes))
 
 
-def _triton_backward(ctx, grad_output):
-    part_gradients = _upsample_concat_triton_backward(*_backward_arguments(ctx, grad_output))
-    return list(part_gradients), None, None, None, None
-
-
-def _triton_double_backward(ctx, part_gradient_grads):
-    return _transpose_of_backward(ctx, part_gradient_grads, _upsample_concat_triton)
-
-
-_upsample_concat_triton.register_fake(_fake_upsample_concat)
-_upsample_concat_triton_out.register_fake(_fake_upsample_concat_out)
-_upsample_concat_triton_backward.register_fake(_fake_upsample_concat_backward)
-_upsample_concat_triton.register_autograd(_triton_backward, setup_context=_setup_context)
-_upsample_concat_triton_backward.register_autograd(_triton_double_backward, setup_context=_setup_backward_context)
+SPEC = OpSpec("upsample_concat", "upsample_concat", {
+    FUNCTIONAL: Form(triton=_upsample_concat_triton, reference=_reference, fake=_fake_upsample_concat,
+                     backward=_backward, setup_context=_setup_context),
+    OUT: Form(triton=_upsample_concat_triton_out, reference=_reference_out, fake=_fake_upsample_concat_out,
+              mutates_args=("out",)),
+    BACKWARD: Form(triton=_upsample_concat_triton_backward, reference=_backward_reference,
+                   fake=_fake_upsample_concat_backward, backward=_double_backward,
+                   setup_context=_setup_backward_context),
+})
+register(SPEC)
 
 
 def upsample_concat_backward(
@@ -380,22 +374,8 @@ def upsample_concat_backward(
                 f"upsample_concat_backward: a part needs channels [{offset}, {offset + channels}) but grad_output "
                 f"has {grad_output.shape[1]}"
             )
-    chosen = _extension.resolve_backend("upsample_concat", grad_output, backend, TRITON_MODULE)
     channels, heights, widths = (list(values) for values in zip(*part_shapes))
-    if chosen in ("cpu", "cuda"):
-        return list(torch.ops.ranet_fast.upsample_concat_backward(grad_output, offsets, channels, heights, widths))
-    if chosen == "triton":
-        return list(_upsample_concat_triton_backward(grad_output, offsets, channels, heights, widths))
-    size = list(grad_output.shape[2:])
-    gradients = []
-    for (part_channels, height, width), offset in zip(part_shapes, offsets):
-        sliced = grad_output.narrow(1, offset, part_channels)
-        if [height, width] == size:
-            gradients.append(sliced.clone(memory_format=_gradient_memory_format(grad_output)))
-        else:
-            gradients.append(torch.ops.aten.upsample_bilinear2d_backward(
-                sliced, size, [grad_output.shape[0], part_channels, height, width], True))
-    return gradients
+    return list(run(SPEC, backend, grad_output, offsets, channels, heights, widths, form=BACKWARD))
 
 
 def upsample_concat(
@@ -426,22 +406,12 @@ def upsample_concat(
             ranet_fast._extension.
     """
     parts, (height, width), offsets, channels = _validate(parts, size, channel_offsets, out)
-    chosen = _extension.resolve_backend("upsample_concat", parts[0], backend, TRITON_MODULE)
     if out is None:
-        if chosen in ("cpu", "cuda"):
-            return torch.ops.ranet_fast.upsample_concat(parts, offsets, channels, height, width)
-        if chosen == "triton":
-            return _upsample_concat_triton(parts, offsets, channels, height, width)
-        return upsample_concat_reference(parts, (height, width), channel_offsets=offsets)
+        return run(SPEC, backend, parts, offsets, channels, height, width)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (*parts, out)):
         raise RuntimeError(
             "upsample_concat: the out= form is not differentiable, but a part or out requires grad; "
             "call it without out= (or under torch.no_grad() if no gradient is needed)"
         )
-    if chosen in ("cpu", "cuda"):
-        torch.ops.ranet_fast.upsample_concat_out(out, parts, offsets)
-    elif chosen == "triton":
-        _upsample_concat_triton_out(out, parts, offsets)
-    else:
-        upsample_concat_reference(parts, (height, width), channel_offsets=offsets, out=out)
+    run(SPEC, backend, out, parts, offsets, form=OUT)
     return out
