@@ -191,7 +191,7 @@ setup(
     # kernels/ lives at the top of the repository next to csrc/ but is shipped
     # as ranet_fast.kernels, so the install adds no top-level module besides
     # ranet_fast; likewise benchmarks/ as ranet_fast.benchmarks, for the
-    # ranet-bench command (its suite uses relative imports for that reason).
+    # ranet-bench command (so every import inside benchmarks/ is relative).
     packages=find_packages(include=["ranet_fast", "ranet_fast.*"])
     + ["ranet_fast.kernels", "ranet_fast.benchmarks"]
     + [f"ranet_fast.kernels.{name}" for name in find_packages("kernels")],
@@ -200,10 +200,10 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["ranet-train = ranet_fast.train.__main__:main",
-                                     "ranet-bench = ranet_fast.benchmarks.suite:main"]},
+                                     "ranet-bench = ranet_fast.benchmarks.__main__:main"]},
     zip_safe=False,
 )

@@ -88,7 +88,7 @@ def test_convert_benchmark_runs_and_writes_json(tmp_path):
     assert saved["benchmark"] == "convert" and saved["device"] == "cpu" and saved["environment"]["torch"]
 
 
-# Not named "benchmark": that is pytest-benchmark's fixture.
+# Not named "benchmark": pytest-benchmark, where installed, owns a fixture of that name.
 @pytest.mark.parametrize("exit_op_module", [exit_confidence, exit_partition, scatter_exits],
                          ids=lambda module: module.__name__.rpartition(".")[2])
 def test_exit_op_benchmark_checks_every_backend_and_writes_json(tmp_path, exit_op_module):
