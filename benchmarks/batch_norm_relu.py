@@ -99,7 +99,7 @@ def run_case(shape, batch, device, dtype, layout, compiled, repeats, min_run_tim
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64], max_shapes_option=True)
     add_run_arguments(parser)
     options = parser.parse_args(argv)

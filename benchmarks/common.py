@@ -70,7 +70,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, configs, batch, compile
 
 
 def benchmark_parser(module_name: str, docstring: str) -> argparse.ArgumentParser:
-    """An argument parser named as the CLI calls the benchmark (``python -m benchmarks NAME``)."""
+    """An argument parser named as the CLI calls the benchmark (``python -m benchmarks NAME``).
+
+    ``module_name``: the module's ``__spec__.name``, which (unlike ``__name__``) stays the module's
+    own under ``python -m benchmarks.NAME``.
+    """
     return argparse.ArgumentParser(prog=f"python -m benchmarks {module_name.rpartition('.')[2]}",
                                    description=docstring, formatter_class=argparse.RawDescriptionHelpFormatter)
 

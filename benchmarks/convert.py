@@ -67,7 +67,7 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["resnet18", "densenet-small"])
     parser.add_argument("--batch", nargs="+", type=int, default=[32])
     parser.add_argument("--size", type=int, default=64, help="input height and width")

@@ -89,7 +89,7 @@ def run_config(config: str, batch: int, options, device, dtype) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
     parser.add_argument("--batch", nargs="+", type=int, default=[64, 1024])
     parser.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),

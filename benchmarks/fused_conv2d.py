@@ -162,7 +162,7 @@ def run_model(config, batch, device, dtype, layout, repeats, min_run_time):
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64], max_shapes_option=True)
     parser.add_argument("--no-model", action="store_true", help="leave the whole-model comparison out")
     add_run_arguments(parser)

@@ -94,7 +94,7 @@ def run_case(config, batch, device, dtype, layout, keep, repeats, min_run_time, 
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64, 1024], compile_option=False)
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of the samples kept")
     add_run_arguments(parser)

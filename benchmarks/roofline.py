@@ -102,7 +102,7 @@ def floors(config: str, batch: int, dtype: torch.dtype, flops_rate: float, bytes
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
     parser.add_argument("--batch", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")

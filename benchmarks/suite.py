@@ -427,7 +427,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def parse_args(argv=None):
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1"], choices=list(PAPER_CONFIGS))
     parser.add_argument("--override", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="change a configuration flag, e.g. nChannels=4 growthRate=4 step=2 (a narrow model)")

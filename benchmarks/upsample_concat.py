@@ -86,7 +86,7 @@ def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repea
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__name__, __doc__)
+    parser = benchmark_parser(__spec__.name, __doc__)
     add_model_arguments(parser, configs=["cifar-c1", "cifar-c3", "imagenet-1"], batch=[64, 256])
     add_run_arguments(parser)
     options = parser.parse_args(argv)
