@@ -98,7 +98,7 @@ def write_build_info_header(torch):
     return directory
 
 
-NO_BUILD_ISOLATION_COMMAND = "pip install --no-build-isolation -e ."
+NO_BUILD_ISOLATION_COMMAND = "pip install --no-build-isolation -e .   (without -e for a regular install)"
 
 
 def import_the_installed_torch():
@@ -116,9 +116,9 @@ def import_the_installed_torch():
         import torch
     except ImportError as error:
         raise SystemExit(
-            f"ranet_fast: torch cannot be imported by the build ({error}).\n"
+            f"ranet_fast: the build cannot import torch ({error}).\n"
             "The C++/CUDA extension must be compiled against the torch installed in your environment,\n"
-            "which pip's build isolation hides. Install torch first, then run:\n"
+            "which pip's build isolation hides. With torch installed, run:\n"
             f"    {NO_BUILD_ISOLATION_COMMAND}\n"
             "(or RANET_FAST_NO_EXTENSION=1 for a pure-Python install without the compiled kernels)"
         ) from None
