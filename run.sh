@@ -6,9 +6,10 @@
 #                                   budgeted inference, print a summary and the paths of the plots
 #   ./run.sh test [pytest args]     run the test suite
 #   ./run.sh test-device-stack [pytest args]
-#                                   the op, model and Triton-interpreter tests on the GPU machine's
-#                                   stack (torch 2.11.0, torchvision 0.26.0, triton 3.6.0), in a
-#                                   venv of its own with its own copy of the sources (see below)
+#                                   the op, model, Triton-interpreter and packaging tests on the GPU
+#                                   machine's stack (torch 2.11.0, torchvision 0.26.0, triton 3.6.0),
+#                                   in a venv of its own with a regular (non-editable) install from
+#                                   its own copy of the sources (see below)
 #   ./run.sh setup                  only the set-up
 #
 # Environment: RANET_FAST_VENV (default .venv), PYTHON (default python3), RANET_FAST_TORCH (the pip
@@ -46,7 +47,9 @@ TRITON_REQUIREMENT="${RANET_FAST_TRITON:-triton}"
 # and leaves the venv's setuptools 65.5, which cannot build an editable wheel).
 BUILD_REQUIREMENTS=("setuptools>=64" wheel ninja)
 
-setup() {
+# The venv with torch, triton and the build requirements (not yet ranet_fast); CUDA_HOME exported
+# when a toolkit is found.
+prepare_venv() {
     [ -x "$PY" ] || "${PYTHON:-python3}" -m venv "$VENV"
     local stamp="$VENV/.ranet_fast_requirements" wanted
     wanted="$TORCH_REQUIREMENT | $TRITON_REQUIREMENT | ${BUILD_REQUIREMENTS[*]}"
@@ -71,10 +74,27 @@ setup() {
     else
         echo "run.sh: no CUDA toolkit found; building the CPU-only extension" >&2
     fi
-    MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation -e ".[test]"
+}
+
+# pip install of the checkout with its test extras, against the venv's torch; "$@" adds pip options
+# (-e for the editable install).
+install_ranet_fast() {
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation "$@" ".[test]"
+}
+
+# What the venv's ranet_fast finds: extension, Triton, backends.
+report_environment() {
     "$PY" -m ranet_fast.env
     # CI (CI=true) on a machine with a CUDA toolkit: a _C without CUDA kernels, or no Triton, fails here.
     if [[ "${CI:-}" =~ ^(1|true|yes)$ ]] && find_cuda_home >/dev/null; then "$PY" -m ranet_fast.env --require cuda-build,triton; fi
+}
+
+# The development venv: the checkout installed in editable mode, so edits take effect without a
+# reinstall (C++/CUDA ones after the rebuild this reinstall does).
+setup() {
+    prepare_venv
+    install_ranet_fast -e
+    report_environment
 }
 
 # The GPU machine's stack (an H200 with Python 3.12, torch 2.11.0+cu130, torchvision 0.26.0, triton
@@ -90,8 +110,9 @@ DEVICE_STACK_TORCH="torch==2.11.0 torchvision==0.26.0"
 DEVICE_STACK_TRITON="triton==3.6.0 numpy<2.4"
 # The ops (each against its reference, autograd, opcheck/torch.compile), the fast layers in eval and
 # train mode, the models and early exit, and the Triton kernels under the interpreter: what runs on
-# the GPU machine. Left out: the trainer, DDP, interrupt, data, checkpoint, benchmark and script
-# tests, which exercise Python around the ops rather than the device stack (the main suite runs them).
+# the GPU machine; and the packaging checks, which here run against the regular (non-editable)
+# install. Left out: the trainer, DDP, interrupt, data, checkpoint, benchmark and script tests,
+# which exercise Python around the ops rather than the device stack (the main suite runs them).
 DEVICE_STACK_TESTS=(
     tests/test_exit_confidence.py tests/test_exit_partition.py tests/test_scatter_exits.py
     tests/test_gather_rows.py tests/test_upsample_concat.py tests/test_upsample_concat_triton.py
@@ -99,13 +120,14 @@ DEVICE_STACK_TESTS=(
     tests/test_batch_norm_relu.py tests/test_batch_norm_relu_triton.py tests/test_fuzz_ops.py
     tests/test_dense_layers.py tests/test_fusion_layers.py tests/test_train_mode.py
     tests/test_models.py tests/test_msdnet.py tests/test_early_exit.py tests/test_optimize.py
-    tests/test_convert.py tests/test_env.py
+    tests/test_convert.py tests/test_env.py tests/test_packaging.py
 )
 
 # Copies the working tree's sources (tracked files and untracked ones git does not ignore) to $1,
-# replacing what was there. test-device-stack builds and tests in that copy: an editable install
-# builds ranet_fast/_C*.so in place, and one built against torch 2.11.0 in the checkout would break
-# .venv's torch (both are cpython-311 here, so the file names are the same).
+# replacing what was there. test-device-stack builds and tests in that copy: the build writes its
+# objects under build/ in the source tree, and objects or a _C built against torch 2.11.0 in the
+# checkout would be picked up by .venv's build (both are cpython-311 here, so the file names are the
+# same).
 copy_sources() {
     local destination="$1"
     git rev-parse --is-inside-work-tree >/dev/null 2>&1 \
@@ -134,7 +156,13 @@ test_device_stack() {
     fi
     copy_sources "$VENV/src"
     cd "$VENV/src"
-    setup
+    prepare_venv
+    # A regular (non-editable) install, as a user's pip install . makes, then the package sources
+    # removed from the copy: everything below imports the installed ranet_fast, so a module, kernel
+    # or benchmark the wheel lacks fails here instead of being found in the source tree.
+    install_ranet_fast
+    rm -rf ranet_fast kernels benchmarks
+    report_environment
     # A header the CI log can be searched for, and a check that the venv holds the pinned stack and
     # a working extension (the tests would otherwise pass on the reference fallbacks).
     "$PY" - "$DEVICE_STACK_TORCH $DEVICE_STACK_TRITON" <<'EOF'
@@ -155,6 +183,10 @@ line = "=" * 100
 print(f"{line}\nDEVICE STACK: torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision "
       f"{torchvision.__version__}, triton {triton_version}, numpy {numpy.__version__}, "
       f"python {platform.python_version()}\nranet_fast._C: {extension}\n{line}", flush=True)
+import sysconfig
+
+import ranet_fast
+
 installed = {"torch": torch.__version__, "torchvision": torchvision.__version__, "triton": triton_version}
 problems = [f"{name} is {installed[name]}, not {version}"
             for name, _, version in (pin.partition("==") for pin in sys.argv[1].split() if "==" in pin)
@@ -163,6 +195,9 @@ if not _extension.extension_loaded():
     problems.append(f"ranet_fast._C does not import ({_extension.extension_import_error()})")
 if triton_error:
     problems.append(f"triton does not import ({triton_error})")
+site_packages = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+if not any(ranet_fast.__file__.startswith(directory) for directory in site_packages):
+    problems.append(f"ranet_fast is imported from {ranet_fast.__file__}, not from the installed package")
 if problems:
     sys.exit("run.sh test-device-stack: " + "; ".join(problems))
 EOF

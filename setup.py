@@ -1,9 +1,12 @@
 """Build script of ranet_fast.
 
-Recommended install (uses the torch already in the environment, which the
-compiled extension must match):
+Install (uses the torch already in the environment, which the compiled
+extension must match; drop -e for a regular, non-editable install):
 
-    pip install --no-build-isolation --no-deps -e .
+    pip install --no-build-isolation -e .
+
+Plain ``pip install -e .`` (with build isolation) stops with a message naming
+--no-build-isolation: see import_the_installed_torch.
 
 Environment variables:
     RANET_FAST_NO_EXTENSION=1   pure-Python install: skip ranet_fast._C; the ops
@@ -95,13 +98,46 @@ def write_build_info_header(torch):
     return directory
 
 
+NO_BUILD_ISOLATION_COMMAND = "pip install --no-build-isolation -e .   (without -e for a regular install)"
+
+
+def import_the_installed_torch():
+    """The torch of the environment being installed into, or a SystemExit naming the right command.
+
+    The extension is compiled against torch's C++ ABI, which changes between releases, so it has to
+    be built with the very torch it will run with. Under pip's build isolation (plain ``pip install
+    .``) the build sees only the packages pyproject.toml requires, in a throwaway directory: a torch
+    there would be whatever pip fetched, and the _C it built would fail to import later (an
+    undefined symbol) and leave every op on its fallback. pyproject.toml therefore does not require
+    torch, and this stops the build with the command that works instead.
+    """
+    # Imported here so that a pure-Python install does not need torch to build.
+    try:
+        import torch
+    except ImportError as error:
+        raise SystemExit(
+            f"ranet_fast: the build cannot import torch ({error}).\n"
+            "The C++/CUDA extension must be compiled against the torch installed in your environment,\n"
+            "which pip's build isolation hides. With torch installed, run:\n"
+            f"    {NO_BUILD_ISOLATION_COMMAND}\n"
+            "(or RANET_FAST_NO_EXTENSION=1 for a pure-Python install without the compiled kernels)"
+        ) from None
+    if re.search(r"(^|[\\/])(pip-)?build-env-", os.path.abspath(torch.__file__)):
+        raise SystemExit(
+            f"ranet_fast: the build imported torch {torch.__version__} from an isolated build environment\n"
+            f"({os.path.dirname(torch.__file__)}), not the torch installed in your environment; an\n"
+            "extension compiled against it would not load there. Run:\n"
+            f"    {NO_BUILD_ISOLATION_COMMAND}"
+        )
+    return torch
+
+
 def extension_modules_and_commands():
     if env_flag("RANET_FAST_NO_EXTENSION"):
         print("ranet_fast: RANET_FAST_NO_EXTENSION=1, skipping the C++/CUDA extension")
         return [], {}
 
-    # Imported here so that a pure-Python install does not need torch to build.
-    import torch
+    torch = import_the_installed_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = env_flag("DEBUG")
@@ -127,7 +163,10 @@ def extension_modules_and_commands():
         # WITH_CUDA is what ranet_fast._C.WITH_CUDA reports.
         define_macros.append(("WITH_CUDA", None))
     else:
-        print("ranet_fast: building the CPU-only extension")
+        reason = ("RANET_FAST_WITH_CUDA=0" if torch.version.cuda is not None and CUDA_HOME is not None
+                  else "torch is a CPU-only build" if torch.version.cuda is None
+                  else "no CUDA toolkit was found (set CUDA_HOME to build the CUDA kernels)")
+        print(f"ranet_fast: building the CPU-only extension: {reason}")
         extension_class = CppExtension
 
     extension = extension_class(
@@ -152,7 +191,7 @@ setup(
     # kernels/ lives at the top of the repository next to csrc/ but is shipped
     # as ranet_fast.kernels, so the install adds no top-level module besides
     # ranet_fast; likewise benchmarks/ as ranet_fast.benchmarks, for the
-    # ranet-bench command (its suite uses relative imports for that reason).
+    # ranet-bench command (so every import inside benchmarks/ is relative).
     packages=find_packages(include=["ranet_fast", "ranet_fast.*"])
     + ["ranet_fast.kernels", "ranet_fast.benchmarks"]
     + [f"ranet_fast.kernels.{name}" for name in find_packages("kernels")],
@@ -161,10 +200,10 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest", "hypothesis"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["ranet-train = ranet_fast.train.__main__:main",
-                                     "ranet-bench = ranet_fast.benchmarks.suite:main"]},
+                                     "ranet-bench = ranet_fast.benchmarks.__main__:main"]},
     zip_safe=False,
 )

@@ -1,6 +1,6 @@
 """Train-mode BatchNorm + ReLU: the batch-norm ops vs eager F.batch_norm + ReLU vs torch.compile.
 
-    python -m benchmarks.batch_norm_relu --configs cifar-c1 cifar-c3 --batch 64 --device cuda --dtype bf16 \\
+    python -m benchmarks batch_norm_relu --configs cifar-c1 cifar-c3 --batch 64 --device cuda --dtype bf16 \\
         --json benchmarks/results/batch_norm_relu-h100.json
 
 The shapes are the distinct (C, H, W) inputs of every BatchNorm2d of the chosen RANets (recorded
@@ -18,35 +18,29 @@ synchronises CUDA); ratios are the ops' speed-up over each contender, summarised
 
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
-from ranet_fast.models import RANet, ranet_config
 from ranet_fast.ops import batch_norm_relu, batch_norm_relu_backward, batch_norm_stats
+
+from .common import (DTYPES, MEMORY_FORMATS, add_model_arguments, add_run_arguments, allow_recompiles, benchmark_parser,
+                     distinct_shapes, forward_with_hooks, geometric_mean, median_seconds, provenance, write_json)
 
 EPS = 1e-5
 
 
 def bn_shapes(config: str) -> list[tuple[int, int, int]]:
-    """Distinct (C, H, W) of the BatchNorm2d inputs of ``config`` (batch 1, train mode)."""
-    args = ranet_config(config)
-    model = RANet(args).train()
+    """Distinct (C, H, W) of the BatchNorm2d inputs of ``config`` (train mode)."""
     shapes: "OrderedDict[tuple, None]" = OrderedDict()
 
     def hook(module, inputs, output):
         shapes[tuple(inputs[0].shape[1:])] = None
 
-    handles = [module.register_forward_hook(hook) for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
-    size = 224 if args.data == "ImageNet" else 32
-    with torch.no_grad():
-        model(torch.zeros(2, 3, size, size))  # batch 2: train-mode BN needs more than one value per channel
-    for handle in handles:
-        handle.remove()
+    forward_with_hooks(config, lambda model: [(m, hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)],
+                       train=True, batch=2)
     return list(shapes)
 
 
@@ -71,9 +65,9 @@ def eager_train(x, weight, bias, grad_out):
 
 
 def run_case(shape, batch, device, dtype, layout, compiled, repeats, min_run_time):
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     channels = shape[0]
-    x = (torch.randn(batch, *shape, device=device, dtype=dtype) * 2 + 1).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, *shape, device=device, dtype=dtype) * 2 + 1
+    x = x.contiguous(memory_format=MEMORY_FORMATS[layout])
     grad_out = torch.randn_like(x)
     weight = torch.rand(channels, device=device) + 0.5
     bias = torch.randn(channels, device=device)
@@ -105,25 +99,14 @@ def run_case(shape, batch, device, dtype, layout, compiled, repeats, min_run_tim
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[64])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
-    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--max-shapes", type=int, help="time only the first this many distinct shapes")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    parser = benchmark_parser(__spec__.name, __doc__)
+    add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64], max_shapes_option=True)
+    add_run_arguments(parser)
     options = parser.parse_args(argv)
 
     compiled = None
     if not options.no_compile:
-        # Every shape is its own specialisation; past dynamo's recompile limit the compiled
-        # contender would silently run eager.
-        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit_name, 4096)
+        allow_recompiles()
         compiled = {"forward": torch.compile(eager_forward, dynamic=False),
                     "train": torch.compile(eager_train, dynamic=False)}
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
@@ -132,23 +115,19 @@ def main(argv=None) -> dict:
           + " ".join(f"{'fwd ' + n:>12}" for n in contenders) + " "
           + " ".join(f"{'train ' + n:>13}" for n in contenders) + "  ops speed-up fwd / train vs "
           + ", ".join(contenders[1:]))
-    rows, seen = [], set()
-    for config in options.configs:
-        for shape in bn_shapes(config):
-            if shape in seen or len(seen) == options.max_shapes:  # configurations share shapes; time each once
-                continue
-            seen.add(shape)
-            for batch in options.batch:
-                row = run_case(shape, batch, device, dtype, options.layout, compiled, options.repeats,
-                               options.min_run_time)
-                row["config"] = config
-                rows.append(row)
-                forward, train = row["forward_s"], row["train_s"]
-                print(f"{config:<9} {batch:>5} {'x'.join(map(str, shape)):<14} "
-                      + " ".join(f"{forward[n] * 1e6:>10.1f}us" for n in contenders) + " "
-                      + " ".join(f"{train[n] * 1e6:>11.1f}us" for n in contenders) + "  "
-                      + ", ".join(f"{forward[n] / forward['ops']:.2f} / {train[n] / train['ops']:.2f}"
-                                  for n in contenders[1:]), flush=True)
+    rows = []
+    for config, shape in distinct_shapes(options.configs, bn_shapes, options.max_shapes):
+        for batch in options.batch:
+            row = run_case(shape, batch, device, dtype, options.layout, compiled, options.repeats,
+                           options.min_run_time)
+            row["config"] = config
+            rows.append(row)
+            forward, train = row["forward_s"], row["train_s"]
+            print(f"{config:<9} {batch:>5} {'x'.join(map(str, shape)):<14} "
+                  + " ".join(f"{forward[n] * 1e6:>10.1f}us" for n in contenders) + " "
+                  + " ".join(f"{train[n] * 1e6:>11.1f}us" for n in contenders) + "  "
+                  + ", ".join(f"{forward[n] / forward['ops']:.2f} / {train[n] / train['ops']:.2f}"
+                              for n in contenders[1:]), flush=True)
     summary = {}
     for other in contenders[1:]:
         summary[f"forward_speedup_vs_{other}"] = geometric_mean([r["forward_s"][other] / r["forward_s"]["ops"]

@@ -1,6 +1,6 @@
 """ranet_fast.convert on models ranet_fast did not write: converted vs eager vs torch.compile (eval forward).
 
-    python -m benchmarks.convert --models resnet18 densenet-small --batch 32 --size 64 --device cpu \
+    python -m benchmarks convert --models resnet18 densenet-small --batch 32 --size 64 --device cpu \
         --json benchmarks/results/convert-cpu.json
 
 Each model comes from torchvision with random weights and random BN statistics, in eval mode
@@ -13,17 +13,16 @@ synchronises CUDA), in turn, so that slow phases of a shared machine hit every c
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 
 import torch
 import torch.nn as nn
-import torch.utils.benchmark as tbench
 import torchvision
 
-from benchmarks.common import DTYPES, provenance, write_json
 from ranet_fast.nn import convert
+
+from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, interleaved_medians, provenance,
+                     write_json)
 
 MODELS = {
     "vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=1000),
@@ -48,20 +47,10 @@ def build(name: str, device, dtype) -> nn.Module:
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def interleaved_medians(contenders: dict, repeats: int, min_run_time: float) -> dict[str, float]:
-    timers = {name: tbench.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in contenders.items()}
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, timer in timers.items():
-            samples[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, min_run_time):
     eager = build(name, device, dtype)
     fast = convert(copy.deepcopy(eager))
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=MEMORY_FORMATS[layout])
     models = {"converted": fast, "eager": eager}
     if compile_model:
         models["compile"] = torch.compile(eager, dynamic=False)
@@ -78,17 +67,12 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["resnet18", "densenet-small"])
     parser.add_argument("--batch", nargs="+", type=int, default=[32])
     parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    add_run_arguments(parser)
     options = parser.parse_args(argv)
 
     device, dtype = torch.device(options.device), DTYPES[options.dtype]

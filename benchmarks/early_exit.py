@@ -1,8 +1,8 @@
 """Real early exit vs full-network inference: does skipping computation save the time FLOPs promise?
 
-    python -m benchmarks.early_exit --configs cifar-c1 cifar-c3 --batch 64 1024 \
+    python -m benchmarks early_exit --configs cifar-c1 cifar-c3 --batch 64 1024 \
         --json benchmarks/results/early_exit-cpu.json
-    python -m benchmarks.early_exit --configs imagenet-1 --batch 64 --device cuda --dtype bf16
+    python -m benchmarks early_exit --configs imagenet-1 --batch 64 --device cuda --dtype bf16
 
 For each configuration and batch size a RANet (random weights from a fixed seed, eval mode,
 ``ranet_fast.convert``-ed unless ``--eager``) gets exit thresholds calibrated on a separate
@@ -24,18 +24,17 @@ fixes, so random weights measure the same thing a trained model would.
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
 
 import torch
-from torch.utils import benchmark as tbench
 
 import ranet_fast
-from benchmarks.common import DTYPES, git_commit, provenance, write_json
 from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
+
+from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, geometric_mean, git_commit,
+                     interleaved_medians, provenance, write_json)
 
 DEFAULT_BUDGETS = (0.25, 0.5, 1.0, 1.5)
 
@@ -53,12 +52,11 @@ def run_config(config: str, batch: int, options, device, dtype) -> dict:
     channels_last = options.layout == "channels_last"
     model = build_model(config, device, dtype, channels_last, not options.eager)
     size = IMAGE_SIZES[ranet_config(config).data]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator = torch.Generator().manual_seed(1)
 
     def batch_of_images(n):
         images = torch.randn(n, 3, size, size, generator=generator)
-        return images.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        return images.to(device=device, dtype=dtype).contiguous(memory_format=MEMORY_FORMATS[options.layout])
 
     flops = exit_flops(model, (size, size))
     with torch.no_grad():
@@ -74,14 +72,8 @@ def run_config(config: str, batch: int, options, device, dtype) -> dict:
                   "full": lambda: early_exit(model, x, never, count_flops_spent=False)}
     for index, (_, thresholds) in enumerate(budgets):
         contenders[index] = lambda thresholds=thresholds: early_exit(model, x, thresholds, count_flops_spent=False)
-    # Repeats interleave the contenders, so that a slow spell of the machine hits them all alike.
-    samples = {name: [] for name in contenders}
     with torch.no_grad():
-        for _ in range(options.repeats):
-            for name, fn in contenders.items():
-                samples[name].append(tbench.Timer(stmt="fn()", globals={"fn": fn})
-                                     .blocked_autorange(min_run_time=options.min_run_time).median)
-    seconds = {name: statistics.median(values) for name, values in samples.items()}
+        seconds = interleaved_medians(contenders, options.repeats, options.min_run_time)
     row = {"config": config, "batch": batch, "flops_per_exit": flops, "forward_s": seconds["forward"],
            "full_s": seconds["full"], "budgets": []}
     for index, ((p, _), result) in enumerate(zip(budgets, results)):
@@ -97,19 +89,14 @@ def run_config(config: str, batch: int, options, device, dtype) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
     parser.add_argument("--batch", nargs="+", type=int, default=[64, 1024])
     parser.add_argument("--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
                         help="values of the official schedule's p (exit fractions ~ p^k)")
     parser.add_argument("--val-images", type=int, default=1024, help="validation images for the calibration")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--eager", action="store_true", help="the official layers (no ranet_fast.convert)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    add_run_arguments(parser, repeats=3, min_run_time=0.5)
     options = parser.parse_args(argv)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     commit = git_commit()  # now: the checkout may move while a long run goes on
@@ -131,12 +118,12 @@ def main(argv=None) -> dict:
                       f"{budget['exit_counts']}", flush=True)
     ratios = [b["realised_over_predicted"] for row in rows for b in row["budgets"]]
     summary = {"realised_over_predicted_min": min(ratios),
-               "realised_over_predicted_geomean": math.exp(sum(map(math.log, ratios)) / len(ratios))}
+               "realised_over_predicted_geomean": geometric_mean(ratios)}
     print("realised / FLOPs-predicted speed-up: "
           f"min {summary['realised_over_predicted_min']:.2f}, geometric mean "
           f"{summary['realised_over_predicted_geomean']:.2f} (target >= 0.9)")
     result = {**provenance("early_exit", commit), "device": str(device), "dtype": options.dtype,
-              "layout": options.layout, "fast_layers": not options.eager, "torch_threads": torch.get_num_threads(),
+              "layout": options.layout, "fast_layers": not options.eager,
               "summary": summary, "rows": rows}
     write_json(options.json, result)
     return result

@@ -1,6 +1,6 @@
 """Fused conv -> BN -> ReLU vs eager vs torch.compile on every conv layer shape of RANet, eval and train.
 
-    python -m benchmarks.fused_conv2d --configs cifar-c1 cifar-c3 --batch 64 --device cuda --dtype bf16 \
+    python -m benchmarks fused_conv2d --configs cifar-c1 cifar-c3 --batch 64 --device cuda --dtype bf16 \
         --json benchmarks/results/fused_conv2d-h100.json
 
 The shapes are recorded from the eager model with forward hooks on every conv that is followed by
@@ -24,24 +24,24 @@ on CUDA, the peak of torch.cuda.max_memory_allocated over the step.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
-from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
 from ranet_fast.models import RANet, ranet_config
+from ranet_fast.models.configs import IMAGE_SIZES
 from ranet_fast.models.ranet import ConvBasic, ConvBN
 from ranet_fast.nn import convert
 from ranet_fast.nn.dense import FastConvBasic
 
+from .common import (DTYPES, MEMORY_FORMATS, add_model_arguments, add_run_arguments, allow_recompiles, benchmark_parser,
+                     distinct_shapes, forward_with_hooks, geometric_mean, median_seconds, provenance, write_json)
+
 
 def conv_shapes(config: str) -> list[tuple[int, int, int, int, int, int, int]]:
     """Distinct (Ci, H, W, Co, kernel, stride, padding) of the conv -> BN -> ReLU layers of ``config``."""
-    args = ranet_config(config)
-    model = RANet(args).eval()
     shapes: "OrderedDict[tuple, None]" = OrderedDict()
 
     def hook(module, inputs, output):
@@ -49,14 +49,9 @@ def conv_shapes(config: str) -> list[tuple[int, int, int, int, int, int, int]]:
         shapes[(x.shape[1], x.shape[2], x.shape[3], module.out_channels, module.kernel_size[0], module.stride[0],
                 module.padding[0])] = None
 
-    convs = [conv for parent in model.modules() if isinstance(parent, (ConvBasic, ConvBN))
-             for conv in parent.modules() if isinstance(conv, nn.Conv2d)]
-    handles = [conv.register_forward_hook(hook) for conv in convs]
-    size = 224 if args.data == "ImageNet" else 32
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for handle in handles:
-        handle.remove()
+    forward_with_hooks(config, lambda model: [
+        (conv, hook) for parent in model.modules() if isinstance(parent, (ConvBasic, ConvBN))
+        for conv in parent.modules() if isinstance(conv, nn.Conv2d)])
     return list(shapes)
 
 
@@ -74,10 +69,9 @@ def eager_layer(shape, device, dtype) -> nn.Module:
 
 
 def run_case(shape, batch, device, dtype, layout, compile_layers, repeats, min_run_time):
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     in_channels, height, width = shape[:3]
     x = torch.randn(batch, in_channels, height, width, device=device, dtype=dtype).contiguous(
-        memory_format=memory_format)
+        memory_format=MEMORY_FORMATS[layout])
     eager = eager_layer(shape, device, dtype)
     fused = copy.deepcopy(eager)
     fused.__class__ = FastConvBasic  # what ranet_fast.convert does
@@ -140,9 +134,8 @@ def run_model(config, batch, device, dtype, layout, repeats, min_run_time):
     args = ranet_config(config)
     eager = RANet(args).to(device=device, dtype=dtype).eval().requires_grad_(False)
     fast = convert(copy.deepcopy(eager))
-    size = 224 if args.data == "ImageNet" else 32
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    size = IMAGE_SIZES[args.data]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=MEMORY_FORMATS[layout])
     row = {"config": config, "batch": batch, "forward_s": {}, "train_s": {}, "saved_activation_mib": {},
            "peak_train_mib": {}}
     with torch.no_grad():
@@ -169,50 +162,35 @@ def run_model(config, batch, device, dtype, layout, repeats, min_run_time):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[64])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
-    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser = benchmark_parser(__spec__.name, __doc__)
+    add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64], max_shapes_option=True)
     parser.add_argument("--no-model", action="store_true", help="leave the whole-model comparison out")
-    parser.add_argument("--max-shapes", type=int, help="time only the first this many distinct shapes")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    add_run_arguments(parser)
     options = parser.parse_args(argv)
 
     if not options.no_compile:
-        # Every shape is its own specialisation; past dynamo's recompile limit the compiled
-        # contender would silently run eager.
-        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit_name, 4096)
+        allow_recompiles()
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     contenders = ["fused", "eager"] + ([] if options.no_compile else ["compile"])
     print(f"{'config':<9} {'batch':>5} {'Ci x H x W -> Co, k/s/p':<28} "
           + " ".join(f"{'fwd ' + n:>12}" for n in contenders) + " ".join(f"{'train ' + n:>14}" for n in contenders)
           + "  fused speed-up (fwd; train) vs "
           + ", ".join(contenders[1:]))
-    rows, seen = [], set()
-    for config in options.configs:
-        for shape in conv_shapes(config):
-            if shape in seen or len(seen) == options.max_shapes:  # configurations share shapes; time each once
-                continue
-            seen.add(shape)
-            for batch in options.batch:
-                row = run_case(shape, batch, device, dtype, options.layout, not options.no_compile,
-                               options.repeats, options.min_run_time)
-                row["config"] = config
-                rows.append(row)
-                ci, h, w, co, k, s, p = shape
-                described = f"{ci}x{h}x{w} -> {co}, {k}/{s}/{p}"
-                print(f"{config:<9} {batch:>5} {described:<28} "
-                      + " ".join(f"{row['forward_s'][n] * 1e6:>10.1f}us" for n in contenders)
-                      + " ".join(f"{row['train_s'][n] * 1e6:>12.1f}us" for n in contenders) + "  "
-                      + ", ".join(f"{row['forward_s'][n] / row['forward_s']['fused']:.2f}; "
-                                  f"{row['train_s'][n] / row['train_s']['fused']:.2f}" for n in contenders[1:]),
-                      flush=True)
+    rows = []
+    for config, shape in distinct_shapes(options.configs, conv_shapes, options.max_shapes):
+        for batch in options.batch:
+            row = run_case(shape, batch, device, dtype, options.layout, not options.no_compile,
+                           options.repeats, options.min_run_time)
+            row["config"] = config
+            rows.append(row)
+            ci, h, w, co, k, s, p = shape
+            described = f"{ci}x{h}x{w} -> {co}, {k}/{s}/{p}"
+            print(f"{config:<9} {batch:>5} {described:<28} "
+                  + " ".join(f"{row['forward_s'][n] * 1e6:>10.1f}us" for n in contenders)
+                  + " ".join(f"{row['train_s'][n] * 1e6:>12.1f}us" for n in contenders) + "  "
+                  + ", ".join(f"{row['forward_s'][n] / row['forward_s']['fused']:.2f}; "
+                              f"{row['train_s'][n] / row['train_s']['fused']:.2f}" for n in contenders[1:]),
+                  flush=True)
     summary = {f"{mode}_speedup_vs_{other}": geometric_mean([row[f"{mode}_s"][other] / row[f"{mode}_s"]["fused"]
                                                              for row in rows])
                for mode in ("forward", "train") for other in contenders[1:]}

@@ -1,6 +1,6 @@
 """gather_rows vs a per-tensor index_select loop on the live tensors of a RANet.
 
-    python -m benchmarks.gather_rows --configs cifar-c1 cifar-c3 --batch 64 1024 \
+    python -m benchmarks gather_rows --configs cifar-c1 cifar-c3 --batch 64 1024 \
         --device cuda --dtype bf16 --json benchmarks/results/gather_rows-h100.json
 
 The tensors stand for the ones early-exit inference compacts after an exit:
@@ -26,20 +26,17 @@ sizes) are checked here, never by a unit test.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import DTYPES, median_seconds, provenance, write_json
 from ranet_fast import _extension
-from ranet_fast.models import RANet, ranet_config
 from ranet_fast.ops import gather_rows
+
+from .common import (DTYPES, MEMORY_FORMATS, add_model_arguments, add_run_arguments, benchmark_parser,
+                     forward_with_hooks, median_seconds, provenance, write_json)
 
 
 def live_shapes(config: str) -> list[tuple[int, ...]]:
     """Per-sample shapes [C, H, W] of the first layer's features and every block's output in ``config``."""
-    args = ranet_config(config)
-    model = RANet(args).eval()
     shapes: list[tuple[int, ...]] = []
 
     def record(tensors):
@@ -51,14 +48,8 @@ def live_shapes(config: str) -> list[tuple[int, ...]]:
     def block_hook(module, inputs, output):
         record(output[:1])
 
-    handles = [model.FirstLayer.register_forward_hook(first_layer_hook)]
-    for flow in model.scale_flows:
-        handles += [block.register_forward_hook(block_hook) for block in flow]
-    size = 224 if args.data == "ImageNet" else 32
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for handle in handles:
-        handle.remove()
+    forward_with_hooks(config, lambda model: [(model.FirstLayer, first_layer_hook)]
+                       + [(block, block_hook) for flow in model.scale_flows for block in flow])
     return shapes
 
 
@@ -68,10 +59,9 @@ def index_select_loop(tensors, index):
 
 def run_case(config, batch, device, dtype, layout, keep, repeats, min_run_time, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     tensors = [
         torch.randn((batch, *shape), generator=generator).to(device=device, dtype=dtype).contiguous(
-            memory_format=memory_format)
+            memory_format=MEMORY_FORMATS[layout])
         for shape in live_shapes(config)
     ]
     tensors.append(torch.arange(batch, device=device))
@@ -104,16 +94,10 @@ def run_case(config, batch, device, dtype, layout, keep, repeats, min_run_time, 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[64, 1024])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser = benchmark_parser(__spec__.name, __doc__)
+    add_model_arguments(parser, configs=["cifar-c1", "cifar-c3"], batch=[64, 1024], compile_option=False)
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of the samples kept")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    add_run_arguments(parser)
     options = parser.parse_args(argv)
 
     dtype = DTYPES[options.dtype]

@@ -39,7 +39,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 
-from benchmarks.common import geometric_mean
+from .common import geometric_mean
 
 # The tests stage runs every test marked gpu (tests/conftest.py marks each one skipped for want of
 # a GPU). compute-sanitizer runs a small subset (each sanitised CUDA launch is slow): one case per op.
@@ -72,7 +72,7 @@ def stages(options, scratch: str) -> list[Stage]:
     dry = options.dry_run
     device = "cpu" if dry else "cuda"
     result = lambda name: os.path.join(scratch, f"{name}.json")  # noqa: E731 - a path per stage
-    suite = python() + ["-m", "benchmarks", "--device", device]
+    suite = python() + ["-m", "benchmarks", "suite", "--device", device]
     if dry:
         # A narrow C-1 on two images: every code path of the suite, seconds on a CPU.
         suite += ["--override", "nChannels=4", "growthRate=4", "--batch", "2", "--repeats", "1", "--warmup", "0",
@@ -96,7 +96,7 @@ def stages(options, scratch: str) -> list[Stage]:
               limit_s=options.tests_limit, environment={**test_environment, **failure_log},
               junit_xml=os.path.join(scratch, "tests.xml")),
         Stage("ops", "every op on every backend vs eager, with roofline floors (C-1, C-3, ImageNet-1)", 150,
-              python() + ["-m", "benchmarks.op_backends", "--device", device, "--json", result("ops")]
+              python() + ["-m", "benchmarks", "op_backends", "--device", device, "--json", result("ops")]
               + (["--dtypes", "fp32", "--configs", "cifar-c1", "--batch", "2", "--max-shapes", "1", "--repeats", "1",
                   "--min-run-time", "0.001", "--small-ceilings"] if dry else
                  ["--dtypes", "bf16", "--configs", "cifar-c1", "cifar-c3", "imagenet-1", "--batch", "256",
@@ -112,7 +112,7 @@ def stages(options, scratch: str) -> list[Stage]:
                                                              "--json", result("train")],
               result_json=result("train")),
         Stage("early-exit", "real early exit: realised vs FLOPs-predicted speed-up (C-1, C-3)", 60,
-              python() + ["-m", "benchmarks.early_exit", "--device", device, "--json", result("early-exit")]
+              python() + ["-m", "benchmarks", "early_exit", "--device", device, "--json", result("early-exit")]
               + (["--configs", "cifar-c1", "--batch", "4", "--val-images", "8", "--repeats", "1",
                   "--min-run-time", "0.001", "--budgets", "0.5"] if dry else
                  ["--configs", "cifar-c1", "cifar-c3", "--batch", "256", "1024", "--dtype", "bf16",

@@ -12,9 +12,9 @@ import glob
 import json
 import os
 
-from benchmarks.common import geometric_mean
-from benchmarks.gpu_check import tests_from_log
-from benchmarks.roofline import H200_BF16_FLOPS, H200_COPY_BYTES, floors
+from .common import geometric_mean
+from .gpu_check import tests_from_log
+from .roofline import H200_BF16_FLOPS, H200_COPY_BYTES, floors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gpu")

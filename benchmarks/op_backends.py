@@ -1,6 +1,6 @@
 """Every op on every backend that runs here, against eager, with each case's roofline floor.
 
-    python -m benchmarks.op_backends --device cuda --dtypes bf16 fp32 --configs cifar-c1 cifar-c3 imagenet-1 \
+    python -m benchmarks op_backends --device cuda --dtypes bf16 fp32 --configs cifar-c1 cifar-c3 imagenet-1 \
         --batch 256 --json op_backends-h200.json
 
 For each op the cases are RANet's own shapes (recorded with forward hooks by the per-op benchmark
@@ -24,21 +24,21 @@ inputs of small cases may stay in the 60 MB L2, so their floor is optimistic rat
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.batch_norm_relu import bn_shapes
-from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, seconds_per_call, write_json
-from benchmarks.fused_conv2d import conv_shapes
-from benchmarks.gather_rows import index_select_loop, live_shapes
-from benchmarks.upsample_concat import eager_concat, fusion_shapes
-from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_stats, exit_partition,
                             fused_conv2d, gather_rows, upsample_concat)
+
+from .batch_norm_relu import bn_shapes
+from .common import (DTYPES, MEMORY_FORMATS, backends_here, benchmark_parser, geometric_mean, median_seconds,
+                     provenance, seconds_per_call, write_json)
+from .fused_conv2d import conv_shapes
+from .gather_rows import index_select_loop, live_shapes
+from .upsample_concat import eager_concat, fusion_shapes
 
 OPS = ("fused_conv2d", "upsample_concat", "batch_norm_relu", "batch_norm_relu_backward", "gather_rows",
        "exit_partition")
@@ -77,14 +77,8 @@ def floor_seconds(flops: float, nbytes: float, ceilings: dict, dtype: torch.dtyp
 # ---------------------------------------------------------------------------
 
 
-def backends_here(triton_module: str, device: torch.device) -> list[str]:
-    return [name for name in ("cuda", "triton", "cpu", "reference")
-            if _extension.backend_status(name, device, triton_module)[0]]
-
-
 def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    channels_last = layout == "channels_last"
-    return tensor.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return tensor.contiguous(memory_format=MEMORY_FORMATS[layout])
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -115,7 +109,7 @@ def fused_conv2d_cases(config, batch, device, dtype, layout, generator):
                                            training=False, eps=EPS))
 
         candidates = {"eager": eager}
-        for backend in backends_here("fused_conv2d", device):
+        for backend in backends_here(device, "fused_conv2d"):
             candidates[backend] = (lambda x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
                                    backend=backend: fused_conv2d(x, weight, stride=stride, padding=padding,
                                                                  epilogue_scale=scale, epilogue_shift=shift, relu=True,
@@ -130,7 +124,7 @@ def upsample_concat_cases(config, batch, device, dtype, layout, generator):
         out_elements = batch * sum(s[0] for s in parts_shapes) * size[0] * size[1]
         nbytes = _nbytes(*parts) + out_elements * parts[0].element_size()
         candidates = {"eager": lambda parts=parts, size=size: eager_concat(parts, size)}
-        for backend in backends_here("upsample_concat", device):
+        for backend in backends_here(device, "upsample_concat"):
             candidates[backend] = (lambda parts=parts, size=size, backend=backend:
                                    upsample_concat(parts, size, backend=backend))
         # Bilinear taps: 4 multiply-adds per output element (memory-bound by a wide margin).
@@ -149,7 +143,7 @@ def batch_norm_relu_cases(config, batch, device, dtype, layout, generator):
             return torch.relu(F.batch_norm(x, None, None, weight.to(x.dtype), bias.to(x.dtype), training=True, eps=EPS))
 
         candidates = {"eager": eager}
-        for backend in backends_here("batch_norm_relu", device):
+        for backend in backends_here(device, "batch_norm_relu"):
             def fused(x=x, weight=weight, bias=bias, backend=backend):
                 mean, var = batch_norm_stats(x, backend=backend)
                 return batch_norm_relu(x, mean, torch.rsqrt(var + EPS), weight, bias, backend=backend)
@@ -175,7 +169,7 @@ def batch_norm_relu_backward_cases(config, batch, device, dtype, layout, generat
             return torch.autograd.grad(eager_out, leaves, grad, retain_graph=True)
 
         candidates = {"eager": eager}
-        for backend in backends_here("batch_norm_relu", device):
+        for backend in backends_here(device, "batch_norm_relu"):
             candidates[backend] = (lambda grad=grad, x=x, mean=mean, invstd=invstd, weight=weight, bias=bias,
                                    backend=backend: batch_norm_relu_backward(grad, x, mean, invstd, weight, bias,
                                                                              backend=backend))
@@ -190,7 +184,7 @@ def gather_rows_cases(config, batch, device, dtype, layout, generator):
     index = torch.randperm(batch, generator=generator)[: max(1, batch // 2)].to(device)
     gathered = sum(t[0].numel() * t.element_size() for t in tensors) * index.numel()
     candidates = {"eager": lambda: index_select_loop(tensors, index)}
-    for backend in backends_here("gather_rows", device):
+    for backend in backends_here(device, "gather_rows"):
         candidates[backend] = (lambda backend=backend: gather_rows(tensors, index, check_index=False,
                                                                      backend=backend))
     yield {"tensors": len(tensors), "kept": index.numel()}, 0, 2 * gathered + _nbytes(index), candidates
@@ -208,7 +202,7 @@ def exit_partition_cases(config, batch, device, dtype, layout, generator):
         return confidence, prediction, order, (~leaves).sum()
 
     candidates = {"eager": eager}
-    for backend in backends_here("exit_partition", device):
+    for backend in backends_here(device, "exit_partition"):
         candidates[backend] = lambda backend=backend: exit_partition(logits, threshold, backend=backend)
     yield {"classes": classes}, 5 * logits.numel(), _nbytes(logits) + batch * 20, candidates
 
@@ -359,7 +353,7 @@ def summarise(rows) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
     parser.add_argument("--batch", type=int, default=256)
@@ -385,7 +379,7 @@ def main(argv=None) -> dict:
             # Written after every op, so a run stopped by a deadline keeps what it measured.
             result = {**provenance("op_backends"), "complete": False,
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      "torch_threads": torch.get_num_threads(), "options": vars(options), "ceilings": ceilings,
+                      "options": vars(options), "ceilings": ceilings,
                       "summary": summarise(rows), "rows": rows, "wall_s": time.perf_counter() - begin}
             write_json(options.json, result)
     result["complete"] = True

@@ -1,6 +1,6 @@
 """The roofline floor of RANet's forward and training step on a GPU, computed without one.
 
-    python -m benchmarks.roofline --configs cifar-c1 cifar-c3 imagenet-1 --batch 256 1024 \
+    python -m benchmarks roofline --configs cifar-c1 cifar-c3 imagenet-1 --batch 256 1024 \
         --json benchmarks/results/roofline-h200.json
 
 Every leaf layer of the eager model is recorded with forward hooks on one image; per layer the
@@ -22,15 +22,14 @@ its run (benchmarks/op_backends.py) and reports measured time as a multiple of t
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, provenance, write_json
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
+
+from .common import DTYPES, benchmark_parser, provenance, write_json
 
 H200_BF16_FLOPS = 790e12
 H200_COPY_BYTES = 4.3e12
@@ -103,7 +102,7 @@ def floors(config: str, batch: int, dtype: torch.dtype, flops_rate: float, bytes
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
     parser.add_argument("--batch", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")

@@ -1,8 +1,8 @@
 """The throughput suite: ranet_fast against the eager model and torch.compile, one command.
 
-    python -m benchmarks --configs cifar-c1 --batch 64 256 --workloads anytime early-exit train-step \\
+    python -m benchmarks suite --configs cifar-c1 --batch 64 256 --workloads anytime early-exit train-step \\
         --json benchmarks/results/suite-cpu.json --plot benchmarks/results/suite-cpu
-    ranet-bench --device cuda --dtype bf16 --channels-last --configs cifar-c1 cifar-c3 --batch 256 1024
+    ranet-bench suite --device cuda --dtype bf16 --channels-last --configs cifar-c1 cifar-c3 --batch 256 1024
 
 Models are RANets from the repository's configurations (``--override KEY=VALUE`` changes a flag,
 e.g. ``nChannels=4`` for a narrow model) with random weights from a fixed seed; throughput does
@@ -59,10 +59,12 @@ import torch
 import torch.nn.functional as F
 
 import ranet_fast
-from .common import DTYPES, git_commit, provenance, seconds_per_call, synchronize, write_json
 from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops, optimize
 from ranet_fast.models import PAPER_CONFIGS, RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
+
+from .common import (DTYPES, allow_recompiles, benchmark_parser, git_commit, provenance, seconds_per_call, synchronize,
+                     write_json)
 
 WORKLOADS = ("anytime", "early-exit", "train-step")
 CONTENDERS = ("eager", "ranet_fast", "optimize", "optimize-graphs", "compile", "compile-max-autotune")
@@ -358,6 +360,16 @@ def print_rows(rows: list[dict]) -> None:
               f"{row['peak_memory_bytes'] / 2**20:>9.1f} {first:>9} {launched:>9}", flush=True)
 
 
+def save_figure(plt, figure, axes, path: str) -> str:
+    """Adds the legend and grid every figure has, writes ``path`` and closes the figure."""
+    axes.legend()
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 def plot(rows: list[dict], directory: str) -> list[str]:
     """PNG figures; returns their paths."""
     import matplotlib
@@ -376,13 +388,7 @@ def plot(rows: list[dict], directory: str) -> list[str]:
                 axes.plot(*zip(*points), marker="o", label=contender)
             axes.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images/s",
                      title=f"{config} {workload}")
-            axes.legend()
-            axes.grid(True, which="both", alpha=0.3)
-            path = os.path.join(directory, f"{workload}-{config}.png")
-            figure.tight_layout()
-            figure.savefig(path, dpi=100)
-            plt.close(figure)
-            paths.append(path)
+            paths.append(save_figure(plt, figure, axes, os.path.join(directory, f"{workload}-{config}.png")))
     early = [r for r in rows if r["workload"] == "early-exit"]
     for config, batch in sorted({(r["config"], r["batch"]) for r in early}):
         selected = [r for r in early if r["config"] == config and r["batch"] == batch]
@@ -392,13 +398,7 @@ def plot(rows: list[dict], directory: str) -> list[str]:
             axes.plot(*zip(*points), marker="o", label=contender)
         axes.set(yscale="log", xlabel="MFLOPs per image spent (budget)", ylabel="images/s",
                  title=f"{config} real early exit, batch {batch}")
-        axes.legend()
-        axes.grid(True, which="both", alpha=0.3)
-        path = os.path.join(directory, f"early-exit-{config}-b{batch}.png")
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(plt, figure, axes, os.path.join(directory, f"early-exit-{config}-b{batch}.png")))
     return paths
 
 
@@ -427,8 +427,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__spec__.name, __doc__)
     parser.add_argument("--configs", nargs="+", default=["cifar-c1"], choices=list(PAPER_CONFIGS))
     parser.add_argument("--override", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="change a configuration flag, e.g. nChannels=4 growthRate=4 step=2 (a narrow model)")
@@ -467,10 +466,7 @@ def main(argv=None) -> dict:
     options = parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
-    # Each configuration and batch size compiles anew; past dynamo's recompile limit a compiled
-    # contender would silently run eager.
-    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit_name, 4096)
+    allow_recompiles()  # each configuration and batch size compiles anew
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     commit = git_commit()  # now: the checkout may move while a long run goes on
     rows = []
@@ -491,7 +487,7 @@ def main(argv=None) -> dict:
 
 def result_record(options, commit, device, rows, complete: bool) -> dict:
     return {**provenance("suite", commit), "complete": complete, "device": str(device), "device_name": device_name(device),
-              "torch_threads": torch.get_num_threads(), "dtype": options.dtype,
+              "dtype": options.dtype,
               "layout": "channels_last" if options.channels_last else "nchw",
               "memory_method": ("torch.cuda.max_memory_allocated during one call minus memory_allocated before it"
                                 if device.type == "cuda" else

@@ -1,6 +1,6 @@
 """upsample_concat vs eager (interpolate + cat) vs torch.compile on every fusion-layer shape of RANet.
 
-    python -m benchmarks.upsample_concat --configs cifar-c1 cifar-c3 imagenet-1 --batch 64 256 \
+    python -m benchmarks upsample_concat --configs cifar-c1 cifar-c3 imagenet-1 --batch 64 256 \
         --device cuda --dtype bf16 --json benchmarks/results/upsample_concat-h100.json
 
 The shapes are recorded from the eager model's fusion layers (ConvUpNormal and the end of every
@@ -14,16 +14,16 @@ summary (geometric means), never by a unit test.
 
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, geometric_mean, median_seconds, provenance, write_json
-from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
+
+from .common import (DTYPES, MEMORY_FORMATS, add_model_arguments, add_run_arguments, allow_recompiles, benchmark_parser,
+                     forward_with_hooks, geometric_mean, median_seconds, provenance, write_json)
 
 
 def _out_channels(branch: torch.nn.Module) -> int:
@@ -32,8 +32,6 @@ def _out_channels(branch: torch.nn.Module) -> int:
 
 def fusion_shapes(config: str) -> list[tuple[tuple[tuple[int, int, int], ...], tuple[int, int]]]:
     """Distinct (part shapes [C, H, W] ..., target size) of every fusion concat in ``config``."""
-    args = ranet_config(config)
-    model = RANet(args).eval()
     shapes: "OrderedDict[tuple, None]" = OrderedDict()
 
     def layer_hook(module, inputs, output):
@@ -51,13 +49,8 @@ def fusion_shapes(config: str) -> list[tuple[tuple[tuple[int, int, int], ...], t
                  (_out_channels(module.conv_last), *low.shape[-2:]))
         shapes[(parts, tuple(last_output.shape[-2:]))] = None
 
-    handles = [m.register_forward_hook(layer_hook) for m in model.modules() if isinstance(m, ConvUpNormal)]
-    handles += [m.register_forward_hook(block_hook) for m in model.modules() if isinstance(m, _BlockUpNormal)]
-    size = 224 if args.data == "ImageNet" else 32
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    for handle in handles:
-        handle.remove()
+    forward_with_hooks(config, lambda model: [(m, layer_hook) for m in model.modules() if isinstance(m, ConvUpNormal)]
+                       + [(m, block_hook) for m in model.modules() if isinstance(m, _BlockUpNormal)])
     return list(shapes)
 
 
@@ -70,8 +63,7 @@ def fused_concat(parts: list[torch.Tensor], size: tuple[int, int]) -> torch.Tens
 
 
 def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repeats, min_run_time):
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    parts = [torch.randn(batch, *shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    parts = [torch.randn(batch, *shape, device=device, dtype=dtype).contiguous(memory_format=MEMORY_FORMATS[layout])
              for shape in parts_shapes]
     out_bytes = batch * sum(s[0] for s in parts_shapes) * size[0] * size[1] * parts[0].element_size()
     row = {"parts": [list(s) for s in parts_shapes], "size": list(size), "batch": batch,
@@ -94,24 +86,14 @@ def run_case(parts_shapes, size, batch, device, dtype, layout, contenders, repea
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3", "imagenet-1"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[64, 256])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
-    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
-    parser.add_argument("--json", help="write the results (with the environment) to this file")
+    parser = benchmark_parser(__spec__.name, __doc__)
+    add_model_arguments(parser, configs=["cifar-c1", "cifar-c3", "imagenet-1"], batch=[64, 256])
+    add_run_arguments(parser)
     options = parser.parse_args(argv)
 
     contenders = {"fused": fused_concat, "eager": eager_concat}
     if not options.no_compile:
-        # Every shape is its own specialisation; past dynamo's recompile limit (8 by default)
-        # the compiled contender would silently run eager.
-        limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit_name, 4096)
+        allow_recompiles()
         contenders["compile"] = torch.compile(eager_concat, dynamic=False)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     rows = []

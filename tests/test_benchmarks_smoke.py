@@ -1,8 +1,14 @@
-"""The benchmark scripts run (tiny sizes, CPU), so they do not rot between GPU sessions."""
+"""The benchmarks run (tiny sizes, CPU), so they do not rot between GPU sessions."""
 
+import importlib
 import json
 
-from benchmarks import batch_norm_relu, convert, early_exit, fused_conv2d, gather_rows, upsample_concat
+import pytest
+import torch
+
+from benchmarks import __main__ as benchmarks_cli
+from benchmarks import (batch_norm_relu, convert, early_exit, exit_confidence, exit_partition, fused_conv2d,
+                        gather_rows, scatter_exits, upsample_concat)
 
 
 def test_upsample_concat_benchmark_runs_and_writes_json(tmp_path):
@@ -80,3 +86,49 @@ def test_convert_benchmark_runs_and_writes_json(tmp_path):
     assert set(row["forward_s"]) == {"converted", "eager"} and row["converted"]["FastDenseBlock"] == 2
     saved = json.loads(path.read_text())
     assert saved["benchmark"] == "convert" and saved["device"] == "cpu" and saved["environment"]["torch"]
+
+
+# Not named "benchmark": pytest-benchmark, where installed, owns a fixture of that name.
+@pytest.mark.parametrize("exit_op_module", [exit_confidence, exit_partition, scatter_exits],
+                         ids=lambda module: module.__name__.rpartition(".")[2])
+def test_exit_op_benchmark_checks_every_backend_and_writes_json(tmp_path, exit_op_module):
+    path = tmp_path / "result.json"
+    result = exit_op_module.main(["--rows", "5", "64", "--classes", "3", "--device", "cpu", "--repeats", "1",
+                             "--min-run-time", "0.001", "--json", str(path)])
+    backends = result["backends"]
+    assert backends[-1] == "reference" and backends == [
+        name for name in ("cuda", "triton", "cpu", "reference") if name in backends]
+    assert [(row["num_rows"], row["num_classes"]) for row in result["rows"]] == [(5, 3), (64, 3)]
+    for row in result["rows"]:
+        assert set(row["seconds"]) == set(backends) and all(value > 0 for value in row["seconds"].values())
+        assert set(row["speedup_vs_reference"]) == set(backends) - {"reference"}
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == exit_op_module.__name__.rpartition(".")[2] and saved["device"] == "cpu"
+    assert saved["torch_threads"] == torch.get_num_threads() and saved["environment"]["torch"] and saved["date"]
+
+
+def test_exit_op_benchmark_refuses_a_backend_that_disagrees_with_the_reference(monkeypatch):
+    # The check before timing is what makes a figure mean something: a wrong backend stops the run.
+    real = exit_confidence.exit_confidence
+
+    def off_by_one_prediction(logits, backend=None):
+        confidence, prediction = real(logits, backend=backend)
+        return confidence, prediction + (backend != "reference")
+
+    monkeypatch.setattr(exit_confidence, "exit_confidence", off_by_one_prediction)
+    with pytest.raises(AssertionError, match="predictions differ"):
+        exit_confidence.main(["--rows", "4", "--classes", "3", "--device", "cpu", "--repeats", "1",
+                              "--min-run-time", "0.001"])
+
+
+def test_the_command_line_lists_the_benchmarks_and_runs_one_by_name(capsys):
+    assert benchmarks_cli.main([]) == 2  # no name: the list, as an error
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in benchmarks_cli.BENCHMARKS)
+    assert benchmarks_cli.main(["no-such-benchmark"]) == 2
+    assert benchmarks_cli.main(["exit_confidence", "--rows", "2", "--classes", "2", "--device", "cpu",
+                                "--repeats", "1", "--min-run-time", "0.001"]) == 0
+    assert "speed-up vs reference" in capsys.readouterr().out
+    # Every listed name is a module with a main.
+    for name in benchmarks_cli.BENCHMARKS:
+        assert callable(importlib.import_module(f"benchmarks.{name}").main)
