@@ -26,9 +26,9 @@ BENCHMARKS = {
     "early_exit": "real early exit: realised vs FLOPs-predicted speed-up per budget",
     "convert": "ranet_fast.convert on torchvision models vs eager and torch.compile",
     "roofline": "FLOPs and bytes floors of RANet layers on a given device (no timing)",
-    # The GPU session's tools.
+    # The GPU check, and the tables published from the results files.
     "gpu_check": "the GPU check: tests, benchmarks and sanitizer stages under one deadline",
-    "gpu_report": "render the README's GPU tables from benchmarks/results/gpu/",
+    "figures": "render the tables of README.md and docs/ from benchmarks/results/ (--check: compare only)",
 }
 
 
