@@ -11,6 +11,7 @@
 // fake (meta) implementations are registered from Python in
 // ranet_fast/ops/batch_norm_relu.py.
 #include "batch_norm_relu.h"
+#include "checks.h"
 #include "fused_conv2d.h"
 
 #include <ATen/ops/empty.h>
@@ -21,61 +22,9 @@ namespace ranet_fast::ops {
 
 namespace {
 
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-      dtype == at::kDouble;
-}
-
-at::ScalarType accumulation_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_input(const char* op_name, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, op_name, " expects x of shape [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(x.scalar_type()),
-      op_name,
-      " expects float16, bfloat16, float32 or float64 tensors, got ",
-      x.scalar_type());
+  check_floating_tensor(op_name, x, "x", 4, "[N, C, H, W]");
   TORCH_CHECK(x.size(1) >= 1, op_name, " needs C >= 1, got x of shape ", x.sizes());
-}
-
-void check_vector(const char* op_name, const at::Tensor& vector, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(
-      vector.dim() == 1 && vector.size(0) == x.size(1),
-      op_name,
-      ": ",
-      name,
-      " must have shape [",
-      x.size(1),
-      "], got ",
-      vector.sizes());
-  TORCH_CHECK(
-      vector.scalar_type() == accumulation_dtype(x),
-      op_name,
-      ": ",
-      name,
-      " must have the accumulation dtype ",
-      accumulation_dtype(x),
-      " for ",
-      x.scalar_type(),
-      " inputs, got ",
-      vector.scalar_type());
-  TORCH_CHECK(
-      vector.device() == x.device(), op_name, ": ", name, " is on ", vector.device(), " but x is on ", x.device());
-}
-
-void check_vectors(
-    const char* op_name,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  check_vector(op_name, mean, "mean", x);
-  check_vector(op_name, invstd, "invstd", x);
-  check_vector(op_name, weight, "weight", x);
-  check_vector(op_name, bias, "bias", x);
 }
 
 } // namespace
@@ -90,65 +39,23 @@ void check_batch_norm_stats_args(const at::Tensor& x) {
       x.sizes());
 }
 
-void check_batch_norm_relu_args(
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  constexpr const char* kOpName = "ranet_fast::batch_norm_relu";
-  check_input(kOpName, x);
-  check_vectors(kOpName, x, mean, invstd, weight, bias);
+BatchNormParams checked_batch_norm_params(
+    const char* op_name, const at::Tensor& x,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias) {
+  check_input(op_name, x);
+  check_channel_vector(op_name, mean, "mean", x.size(1), x);
+  check_channel_vector(op_name, invstd, "invstd", x.size(1), x);
+  check_channel_vector(op_name, weight, "weight", x.size(1), x);
+  check_channel_vector(op_name, bias, "bias", x.size(1), x);
+  return {mean.contiguous(), invstd.contiguous(), weight.contiguous(), bias.contiguous()};
 }
 
-void check_batch_norm_relu_out_args(
-    const at::Tensor& out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    int64_t out_offset) {
-  constexpr const char* kOpName = "ranet_fast::batch_norm_relu_out";
-  check_batch_norm_relu_args(x, mean, invstd, weight, bias);
-  TORCH_CHECK(out.dim() == 4, kOpName, " expects out of shape [N, C_out, H, W], got ", out.sizes());
-  TORCH_CHECK(
-      out.scalar_type() == x.scalar_type(),
-      kOpName,
-      ": out has dtype ",
-      out.scalar_type(),
-      " but x has ",
-      x.scalar_type());
-  TORCH_CHECK(out.device() == x.device(), kOpName, ": out is on ", out.device(), " but x is on ", x.device());
-  TORCH_CHECK(
-      out.size(0) == x.size(0) && out.size(2) == x.size(2) && out.size(3) == x.size(3),
-      kOpName,
-      ": out ",
-      out.sizes(),
-      " does not have the batch and spatial size of x ",
-      x.sizes());
-  TORCH_CHECK(
-      out_offset >= 0 && out_offset + x.size(1) <= out.size(1),
-      kOpName,
-      ": the output needs channels [",
-      out_offset,
-      ", ",
-      out_offset + x.size(1),
-      ") but out has ",
-      out.size(1),
-      " channels");
+void check_batch_norm_relu_out_args(const at::Tensor& out, const at::Tensor& x, int64_t out_offset) {
+  check_out_channel_slice("ranet_fast::batch_norm_relu_out", out, x, x.sizes(), out_offset);
 }
 
-void check_batch_norm_relu_backward_args(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
+void check_batch_norm_relu_backward_args(const at::Tensor& grad_out, const at::Tensor& x) {
   constexpr const char* kOpName = "ranet_fast::batch_norm_relu_backward";
-  check_input(kOpName, x);
-  check_vectors(kOpName, x, mean, invstd, weight, bias);
   TORCH_CHECK(
       grad_out.sizes() == x.sizes(),
       kOpName,
@@ -180,7 +87,7 @@ at::Tensor empty_like_batch_norm_input(const at::Tensor& x) {
 }
 
 at::Tensor empty_channel_vector(const at::Tensor& x) {
-  return at::empty({x.size(1)}, x.options().dtype(accumulation_dtype(x)));
+  return at::empty({x.size(1)}, x.options().dtype(accumulation_dtype(x.scalar_type())));
 }
 
 TORCH_LIBRARY_FRAGMENT(ranet_fast, m) {

@@ -13,8 +13,4 @@ void check_exit_confidence_input(
     const at::Tensor& logits,
     const char* op_name = "ranet_fast::exit_confidence");
 
-// Confidence is accumulated and returned in float for half, bfloat16 and float
-// logits and in double for double logits (at::opmath_type).
-at::ScalarType exit_confidence_output_dtype(at::ScalarType logits_dtype);
-
 } // namespace ranet_fast::ops

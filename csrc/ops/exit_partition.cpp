@@ -5,22 +5,14 @@
 // The criterion travels as its name: a string argument is a compile-time
 // constant to torch.compile and keeps direct torch.ops calls readable.
 #include "exit_partition.h"
+#include "checks.h"
 #include "exit_confidence.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 namespace ranet_fast::ops {
-
-void check_exit_partition_input(const at::Tensor& logits, double threshold) {
-  check_exit_confidence_input(logits, "ranet_fast::exit_partition");
-  TORCH_CHECK(
-      !std::isnan(threshold),
-      "ranet_fast::exit_partition: threshold is NaN; use -inf (every sample "
-      "leaves) or +inf (none leaves)");
-}
 
 exit_partition_math::Criterion parse_criterion(c10::string_view criterion) {
   if (criterion == "max_softmax") {
@@ -32,6 +24,13 @@ exit_partition_math::Criterion parse_criterion(c10::string_view criterion) {
       criterion,
       "'; choose max_softmax or entropy");
   return exit_partition_math::Criterion::kEntropy;
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_confidence_and_prediction(const at::Tensor& logits) {
+  const int64_t num_rows = logits.size(0);
+  return {
+      at::empty({num_rows}, logits.options().dtype(accumulation_dtype(logits.scalar_type()))),
+      at::empty({num_rows}, logits.options().dtype(at::kLong))};
 }
 
 TORCH_LIBRARY_FRAGMENT(ranet_fast, m) {

@@ -1,18 +1,80 @@
-// Declarations shared by the exit_partition schema and its kernels.
+// Declarations shared by the exit_partition schema and its kernels, and the
+// entry point of exit_confidence, whose kernel is exit_partition's
+// max_softmax confidence pass.
 #pragma once
 
+#include "exit_confidence.h"
 #include "exit_partition_math.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include <tuple>
 
 namespace ranet_fast::ops {
 
-// Rejects logits that are not a floating [N, C] tensor with C >= 1 (the
-// exit_confidence check under this op's name) and a NaN threshold.
-void check_exit_partition_input(const at::Tensor& logits, double threshold);
-
 // "max_softmax" or "entropy"; anything else fails a TORCH_CHECK.
 exit_partition_math::Criterion parse_criterion(c10::string_view criterion);
+
+// The per-row outputs of both ops for [N, C] logits, uninitialised:
+// confidence [N] of the accumulation dtype and prediction [N] int64.
+std::tuple<at::Tensor, at::Tensor> allocate_confidence_and_prediction(const at::Tensor& logits);
+
+// A device's kernel: each row's confidence under `criterion` and its argmax,
+// for contiguous [N, C] logits with N >= 1.
+using ConfidenceWrite = void (*)(
+    const at::Tensor& logits, exit_partition_math::Criterion criterion,
+    const at::Tensor& confidence, const at::Tensor& prediction);
+
+// ranet_fast::exit_confidence on one device.
+template <ConfidenceWrite write>
+std::tuple<at::Tensor, at::Tensor> exit_confidence(const at::Tensor& logits) {
+  check_exit_confidence_input(logits);
+  const at::Tensor input = logits.contiguous();
+  auto [confidence, prediction] = allocate_confidence_and_prediction(input);
+  if (input.size(0) > 0) {
+    write(input, exit_partition_math::Criterion::kMaxSoftmax, confidence, prediction);
+  }
+  return {confidence, prediction};
+}
+
+// A device's partition kernel: the stable partition of the rows into those
+// that continue (confidence < threshold) and those that leave, with the
+// threshold rounded to the confidence's dtype once, as `tensor >= float` does
+// in PyTorch. Writes every row index to its slot of order and the count of
+// continuing rows to num_continue; runs for N == 0 too.
+using PartitionWrite = void (*)(
+    const at::Tensor& confidence, double threshold, const at::Tensor& order, const at::Tensor& num_continue);
+
+// ranet_fast::exit_partition on one device.
+template <ConfidenceWrite write_confidence, PartitionWrite write_partition>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_partition(
+    const at::Tensor& logits,
+    double threshold,
+    c10::string_view criterion_name) {
+  // A NaN threshold is the Python wrapper's to refuse: the kernels handle it
+  // safely (no row leaves).
+  check_exit_confidence_input(logits, "ranet_fast::exit_partition");
+  const exit_partition_math::Criterion criterion = parse_criterion(criterion_name);
+  const at::Tensor input = logits.contiguous();
+  auto [confidence, prediction] = allocate_confidence_and_prediction(input);
+  at::Tensor order = at::empty({input.size(0)}, input.options().dtype(at::kLong));
+  at::Tensor num_continue = at::empty({}, input.options().dtype(at::kLong));
+  if (input.size(0) > 0) {
+    write_confidence(input, criterion, confidence, prediction);
+  }
+  write_partition(confidence, threshold, order, num_continue);
+  return {confidence, prediction, order, num_continue};
+}
+
+// Registers exit_confidence and exit_partition for m's dispatch key over one
+// device's kernels.
+template <ConfidenceWrite write_confidence, PartitionWrite write_partition>
+void register_exit_kernels(torch::Library& m) {
+  m.impl("exit_confidence", &exit_confidence<write_confidence>);
+  m.impl("exit_partition", &exit_partition<write_confidence, write_partition>);
+}
 
 } // namespace ranet_fast::ops

@@ -103,6 +103,18 @@ std::vector<at::Tensor> allocate_gather_rows_outputs(at::TensorList tensors, int
   return outputs;
 }
 
+RowCopyPlan plan_row_copy(const at::Tensor& source, const at::Tensor& output, int64_t rows_in, int64_t rows_out) {
+  namespace math = gather_rows_math;
+  const int64_t element_bytes = static_cast<int64_t>(source.element_size());
+  const int64_t row_bytes = (rows_in > 0 ? source.numel() / rows_in : 0) * element_bytes;
+  const int64_t src_stride_bytes = source.stride(0) * element_bytes;
+  const char* src = static_cast<const char*>(source.const_data_ptr());
+  char* dst = static_cast<char*>(output.mutable_data_ptr());
+  const int64_t unit_bytes = math::copy_unit_bytes(
+      reinterpret_cast<uintptr_t>(src), reinterpret_cast<uintptr_t>(dst), row_bytes, src_stride_bytes);
+  return {src, dst, src_stride_bytes, row_bytes, math::plan_rows(row_bytes, unit_bytes, rows_out, math::kUnitsPerItem)};
+}
+
 TORCH_LIBRARY_FRAGMENT(ranet_fast, m) {
   m.def("gather_rows(Tensor[] tensors, Tensor index, bool check_index=True) -> Tensor[]");
 }

@@ -1,6 +1,8 @@
 // Declarations shared by the gather_rows schema and its kernels.
 #pragma once
 
+#include "gather_rows_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
@@ -35,5 +37,18 @@ at::Tensor make_row_dense(const at::Tensor& t);
 // order differently), so that the fake implementation, which sees only the
 // inputs, computes the same strides. Output rows are packed copies of input rows.
 std::vector<at::Tensor> allocate_gather_rows_outputs(at::TensorList tensors, int64_t rows);
+
+// How the rows of one tensor are copied: from `source` (the input made
+// row-dense) into `output`, in the units and work items gather_rows_math's
+// plan_rows chooses for the two addresses.
+struct RowCopyPlan {
+  const char* src;
+  char* dst;
+  int64_t src_stride_bytes;
+  int64_t row_bytes;
+  gather_rows_math::RowPlan plan;
+};
+
+RowCopyPlan plan_row_copy(const at::Tensor& source, const at::Tensor& output, int64_t rows_in, int64_t rows_out);
 
 } // namespace ranet_fast::ops

@@ -3,6 +3,7 @@
 // cuda/; the fake implementation is registered from Python in
 // ranet_fast/ops/scatter_exits.py.
 #include "scatter_exits.h"
+#include "checks.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -30,25 +31,10 @@ void check_index_vector(const at::Tensor& tensor, const char* name, int64_t size
 
 } // namespace
 
-void check_scatter_exits_input(
-    const at::Tensor& result_logits,
-    const at::Tensor& result_exit,
-    const at::Tensor& logits,
-    const at::Tensor& order,
-    const at::Tensor& num_continue,
-    const at::Tensor& positions,
-    int64_t exit_index) {
-  TORCH_CHECK(
-      logits.dim() == 2,
-      "ranet_fast::scatter_exits expects logits of shape [N, C], got shape ",
-      logits.sizes());
+void check_scatter_exits_input(const ScatterExitsArgs& args) {
+  const auto& [result_logits, result_exit, logits, order, num_continue, positions, exit_index] = args;
+  check_floating_tensor("ranet_fast::scatter_exits", logits, "logits", 2, "[N, C]");
   const at::ScalarType dtype = logits.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-          dtype == at::kDouble,
-      "ranet_fast::scatter_exits expects float16, bfloat16, float32 or "
-      "float64 logits, got ",
-      dtype);
   TORCH_CHECK(
       result_logits.dim() == 2 && result_logits.size(1) == logits.size(1),
       "ranet_fast::scatter_exits expects result_logits of shape [M, ",

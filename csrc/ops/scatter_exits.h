@@ -7,19 +7,38 @@
 
 namespace ranet_fast::ops {
 
+// The arguments of one scatter_exits call, as the schema names them.
+struct ScatterExitsArgs {
+  const at::Tensor& result_logits;
+  const at::Tensor& result_exit;
+  const at::Tensor& logits;
+  const at::Tensor& order;
+  const at::Tensor& num_continue;
+  const at::Tensor& positions;
+  int64_t exit_index;
+};
+
 // Shapes, dtypes and devices of scatter_exits' arguments: result_logits
 // [M, C] with the logits' dtype, result_exit [M] int64, logits [N, C]
 // floating, order and positions [N] int64, num_continue a 0-dim int64 tensor,
 // all on one device; exit_index >= 0. The Python wrapper validates first with
 // friendlier messages; this guards direct torch.ops calls. Index values are
 // checked by the kernels (they live on the device).
-void check_scatter_exits_input(
-    const at::Tensor& result_logits,
-    const at::Tensor& result_exit,
-    const at::Tensor& logits,
-    const at::Tensor& order,
-    const at::Tensor& num_continue,
-    const at::Tensor& positions,
-    int64_t exit_index);
+void check_scatter_exits_input(const ScatterExitsArgs& args);
+
+// A device's kernel on checked arguments: checks the index values, then
+// writes the leaving rows' logits and the exit index into the results.
+using ScatterExitsWrite = void (*)(const ScatterExitsArgs& args);
+
+// ranet_fast::scatter_exits on one device.
+template <ScatterExitsWrite write>
+void scatter_exits(
+    const at::Tensor& result_logits, const at::Tensor& result_exit,
+    const at::Tensor& logits, const at::Tensor& order, const at::Tensor& num_continue, const at::Tensor& positions,
+    int64_t exit_index) {
+  const ScatterExitsArgs args{result_logits, result_exit, logits, order, num_continue, positions, exit_index};
+  check_scatter_exits_input(args);
+  write(args);
+}
 
 } // namespace ranet_fast::ops

@@ -3,6 +3,7 @@
 // and the autograd formula are registered from Python in
 // ranet_fast/ops/upsample_concat.py.
 #include "upsample_concat.h"
+#include "checks.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -14,11 +15,6 @@
 namespace ranet_fast::ops {
 
 namespace {
-
-bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-      dtype == at::kDouble;
-}
 
 // Slices [offset, offset + size) must lie in [0, total) and be disjoint.
 void check_channel_slices(
@@ -66,16 +62,7 @@ void check_upsample_concat_out_args(
     at::TensorList parts,
     at::IntArrayRef channel_offsets) {
   constexpr const char* op_name = "ranet_fast::upsample_concat";
-  TORCH_CHECK(
-      out.dim() == 4,
-      op_name,
-      " expects out of shape [N, C, H, W], got shape ",
-      out.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(out.scalar_type()),
-      op_name,
-      " expects float16, bfloat16, float32 or float64 tensors, got ",
-      out.scalar_type());
+  check_floating_tensor(op_name, out, "out", 4, "[N, C, H, W]");
   TORCH_CHECK(
       channel_offsets.size() == parts.size(),
       op_name,
@@ -188,16 +175,7 @@ void check_upsample_concat_backward_args(
     at::IntArrayRef part_heights,
     at::IntArrayRef part_widths) {
   constexpr const char* op_name = "ranet_fast::upsample_concat_backward";
-  TORCH_CHECK(
-      grad_output.dim() == 4,
-      op_name,
-      " expects grad_output of shape [N, C, H, W], got shape ",
-      grad_output.sizes());
-  TORCH_CHECK(
-      is_supported_dtype(grad_output.scalar_type()),
-      op_name,
-      " expects float16, bfloat16, float32 or float64 tensors, got ",
-      grad_output.scalar_type());
+  check_floating_tensor(op_name, grad_output, "grad_output", 4, "[N, C, H, W]");
   const size_t num_parts = channel_offsets.size();
   TORCH_CHECK(
       part_channels.size() == num_parts && part_heights.size() == num_parts &&

@@ -23,6 +23,7 @@
 // tensors' own type otherwise.
 #include "../batch_norm_relu.h"
 #include "../batch_norm_relu_math.h"
+#include "../layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,18 +42,6 @@ namespace math = batch_norm_relu_math;
 // Elements per unit of work (ATen's elementwise grain size).
 constexpr int64_t kElementsPerTask = 32768;
 constexpr int kLanes = 8;
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-bool channels_inner(const at::Tensor& t) {
-  return t.size(1) > 1 && t.stride(1) == 1;
-}
 
 // Pixel rows (n, h) per unit of a channels-innermost reduction: about
 // kElementsPerTask elements, a function of the shape only.
@@ -186,9 +175,7 @@ void row_moments(const at::Tensor& x, int64_t rows_per, int64_t units, std::vect
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
-  check_batch_norm_stats_args(x);
-  at::Tensor mean = empty_channel_vector(x), var = empty_channel_vector(x);
+void batch_norm_stats_write(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = x.size(1);
@@ -214,7 +201,6 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
       }
     });
   });
-  return {mean, var};
 }
 
 // ---------------------------------------------------------------------------
@@ -222,36 +208,30 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
 // ---------------------------------------------------------------------------
 
 template <typename acc_t>
-std::vector<math::ChannelNorm<acc_t>> channel_norms(
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  const at::Tensor m = mean.contiguous(), i = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  std::vector<math::ChannelNorm<acc_t>> norms(m.size(0));
-  for (int64_t c = 0; c < m.size(0); ++c) {
-    norms[c] = math::channel_norm(
-        m.const_data_ptr<acc_t>(), i.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), c);
+math::ChannelNorm<acc_t> channel_norm(const BatchNormParams& params, int64_t c) {
+  return math::channel_norm(
+      params.mean.const_data_ptr<acc_t>(), params.invstd.const_data_ptr<acc_t>(),
+      params.weight.const_data_ptr<acc_t>(), params.bias.const_data_ptr<acc_t>(), c);
+}
+
+template <typename acc_t>
+std::vector<math::ChannelNorm<acc_t>> channel_norms(const BatchNormParams& params) {
+  std::vector<math::ChannelNorm<acc_t>> norms(params.mean.size(0));
+  for (int64_t c = 0; c < params.mean.size(0); ++c) {
+    norms[c] = channel_norm<acc_t>(params, c);
   }
   return norms;
 }
 
 // dst = act(normalize(src)) over src's [N, C, H, W]; dst is out's channel slice
 // or a new tensor. Loops follow dst's layout.
-void batch_norm_relu_write(
-    const at::Tensor& dst,
-    const at::Tensor& src,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
+void batch_norm_relu_write(const at::Tensor& dst, const at::Tensor& src, const BatchNormParams& params, bool relu) {
   if (src.numel() == 0) {
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "batch_norm_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<math::ChannelNorm<acc_t>> norms = channel_norms<acc_t>(mean, invstd, weight, bias);
+    const std::vector<math::ChannelNorm<acc_t>> norms = channel_norms<acc_t>(params);
     const math::ChannelNorm<acc_t>* norm = norms.data();
     const int64_t batch = src.size(0), channels = src.size(1), height = src.size(2), width = src.size(3);
     const scalar_t* in = src.const_data_ptr<scalar_t>();
@@ -302,32 +282,6 @@ void batch_norm_relu_write(
       }
     });
   });
-}
-
-at::Tensor batch_norm_relu_cpu(
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
-  check_batch_norm_relu_args(x, mean, invstd, weight, bias);
-  at::Tensor out = empty_like_batch_norm_input(x);
-  batch_norm_relu_write(out, x, mean, invstd, weight, bias, relu);
-  return out;
-}
-
-void batch_norm_relu_out_cpu(
-    const at::Tensor& out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu,
-    int64_t out_offset) {
-  check_batch_norm_relu_out_args(out, x, mean, invstd, weight, bias, out_offset);
-  batch_norm_relu_write(out.narrow(1, out_offset, x.size(1)), x, mean, invstd, weight, bias, relu);
 }
 
 // ---------------------------------------------------------------------------
@@ -544,36 +498,20 @@ void write_grad_x(
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
-  check_batch_norm_relu_backward_args(grad_out, x, mean, invstd, weight, bias);
-  at::Tensor grad_x = empty_like_batch_norm_input(x);
-  at::Tensor grad_weight = empty_channel_vector(x), grad_bias = empty_channel_vector(x);
+void batch_norm_relu_write_gradients(const at::Tensor& grad_out, const at::Tensor& x, const BatchNormParams& params,
+                                     bool relu, const BatchNormReluGradients& gradients) {
   const int64_t count = x.size(0) * x.size(2) * x.size(3);
-  if (count == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_x, grad_weight, grad_bias};
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = x.size(1);
-    const at::Tensor m = mean.contiguous(), i = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-    acc_t* grad_weight_data = grad_weight.mutable_data_ptr<acc_t>();
-    acc_t* grad_bias_data = grad_bias.mutable_data_ptr<acc_t>();
+    const acc_t* invstd = params.invstd.const_data_ptr<acc_t>();
+    acc_t* grad_weight_data = gradients.grad_weight.mutable_data_ptr<acc_t>();
+    acc_t* grad_bias_data = gradients.grad_bias.mutable_data_ptr<acc_t>();
     // The reductions read only the ChannelNorm and invstd of each channel; the
     // mean gradients are filled in once the sums are known.
     std::vector<math::ChannelGrad<acc_t>> grads(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      grads[c] = {math::channel_norm(m.const_data_ptr<acc_t>(), i.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-                                     b.const_data_ptr<acc_t>(), c),
-                  i.const_data_ptr<acc_t>()[c], acc_t(0), acc_t(0)};
+      grads[c] = {channel_norm<acc_t>(params, c), invstd[c], acc_t(0), acc_t(0)};
     }
     int64_t units = x.size(0);
     std::vector<GradSums<acc_t>> partials;
@@ -590,21 +528,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
       const GradSums<acc_t> total = combine_pairwise(partials.data() + c * units, units, add_sums<acc_t>);
       grad_bias_data[c] = total.dz;
       grad_weight_data[c] = total.dz_xhat;
-      grads[c] = math::channel_grad(m.const_data_ptr<acc_t>(), i.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-                                    b.const_data_ptr<acc_t>(), grad_weight_data, grad_bias_data, count, c);
+      grads[c] = math::channel_grad(params.mean.const_data_ptr<acc_t>(), invstd, params.weight.const_data_ptr<acc_t>(),
+                                    params.bias.const_data_ptr<acc_t>(), grad_weight_data, grad_bias_data, count, c);
     }
-    write_grad_x<scalar_t, acc_t>(grad_x, grad_out, x, grads.data(), relu);
+    write_grad_x<scalar_t, acc_t>(gradients.grad_x, grad_out, x, grads.data(), relu);
   });
-  return {grad_x, grad_weight, grad_bias};
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CPU, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
-  m.impl("batch_norm_relu", &batch_norm_relu_cpu);
-  m.impl("batch_norm_relu_out", &batch_norm_relu_out_cpu);
-  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward_cpu);
+  register_batch_norm_kernels<batch_norm_stats_write, batch_norm_relu_write, batch_norm_relu_write_gradients>(m);
 }
 
 } // namespace ranet_fast::ops

@@ -1,16 +1,15 @@
-// CPU kernel of ranet_fast::exit_partition. The confidences are independent
-// per row and split across threads with at::parallel_for; the stable
-// partition is two serial passes over N values (count the continuing rows,
-// then place every row), which for batch-sized N costs far less than the
-// confidences.
-#include "../exit_confidence.h"
+// CPU kernels of ranet_fast::exit_partition and ranet_fast::exit_confidence
+// (exit_partition's max_softmax confidence pass). The confidences are
+// independent per row and split across threads with at::parallel_for, each
+// row folded serially; the stable partition is two serial passes over N
+// values (count the continuing rows, then place every row), which for
+// batch-sized N costs far less than the confidences.
 #include "../exit_partition.h"
 #include "../exit_partition_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,6 +50,16 @@ void confidence_rows(
   });
 }
 
+void confidence_write(
+    const at::Tensor& logits, Criterion criterion, const at::Tensor& confidence, const at::Tensor& prediction) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "exit_confidence_cpu", [&] {
+    auto rows = criterion == Criterion::kEntropy ? &confidence_rows<Criterion::kEntropy, scalar_t>
+                                                 : &confidence_rows<Criterion::kMaxSoftmax, scalar_t>;
+    rows(logits.const_data_ptr<scalar_t>(), logits.size(0), logits.size(1),
+         confidence.mutable_data_ptr<at::opmath_type<scalar_t>>(), prediction.mutable_data_ptr<int64_t>());
+  });
+}
+
 template <typename acc_t>
 int64_t partition_rows(
     const acc_t* confidence,
@@ -71,51 +80,20 @@ int64_t partition_rows(
   return num_continue;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_partition_cpu(
-    const at::Tensor& logits,
-    double threshold,
-    c10::string_view criterion_name) {
-  check_exit_partition_input(logits, threshold);
-  const Criterion criterion = parse_criterion(criterion_name);
-  TORCH_CHECK(
-      logits.device().is_cpu(),
-      "exit_partition_cpu got a tensor on ",
-      logits.device());
-  const at::Tensor input = logits.contiguous();
-  const int64_t num_rows = input.size(0);
-  const int64_t num_classes = input.size(1);
-  at::Tensor confidence = at::empty(
-      {num_rows},
-      input.options().dtype(exit_confidence_output_dtype(input.scalar_type())));
-  at::Tensor prediction = at::empty({num_rows}, input.options().dtype(at::kLong));
-  at::Tensor order = at::empty({num_rows}, input.options().dtype(at::kLong));
-  at::Tensor num_continue = at::empty({}, input.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "exit_partition_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        acc_t* confidence_data = confidence.mutable_data_ptr<acc_t>();
-        if (criterion == Criterion::kEntropy) {
-          confidence_rows<Criterion::kEntropy, scalar_t>(
-              input.const_data_ptr<scalar_t>(), num_rows, num_classes,
-              confidence_data, prediction.mutable_data_ptr<int64_t>());
-        } else {
-          confidence_rows<Criterion::kMaxSoftmax, scalar_t>(
-              input.const_data_ptr<scalar_t>(), num_rows, num_classes,
-              confidence_data, prediction.mutable_data_ptr<int64_t>());
-        }
-        // Rounded to the confidence's type once, as `tensor >= float` does
-        // in PyTorch; doubles beyond float's range round to +-inf.
-        *num_continue.mutable_data_ptr<int64_t>() = partition_rows<acc_t>(
-            confidence_data, num_rows, static_cast<acc_t>(threshold),
-            order.mutable_data_ptr<int64_t>());
-      });
-  return {confidence, prediction, order, num_continue};
+void partition_write(
+    const at::Tensor& confidence, double threshold, const at::Tensor& order, const at::Tensor& num_continue) {
+  AT_DISPATCH_FLOATING_TYPES(confidence.scalar_type(), "exit_partition_cpu", [&] {
+    // Doubles beyond float's range round to +-inf.
+    *num_continue.mutable_data_ptr<int64_t>() = partition_rows<scalar_t>(
+        confidence.const_data_ptr<scalar_t>(), confidence.size(0), static_cast<scalar_t>(threshold),
+        order.mutable_data_ptr<int64_t>());
+  });
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CPU, m) {
-  m.impl("exit_partition", &exit_partition_cpu);
+  register_exit_kernels<confidence_write, partition_write>(m);
 }
 
 } // namespace ranet_fast::ops

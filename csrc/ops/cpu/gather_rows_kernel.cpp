@@ -26,17 +26,12 @@ namespace math = gather_rows_math;
 constexpr int64_t kBytesPerTask = 64 * 1024;
 
 struct CpuTensorCopy {
-  const char* src;
-  char* dst;
-  int64_t src_stride_bytes;
-  int64_t row_bytes;
-  math::RowPlan plan;
+  RowCopyPlan copy;
   int64_t first_item;
 };
 
 std::vector<at::Tensor> gather_rows_cpu(at::TensorList tensors, const at::Tensor& index, bool check_index) {
   check_gather_rows_args(tensors, index);
-  TORCH_CHECK(index.device().is_cpu(), "gather_rows_cpu got an index on ", index.device());
   const at::Tensor contiguous_index = index.contiguous();
   const int64_t* values = contiguous_index.const_data_ptr<int64_t>();
   const int64_t rows_in = tensors[0].size(0);
@@ -66,18 +61,10 @@ std::vector<at::Tensor> gather_rows_cpu(at::TensorList tensors, const at::Tensor
   int64_t total_bytes = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     sources.push_back(make_row_dense(tensors[i]));
-    const at::Tensor& source = sources.back();
-    const int64_t element_bytes = static_cast<int64_t>(source.element_size());
-    const int64_t row_bytes = (rows_in > 0 ? source.numel() / rows_in : 0) * element_bytes;
-    const int64_t src_stride_bytes = source.stride(0) * element_bytes;
-    const char* src = static_cast<const char*>(source.const_data_ptr());
-    char* dst = static_cast<char*>(outputs[i].mutable_data_ptr());
-    const int64_t unit_bytes = math::copy_unit_bytes(
-        reinterpret_cast<uintptr_t>(src), reinterpret_cast<uintptr_t>(dst), row_bytes, src_stride_bytes);
-    const math::RowPlan plan = math::plan_rows(row_bytes, unit_bytes, rows_out, math::kUnitsPerItem);
-    copies.push_back(CpuTensorCopy{src, dst, src_stride_bytes, row_bytes, plan, total_items});
-    total_items += plan.num_items;
-    total_bytes += row_bytes * rows_out;
+    const RowCopyPlan copy = plan_row_copy(sources.back(), outputs[i], rows_in, rows_out);
+    copies.push_back(CpuTensorCopy{copy, total_items});
+    total_items += copy.plan.num_items;
+    total_bytes += copy.row_bytes * rows_out;
   }
   if (total_items == 0) {
     return outputs;
@@ -85,11 +72,12 @@ std::vector<at::Tensor> gather_rows_cpu(at::TensorList tensors, const at::Tensor
   const int64_t grain = std::max<int64_t>(1, kBytesPerTask / std::max<int64_t>(1, total_bytes / total_items));
   at::parallel_for(0, total_items, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const CpuTensorCopy& copy =
+      const CpuTensorCopy& tensor_copy =
           copies[math::find_tensor(copies.data(), static_cast<int>(copies.size()), item)];
+      const RowCopyPlan& copy = tensor_copy.copy;
       const math::RowPlan& plan = copy.plan;
       const math::ItemExtent extent =
-          math::item_extent(plan, item - copy.first_item, rows_out, math::kUnitsPerItem);
+          math::item_extent(plan, item - tensor_copy.first_item, rows_out, math::kUnitsPerItem);
       const size_t bytes = static_cast<size_t>((extent.unit_end - extent.unit_begin) * plan.unit_bytes);
       for (int64_t row = extent.row_begin; row < extent.row_end; ++row) {
         std::memcpy(

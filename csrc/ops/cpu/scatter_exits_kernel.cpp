@@ -19,20 +19,8 @@ namespace math = scatter_exits_math;
 // Elements per parallel task (ATen's elementwise grain size).
 constexpr int64_t kElementsPerTask = 32768;
 
-void scatter_exits_cpu(
-    const at::Tensor& result_logits,
-    const at::Tensor& result_exit,
-    const at::Tensor& logits,
-    const at::Tensor& order,
-    const at::Tensor& num_continue,
-    const at::Tensor& positions,
-    int64_t exit_index) {
-  check_scatter_exits_input(
-      result_logits, result_exit, logits, order, num_continue, positions, exit_index);
-  TORCH_CHECK(
-      logits.device().is_cpu(),
-      "scatter_exits_cpu got a tensor on ",
-      logits.device());
+void scatter_exits_write(const ScatterExitsArgs& args) {
+  const auto& [result_logits, result_exit, logits, order, num_continue, positions, exit_index] = args;
   const int64_t num_rows = logits.size(0);
   const int64_t num_classes = logits.size(1);
   const int64_t num_results = result_logits.size(0);
@@ -105,7 +93,7 @@ void scatter_exits_cpu(
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CPU, m) {
-  m.impl("scatter_exits", &scatter_exits_cpu);
+  m.impl("scatter_exits", &scatter_exits<scatter_exits_write>);
 }
 
 } // namespace ranet_fast::ops

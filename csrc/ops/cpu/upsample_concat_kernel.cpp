@@ -25,6 +25,7 @@
 // the CUDA kernel (fp rounding).
 #include "../upsample_concat.h"
 #include "../upsample_concat_math.h"
+#include "../layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -111,14 +112,6 @@ std::vector<PartView<scalar_t, acc_t>> part_views(
         AxisTaps<acc_t>(t.size(3), out_w)});
   }
   return views;
-}
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
 // Channels innermost: the channel stride is the smallest of the per-sample
@@ -319,30 +312,11 @@ void forward_parts(
   });
 }
 
-void upsample_concat_out_cpu(
-    const at::Tensor& out,
-    at::TensorList parts,
-    at::IntArrayRef channel_offsets) {
-  check_upsample_concat_out_args(out, parts, channel_offsets);
-  TORCH_CHECK(out.device().is_cpu(), "upsample_concat_out_cpu got a tensor on ", out.device());
-  if (out.numel() == 0 || parts.empty()) {
-    return;
-  }
+void upsample_concat_write(const at::Tensor& out, at::TensorList parts, at::IntArrayRef channel_offsets) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "upsample_concat_cpu", [&] {
         forward_parts<scalar_t>(out, parts, channel_offsets);
       });
-}
-
-at::Tensor upsample_concat_cpu(
-    at::TensorList parts,
-    at::IntArrayRef channel_offsets,
-    int64_t channels,
-    int64_t height,
-    int64_t width) {
-  at::Tensor out = allocate_upsample_concat_output(parts, channels, height, width);
-  upsample_concat_out_cpu(out, parts, channel_offsets);
-  return out;
 }
 
 // --------------------------------------------------------------- backward
@@ -555,36 +529,20 @@ void backward_parts(
   });
 }
 
-std::vector<at::Tensor> upsample_concat_backward_cpu(
+void upsample_concat_write_gradients(
     const at::Tensor& grad_output,
     at::IntArrayRef channel_offsets,
-    at::IntArrayRef part_channels,
-    at::IntArrayRef part_heights,
-    at::IntArrayRef part_widths) {
-  check_upsample_concat_backward_args(
-      grad_output, channel_offsets, part_channels, part_heights, part_widths);
-  TORCH_CHECK(
-      grad_output.device().is_cpu(),
-      "upsample_concat_backward_cpu got a tensor on ",
-      grad_output.device());
-  std::vector<at::Tensor> gradients = allocate_upsample_concat_part_gradients(
-      grad_output, part_channels, part_heights, part_widths);
-  if (grad_output.size(0) == 0 || gradients.empty()) {
-    return gradients;
-  }
+    const std::vector<at::Tensor>& gradients) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_output.scalar_type(), "upsample_concat_backward_cpu", [&] {
         backward_parts<scalar_t>(grad_output, channel_offsets, gradients);
       });
-  return gradients;
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CPU, m) {
-  m.impl("upsample_concat", &upsample_concat_cpu);
-  m.impl("upsample_concat_out", &upsample_concat_out_cpu);
-  m.impl("upsample_concat_backward", &upsample_concat_backward_cpu);
+  register_upsample_concat_kernels<upsample_concat_write, upsample_concat_write_gradients>(m);
 }
 
 } // namespace ranet_fast::ops

@@ -19,6 +19,7 @@
 // times more on the GPU); memory offsets are always 64-bit.
 #include "../batch_norm_relu.h"
 #include "../batch_norm_relu_math.h"
+#include "../layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -46,18 +47,6 @@ constexpr int64_t kMinPixelsPerThread = 16;
 constexpr int64_t kMaxSplits = 512;
 // Grid-stride elementwise kernels launch at most this many blocks.
 constexpr int64_t kMaxElementwiseBlocks = 65536;
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-bool channels_inner(const at::Tensor& t) {
-  return t.size(1) > 1 && t.stride(1) == 1;
-}
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -183,10 +172,8 @@ T* scratch(at::Tensor& storage, const at::Tensor& like, int64_t count) {
   return reinterpret_cast<T*>(storage.mutable_data_ptr<uint8_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x) {
-  check_batch_norm_stats_args(x);
+void batch_norm_stats_write(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor mean = empty_channel_vector(x), var = empty_channel_vector(x);
   const Partition partition = partition_of(x);
   const int64_t channels = x.size(1);
   TORCH_CHECK(partition.splits <= 65535, "ranet_fast::batch_norm_stats: too many splits");
@@ -211,7 +198,6 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x) {
         partials, partition.splits, channels, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, var};
 }
 
 // ---------------------------------------------------------------------------
@@ -227,13 +213,9 @@ struct ChannelVectors {
 };
 
 template <typename acc_t>
-ChannelVectors<acc_t> channel_vectors(
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  return {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(),
-          bias.const_data_ptr<acc_t>()};
+ChannelVectors<acc_t> channel_vectors(const BatchNormParams& params) {
+  return {params.mean.const_data_ptr<acc_t>(), params.invstd.const_data_ptr<acc_t>(),
+          params.weight.const_data_ptr<acc_t>(), params.bias.const_data_ptr<acc_t>()};
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -263,25 +245,17 @@ unsigned int elementwise_blocks(int64_t numel) {
   return static_cast<unsigned int>(std::min(ceil_div(numel, kThreads), kMaxElementwiseBlocks));
 }
 
-void batch_norm_relu_write(
-    const at::Tensor& dst,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
+void batch_norm_relu_write(const at::Tensor& dst, const at::Tensor& x, const BatchNormParams& params, bool relu) {
   const int64_t numel = x.numel();
   if (numel == 0) {
     return;
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor m = mean.contiguous(), i = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool inner = channels_inner(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ChannelVectors<acc_t> vectors = channel_vectors<acc_t>(m, i, w, b);
+    const ChannelVectors<acc_t> vectors = channel_vectors<acc_t>(params);
     if (fits_int32(numel)) {
       forward_kernel<scalar_t, acc_t, int32_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), strides_of(x), dst.mutable_data_ptr<scalar_t>(), strides_of(dst), vectors,
@@ -293,32 +267,6 @@ void batch_norm_relu_write(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-at::Tensor batch_norm_relu_cuda(
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
-  check_batch_norm_relu_args(x, mean, invstd, weight, bias);
-  at::Tensor out = empty_like_batch_norm_input(x);
-  batch_norm_relu_write(out, x, mean, invstd, weight, bias, relu);
-  return out;
-}
-
-void batch_norm_relu_out_cuda(
-    const at::Tensor& out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu,
-    int64_t out_offset) {
-  check_batch_norm_relu_out_args(out, x, mean, invstd, weight, bias, out_offset);
-  batch_norm_relu_write(out.narrow(1, out_offset, x.size(1)), x, mean, invstd, weight, bias, relu);
 }
 
 // ---------------------------------------------------------------------------
@@ -427,25 +375,10 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool relu) {
-  check_batch_norm_relu_backward_args(grad_out, x, mean, invstd, weight, bias);
+void batch_norm_relu_write_gradients(const at::Tensor& grad_out, const at::Tensor& x, const BatchNormParams& params,
+                                     bool relu, const BatchNormReluGradients& gradients) {
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_x = empty_like_batch_norm_input(x);
-  at::Tensor grad_weight = empty_channel_vector(x), grad_bias = empty_channel_vector(x);
-  const int64_t pixels = x.size(0) * x.size(2) * x.size(3);
-  if (pixels == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_x, grad_weight, grad_bias};
-  }
-  const at::Tensor m = mean.contiguous(), i = invstd.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  const at::Tensor& grad_x = gradients.grad_x;
   const Partition partition = partition_of(x);
   TORCH_CHECK(partition.splits <= 65535, "ranet_fast::batch_norm_relu_backward: too many splits");
   const int64_t channels = x.size(1), numel = x.numel();
@@ -454,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ChannelVectors<acc_t> vectors = channel_vectors<acc_t>(m, i, w, b);
+    const ChannelVectors<acc_t> vectors = channel_vectors<acc_t>(params);
     at::Tensor storage;
     GradSums<acc_t>* partials = scratch<GradSums<acc_t>>(storage, x, channels * partition.splits);
     const dim3 grid(static_cast<unsigned int>(partition.channel_groups), static_cast<unsigned int>(partition.splits));
@@ -470,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
           partition.channel_lanes, partition.pixels_per_split, relu, partials);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    acc_t* grad_weight_data = grad_weight.mutable_data_ptr<acc_t>();
-    acc_t* grad_bias_data = grad_bias.mutable_data_ptr<acc_t>();
+    acc_t* grad_weight_data = gradients.grad_weight.mutable_data_ptr<acc_t>();
+    acc_t* grad_bias_data = gradients.grad_bias.mutable_data_ptr<acc_t>();
     grad_combine_kernel<acc_t><<<static_cast<unsigned int>(ceil_div(channels, kThreads)), kThreads, 0, stream>>>(
         partials, partition.splits, channels, grad_weight_data, grad_bias_data);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -488,16 +421,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, grad_weight, grad_bias};
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
-  m.impl("batch_norm_relu", &batch_norm_relu_cuda);
-  m.impl("batch_norm_relu_out", &batch_norm_relu_out_cuda);
-  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward_cuda);
+  register_batch_norm_kernels<batch_norm_stats_write, batch_norm_relu_write, batch_norm_relu_write_gradients>(m);
 }
 
 } // namespace ranet_fast::ops

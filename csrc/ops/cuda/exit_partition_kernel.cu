@@ -1,6 +1,7 @@
-// CUDA kernels of ranet_fast::exit_partition, two launches on one stream:
+// CUDA kernels of ranet_fast::exit_partition, two launches on one stream, and
+// of ranet_fast::exit_confidence, the first launch alone (max_softmax):
 //
-// 1. confidences: one warp per row, as exit_confidence's kernel. Each lane
+// 1. confidences: one warp per row. Each lane
 //    folds a strided slice of the row's columns into a PartitionState and the
 //    32 partial states are merged with warp shuffles.
 // 2. stable partition: one block. N is a batch size (up to tens of
@@ -11,13 +12,11 @@
 //    with a block scan, carries the running total across chunks and writes
 //    every row index to its slot of `order`. The count lands in num_continue
 //    on the device; nothing is copied to the host.
-#include "../exit_confidence.h"
 #include "../exit_partition.h"
 #include "../exit_partition_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,7 +40,9 @@ constexpr unsigned kFullWarpMask = 0xffffffffu;
 constexpr int kPartitionThreads = 1024;
 constexpr int kPartitionWarps = kPartitionThreads / kWarpSize;
 
-template <typename acc_t>
+// The lane `offset` above's state; the weighted sum only travels when the
+// criterion uses it, so that max_softmax moves no more than it needs.
+template <Criterion criterion, typename acc_t>
 __device__ math::PartitionState<acc_t> shuffle_down(
     const math::PartitionState<acc_t>& state,
     int offset) {
@@ -51,8 +52,9 @@ __device__ math::PartitionState<acc_t> shuffle_down(
   other.row.sum_exp = __shfl_down_sync(kFullWarpMask, state.row.sum_exp, offset);
   other.row.index = __shfl_down_sync(
       kFullWarpMask, static_cast<long long>(state.row.index), offset);
-  other.weighted_sum =
-      __shfl_down_sync(kFullWarpMask, state.weighted_sum, offset);
+  other.weighted_sum = criterion == Criterion::kEntropy
+      ? __shfl_down_sync(kFullWarpMask, state.weighted_sum, offset)
+      : acc_t(0);
   return other;
 }
 
@@ -77,7 +79,7 @@ __global__ void confidence_warp_per_row_kernel(
     math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
   }
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    state = math::combine<criterion>(state, shuffle_down(state, offset));
+    state = math::combine<criterion>(state, shuffle_down<criterion>(state, offset));
   }
   if (lane == 0) {
     confidence[row] = math::confidence<criterion>(state, num_classes);
@@ -165,81 +167,63 @@ __global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
 
 template <Criterion criterion, typename scalar_t>
 void launch_confidence(
-    const at::Tensor& input,
-    at::Tensor& confidence,
-    at::Tensor& prediction,
+    const at::Tensor& logits,
+    const at::Tensor& confidence,
+    const at::Tensor& prediction,
     cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_rows = input.size(0);
+  const int64_t num_rows = logits.size(0);
   const int64_t num_blocks = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   TORCH_CHECK(
       num_blocks <= std::numeric_limits<int>::max(),
-      "exit_partition_cuda: too many rows (",
+      "ranet_fast: too many rows of logits (",
       num_rows,
       ")");
   confidence_warp_per_row_kernel<criterion, scalar_t, acc_t>
       <<<static_cast<unsigned>(num_blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(),
+          logits.const_data_ptr<scalar_t>(),
           num_rows,
-          input.size(1),
+          logits.size(1),
           confidence.mutable_data_ptr<acc_t>(),
           prediction.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_partition_cuda(
-    const at::Tensor& logits,
-    double threshold,
-    c10::string_view criterion_name) {
-  check_exit_partition_input(logits, threshold);
-  const Criterion criterion = parse_criterion(criterion_name);
-  TORCH_CHECK(
-      logits.device().is_cuda(),
-      "exit_partition_cuda got a tensor on ",
-      logits.device());
+void confidence_write(
+    const at::Tensor& logits, Criterion criterion, const at::Tensor& confidence, const at::Tensor& prediction) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const at::Tensor input = logits.contiguous();
-  const int64_t num_rows = input.size(0);
-  at::Tensor confidence = at::empty(
-      {num_rows},
-      input.options().dtype(exit_confidence_output_dtype(input.scalar_type())));
-  at::Tensor prediction = at::empty({num_rows}, input.options().dtype(at::kLong));
-  at::Tensor order = at::empty({num_rows}, input.options().dtype(at::kLong));
-  at::Tensor num_continue = at::empty({}, input.options().dtype(at::kLong));
   // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
   // forwards to; ATen/cuda/CUDAContext.h would also pull in cuBLAS/cuSPARSE
   // headers that a minimal CUDA toolkit lacks.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "exit_partition_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        if (num_rows > 0) {
-          if (criterion == Criterion::kEntropy) {
-            launch_confidence<Criterion::kEntropy, scalar_t>(
-                input, confidence, prediction, stream);
-          } else {
-            launch_confidence<Criterion::kMaxSoftmax, scalar_t>(
-                input, confidence, prediction, stream);
-          }
-        }
-        // Launched for N == 0 too: it writes num_continue = 0. The threshold
-        // is rounded to the confidence's type once, on the host, as
-        // `tensor >= float` does in PyTorch.
-        stable_partition_kernel<acc_t><<<1, kPartitionThreads, 0, stream>>>(
-            confidence.const_data_ptr<acc_t>(),
-            num_rows,
-            static_cast<acc_t>(threshold),
-            order.mutable_data_ptr<int64_t>(),
-            num_continue.mutable_data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-  return {confidence, prediction, order, num_continue};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "exit_confidence_cuda", [&] {
+    auto launch = criterion == Criterion::kEntropy ? &launch_confidence<Criterion::kEntropy, scalar_t>
+                                                   : &launch_confidence<Criterion::kMaxSoftmax, scalar_t>;
+    launch(logits, confidence, prediction, stream);
+  });
+}
+
+void partition_write(
+    const at::Tensor& confidence, double threshold, const at::Tensor& order, const at::Tensor& num_continue) {
+  const c10::cuda::CUDAGuard device_guard(confidence.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(confidence.scalar_type(), "exit_partition_cuda", [&] {
+    // One block, launched for N == 0 too (it writes num_continue = 0); the
+    // threshold is rounded on the host.
+    stable_partition_kernel<scalar_t><<<1, kPartitionThreads, 0, stream>>>(
+        confidence.const_data_ptr<scalar_t>(),
+        confidence.size(0),
+        static_cast<scalar_t>(threshold),
+        order.mutable_data_ptr<int64_t>(),
+        num_continue.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  m.impl("exit_partition", &exit_partition_cuda);
+  register_exit_kernels<confidence_write, partition_write>(m);
 }
 
 } // namespace ranet_fast::ops

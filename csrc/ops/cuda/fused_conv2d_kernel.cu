@@ -13,6 +13,7 @@
 // cores: correctness first (the Triton kernel is the tensor-core path).
 #include "../fused_conv2d.h"
 #include "../fused_conv2d_math.h"
+#include "../layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -43,7 +44,7 @@ template <typename scalar_t, typename acc_t>
 struct ConvParams {
   const scalar_t* x;
   int64_t in_h, in_w;
-  int64_t x_stride_n, x_stride_c, x_stride_h, x_stride_w;
+  Strides4 x_strides;
   const scalar_t* weight; // contiguous [Co, K]
   int64_t out_channels, kernel, stride, padding;
   const acc_t* prologue_scale; // null: no prologue
@@ -53,7 +54,7 @@ struct ConvParams {
   bool relu;
   scalar_t* out; // at channel out_offset of the output
   int64_t out_h, out_w;
-  int64_t out_stride_n, out_stride_c, out_stride_h, out_stride_w;
+  Strides4 out_strides;
   int64_t rows; // N * Ho * Wo
   int64_t reduction; // Ci * k * k
 };
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
   const int64_t pixel_row = row0 + load_row;
   const bool pixel_valid = pixel_row < p.rows;
   const math::Pixel pixel = math::pixel_of_row(pixel_valid ? pixel_row : 0, p.out_h, p.out_w);
-  const scalar_t* x_sample = p.x + pixel.n * p.x_stride_n;
+  const scalar_t* x_sample = p.x + pixel.n * p.x_strides.n;
 
   const int thread_row = thread % kThreadGrid;
   const int thread_column = thread / kThreadGrid;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
         const int64_t iw = math::input_coordinate(pixel.ow, tap.kw, p.stride, p.padding);
         if (ih >= 0 && ih < p.in_h && iw >= 0 && iw < p.in_w) {
           value = static_cast<acc_t>(
-              x_sample[tap.ci * p.x_stride_c + ih * p.x_stride_h + iw * p.x_stride_w]);
+              x_sample[tap.ci * p.x_strides.c + ih * p.x_strides.h + iw * p.x_strides.w]);
           if (p.prologue_scale != nullptr) {
             value = math::apply_affine(
                 math::prologue_affine(p.prologue_scale, p.prologue_shift, tap.ci), value);
@@ -153,13 +154,13 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
       continue;
     }
     const math::Pixel out_pixel = math::pixel_of_row(row, p.out_h, p.out_w);
-    scalar_t* out_pixel_ptr = p.out + out_pixel.n * p.out_stride_n + out_pixel.oh * p.out_stride_h +
-        out_pixel.ow * p.out_stride_w;
+    scalar_t* out_pixel_ptr = p.out + out_pixel.n * p.out_strides.n + out_pixel.oh * p.out_strides.h +
+        out_pixel.ow * p.out_strides.w;
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t channel = column0 + thread_column + j * kThreadGrid;
       if (channel < p.out_channels) {
-        out_pixel_ptr[channel * p.out_stride_c] =
+        out_pixel_ptr[channel * p.out_strides.c] =
             static_cast<scalar_t>(math::apply_affine(epilogue[j], accumulator[i][j]));
       }
     }
@@ -171,20 +172,12 @@ const acc_t* optional_data(const c10::optional<at::Tensor>& vector) {
   return vector.has_value() ? vector->const_data_ptr<acc_t>() : nullptr;
 }
 
-void fused_conv2d_write(
-    const at::Tensor& out_slice,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const c10::optional<at::Tensor>& prologue_scale,
-    const c10::optional<at::Tensor>& prologue_shift,
-    const c10::optional<at::Tensor>& epilogue_scale,
-    const c10::optional<at::Tensor>& epilogue_shift,
-    int64_t stride,
-    int64_t padding,
-    bool relu) {
+void fused_conv2d_write(const at::Tensor& out_slice, const FusedConv2dArgs& args) {
   if (out_slice.numel() == 0) {
     return;
   }
+  const at::Tensor& x = args.x;
+  const at::Tensor& weight = args.weight;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dense_weight = weight.contiguous();
   const int64_t rows = out_slice.size(0) * out_slice.size(2) * out_slice.size(3);
@@ -200,27 +193,21 @@ void fused_conv2d_write(
     p.x = x.const_data_ptr<scalar_t>();
     p.in_h = x.size(2);
     p.in_w = x.size(3);
-    p.x_stride_n = x.stride(0);
-    p.x_stride_c = x.stride(1);
-    p.x_stride_h = x.stride(2);
-    p.x_stride_w = x.stride(3);
+    p.x_strides = strides_of(x);
     p.weight = dense_weight.const_data_ptr<scalar_t>();
     p.out_channels = weight.size(0);
     p.kernel = weight.size(2);
-    p.stride = stride;
-    p.padding = padding;
-    p.prologue_scale = optional_data<acc_t>(prologue_scale);
-    p.prologue_shift = optional_data<acc_t>(prologue_shift);
-    p.epilogue_scale = optional_data<acc_t>(epilogue_scale);
-    p.epilogue_shift = optional_data<acc_t>(epilogue_shift);
-    p.relu = relu;
+    p.stride = args.stride;
+    p.padding = args.padding;
+    p.prologue_scale = optional_data<acc_t>(args.prologue_scale);
+    p.prologue_shift = optional_data<acc_t>(args.prologue_shift);
+    p.epilogue_scale = optional_data<acc_t>(args.epilogue_scale);
+    p.epilogue_shift = optional_data<acc_t>(args.epilogue_shift);
+    p.relu = args.relu;
     p.out = out_slice.mutable_data_ptr<scalar_t>();
     p.out_h = out_slice.size(2);
     p.out_w = out_slice.size(3);
-    p.out_stride_n = out_slice.stride(0);
-    p.out_stride_c = out_slice.stride(1);
-    p.out_stride_h = out_slice.stride(2);
-    p.out_stride_w = out_slice.stride(3);
+    p.out_strides = strides_of(out_slice);
     p.rows = rows;
     p.reduction = weight.size(1) * weight.size(2) * weight.size(3);
     fused_conv2d_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(p);
@@ -228,56 +215,10 @@ void fused_conv2d_write(
   });
 }
 
-at::Tensor fused_conv2d_cuda(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const c10::optional<at::Tensor>& prologue_scale,
-    const c10::optional<at::Tensor>& prologue_shift,
-    const c10::optional<at::Tensor>& epilogue_scale,
-    const c10::optional<at::Tensor>& epilogue_shift,
-    int64_t stride,
-    int64_t padding,
-    bool relu) {
-  check_fused_conv2d_args(
-      x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding);
-  at::Tensor out = allocate_fused_conv2d_output(x, weight, stride, padding);
-  fused_conv2d_write(
-      out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu);
-  return out;
-}
-
-void fused_conv2d_out_cuda(
-    const at::Tensor& out,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const c10::optional<at::Tensor>& prologue_scale,
-    const c10::optional<at::Tensor>& prologue_shift,
-    const c10::optional<at::Tensor>& epilogue_scale,
-    const c10::optional<at::Tensor>& epilogue_shift,
-    int64_t stride,
-    int64_t padding,
-    bool relu,
-    int64_t out_offset) {
-  check_fused_conv2d_out_args(
-      out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, out_offset);
-  fused_conv2d_write(
-      out.narrow(1, out_offset, weight.size(0)),
-      x,
-      weight,
-      prologue_scale,
-      prologue_shift,
-      epilogue_scale,
-      epilogue_shift,
-      stride,
-      padding,
-      relu);
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  m.impl("fused_conv2d", &fused_conv2d_cuda);
-  m.impl("fused_conv2d_out", &fused_conv2d_out_cuda);
+  register_fused_conv2d_kernels<write_into_new_output<fused_conv2d_write>, fused_conv2d_write>(m);
 }
 
 } // namespace ranet_fast::ops

@@ -140,7 +140,6 @@ void check_index_range_cuda(const at::Tensor& index, int64_t rows_in) {
 
 std::vector<at::Tensor> gather_rows_cuda(at::TensorList tensors, const at::Tensor& index, bool check_index) {
   check_gather_rows_args(tensors, index);
-  TORCH_CHECK(index.device().is_cuda(), "gather_rows_cuda got an index on ", index.device());
   const c10::cuda::CUDAGuard device_guard(index.device());
   const at::Tensor contiguous_index = index.contiguous();
   const int64_t rows_in = tensors[0].size(0);
@@ -176,27 +175,20 @@ std::vector<at::Tensor> gather_rows_cuda(at::TensorList tensors, const at::Tenso
     int num_tensors = 0;
     const size_t end = std::min(tensors.size(), chunk + kMaxTensorsPerLaunch);
     for (size_t i = chunk; i < end; ++i) {
-      const at::Tensor& source = sources[i];
-      const int64_t element_bytes = static_cast<int64_t>(source.element_size());
-      const int64_t row_bytes = source.numel() / rows_in * element_bytes;
-      const int64_t src_stride_bytes = source.stride(0) * element_bytes;
-      const char* src = static_cast<const char*>(source.const_data_ptr());
-      char* dst = static_cast<char*>(outputs[i].mutable_data_ptr());
-      const int64_t unit_bytes = math::copy_unit_bytes(
-          reinterpret_cast<uintptr_t>(src), reinterpret_cast<uintptr_t>(dst), row_bytes, src_stride_bytes);
-      const math::RowPlan plan = math::plan_rows(row_bytes, unit_bytes, rows_out, math::kUnitsPerItem);
+      const RowCopyPlan copy = plan_row_copy(sources[i], outputs[i], rows_in, rows_out);
+      const math::RowPlan& plan = copy.plan;
       if (plan.num_items == 0) {
         continue;  // empty rows: nothing to copy
       }
       launch.tensors[num_tensors++] = TensorCopy{
-          src,
-          dst,
-          src_stride_bytes,
+          copy.src,
+          copy.dst,
+          copy.src_stride_bytes,
           plan.units_per_row,
           plan.chunks_per_row,
           num_items,
           static_cast<int32_t>(plan.rows_per_item),
-          static_cast<int32_t>(unit_bytes)};
+          static_cast<int32_t>(plan.unit_bytes)};
       num_items += plan.num_items;
     }
     if (num_items == 0) {

@@ -66,20 +66,8 @@ __global__ void scatter_exits_warp_per_slot_kernel(
   }
 }
 
-void scatter_exits_cuda(
-    const at::Tensor& result_logits,
-    const at::Tensor& result_exit,
-    const at::Tensor& logits,
-    const at::Tensor& order,
-    const at::Tensor& num_continue,
-    const at::Tensor& positions,
-    int64_t exit_index) {
-  check_scatter_exits_input(
-      result_logits, result_exit, logits, order, num_continue, positions, exit_index);
-  TORCH_CHECK(
-      logits.device().is_cuda(),
-      "scatter_exits_cuda got a tensor on ",
-      logits.device());
+void scatter_exits_write(const ScatterExitsArgs& args) {
+  const auto& [result_logits, result_exit, logits, order, num_continue, positions, exit_index] = args;
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const int64_t num_rows = logits.size(0);
   if (num_rows == 0) {
@@ -122,7 +110,7 @@ void scatter_exits_cuda(
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  m.impl("scatter_exits", &scatter_exits_cuda);
+  m.impl("scatter_exits", &scatter_exits<scatter_exits_write>);
 }
 
 } // namespace ranet_fast::ops

@@ -120,15 +120,7 @@ unsigned blocks_for(int64_t num_elements) {
       kMaxBlocks, (num_elements + kThreadsPerBlock - 1) / kThreadsPerBlock));
 }
 
-void upsample_concat_out_cuda(
-    const at::Tensor& out,
-    at::TensorList parts,
-    at::IntArrayRef channel_offsets) {
-  check_upsample_concat_out_args(out, parts, channel_offsets);
-  TORCH_CHECK(out.device().is_cuda(), "upsample_concat_out_cuda got a tensor on ", out.device());
-  if (out.numel() == 0 || parts.empty()) {
-    return;
-  }
+void upsample_concat_write(const at::Tensor& out, at::TensorList parts, at::IntArrayRef channel_offsets) {
   const c10::cuda::CUDAGuard device_guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   OutputGeometry geometry{
@@ -174,17 +166,6 @@ void upsample_concat_out_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-}
-
-at::Tensor upsample_concat_cuda(
-    at::TensorList parts,
-    at::IntArrayRef channel_offsets,
-    int64_t channels,
-    int64_t height,
-    int64_t width) {
-  at::Tensor out = allocate_upsample_concat_output(parts, channels, height, width);
-  upsample_concat_out_cuda(out, parts, channel_offsets);
-  return out;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -256,25 +237,11 @@ __global__ void upsample_concat_backward_kernel(
   }
 }
 
-std::vector<at::Tensor> upsample_concat_backward_cuda(
+void upsample_concat_write_gradients(
     const at::Tensor& grad_output,
     at::IntArrayRef channel_offsets,
-    at::IntArrayRef part_channels,
-    at::IntArrayRef part_heights,
-    at::IntArrayRef part_widths) {
-  check_upsample_concat_backward_args(
-      grad_output, channel_offsets, part_channels, part_heights, part_widths);
-  TORCH_CHECK(
-      grad_output.device().is_cuda(),
-      "upsample_concat_backward_cuda got a tensor on ",
-      grad_output.device());
+    const std::vector<at::Tensor>& gradients) {
   const c10::cuda::CUDAGuard device_guard(grad_output.device());
-  std::vector<at::Tensor> gradients = allocate_upsample_concat_part_gradients(
-      grad_output, part_channels, part_heights, part_widths);
-  const int64_t batch = grad_output.size(0);
-  if (batch == 0 || gradients.empty()) {
-    return gradients;
-  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   OutputGeometry geometry{
       grad_output.size(2),
@@ -314,15 +281,12 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return gradients;
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  m.impl("upsample_concat", &upsample_concat_cuda);
-  m.impl("upsample_concat_out", &upsample_concat_out_cuda);
-  m.impl("upsample_concat_backward", &upsample_concat_backward_cuda);
+  register_upsample_concat_kernels<upsample_concat_write, upsample_concat_write_gradients>(m);
 }
 
 } // namespace ranet_fast::ops
