@@ -40,10 +40,9 @@ _BACKWARD_BLOCK = 256
 # elements per thread). Backward: Triton's four.
 _FORWARD_WARPS = 8
 _BACKWARD_WARPS = 4
-# The backward's register cap (PTX .maxnreg). Left to itself, ptxas (sm_90) kept int64 backward
-# variants at 56 registers and spilled 8 bytes to local memory around its 64-bit division subroutine,
-# far below any hardware limit; given an explicit cap it allocates what it needs instead (up to 72
-# registers, fp64 with int64 indices) and spills nothing. A cap of 64 still spilled those fp64 variants.
+# The backward's register cap (PTX .maxnreg). Left to itself ptxas (sm_90) kept int64 variants at 56
+# registers and spilled 8 bytes around its 64-bit division subroutine; with a cap it takes what it
+# needs (up to 72 registers, fp64 with int64 indices) and spills nothing. 64 still spilled fp64.
 _BACKWARD_MAX_REGISTERS = 128
 
 
