@@ -22,6 +22,7 @@ from ranet_fast import _extension
 from ranet_fast.ops import exit_confidence, exit_confidence_reference
 from triton_interpreter import run_cases_in_triton_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF_DTYPES
@@ -37,7 +38,6 @@ FLOAT64_ACCUMULATION = dict(rtol=1e-12, atol=1e-15)
 # is needed to spy on the fallback it calls.
 exit_confidence_module = importlib.import_module("ranet_fast.ops.exit_confidence")
 
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 
 
 def random_logits(shape, dtype, seed, scale=3.0):
@@ -104,38 +104,7 @@ def test_reference_matches_its_definition():
 # ---------------------------------------------------------------------------
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    cuda_extension_missing = (
-        NO_CUDA_GPU if not has_gpu else _extension.backend_status("cuda", "cuda")[1]
-    )
-    return [
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()), reason=cuda_extension_missing
-            ),
-        ),
-        pytest.param(
-            ("triton", "cuda"),
-            id="triton-gpu",
-            marks=pytest.mark.skipif(
-                not has_gpu or _extension.triton_import_error() is not None,
-                reason=NO_CUDA_GPU if not has_gpu else str(_extension.triton_import_error()),
-            ),
-        ),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
@@ -196,7 +165,7 @@ def test_backend_output_never_requires_grad(backend_and_device):
     assert not confidence.requires_grad and not prediction.requires_grad
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 40),
@@ -289,9 +258,6 @@ def test_triton_op_compiles_fullgraph(triton_interpreter_run):
 # torch.library integration of the compiled op.
 # ---------------------------------------------------------------------------
 
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
 @needs_extension
 @pytest.mark.parametrize(
     "logits",
@@ -317,22 +283,16 @@ def test_cuda_op_passes_opcheck():
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def decide(logits):
         confidence, prediction = exit_confidence(logits)
         return confidence >= 0.5, prediction
 
-    compiled = torch.compile(decide, fullgraph=True, dynamic=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(decide, dynamic=True)
     for num_rows in (5, 12):
         logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
         for got, expected in zip(compiled(logits), decide(logits)):
             assert torch.equal(got, expected)
-    assert "ranet_fast.exit_confidence" in graph_ops_without_overload(graph_ops)
+    assert "ranet_fast.exit_confidence" in graph_ops, graph_ops
 
     # Inductor too; without surrounding arithmetic it has no C++ kernel to build,
     # which keeps this test fast.

@@ -24,11 +24,11 @@ from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, exit_partition_reference
 from triton_interpreter import run_cases_in_triton_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension
 
 CRITERIA = ("max_softmax", "entropy")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(0, 10), (1, 1), (1, 10), (7, 1), (64, 10), (33, 100), (16, 1000), (5000, 10)]
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 
 # Backends accumulate in float32 from the same input values the reference sees.
 # max_softmax: as exit_confidence. entropy: confidence = 1 - H / log C, so an
@@ -132,34 +132,7 @@ def check_all_thresholds(logits, criterion, backend):
 # ---------------------------------------------------------------------------
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    return [
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
-            ),
-        ),
-        pytest.param(
-            ("triton", "cuda"),
-            id="triton-gpu",
-            marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU),
-        ),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("reference", "cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -228,7 +201,7 @@ def test_backend_ignores_autograd_history(backend_and_device):
     check_outputs((logits * 2).detach(), 0.5, "entropy", outputs)
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 300),
@@ -342,9 +315,6 @@ def test_triton_op_compiles_fullgraph(triton_interpreter_run):
 # torch.library integration of the compiled op.
 # ---------------------------------------------------------------------------
 
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
 @needs_extension
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize(
@@ -372,17 +342,11 @@ def test_cuda_op_passes_opcheck():
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def decide(logits, threshold):
         confidence, prediction, order, num_continue = exit_partition(logits, threshold, "entropy")
         return confidence, prediction, order, num_continue + 0
 
-    compiled = torch.compile(decide, fullgraph=True, dynamic=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(decide, dynamic=True)
     for num_rows, threshold in ((5, 0.3), (12, 0.6)):
         logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
         for got, expected in zip(compiled(logits, threshold), decide(logits, threshold)):

@@ -20,9 +20,9 @@ from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, scatter_exits
 from triton_interpreter import run_cases_in_triton_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 SENTINEL_EXIT = -12345
 
 
@@ -58,30 +58,7 @@ def run_and_check(backend, device, case, exit_index=3):
     return expected_exit
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    return [
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
-            ),
-        ),
-        pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU)),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("reference", "cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -148,7 +125,7 @@ def test_backend_consecutive_exits_fill_every_row(backend_and_device):
     assert torch.equal(result_logits, expected)
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 200),
@@ -217,7 +194,7 @@ def test_bad_input_raises_clear_error(backend):
         call(5, torch.empty(6, dtype=torch.int64, device="meta"))
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 def test_compiled_op_rejects_bad_input_itself():
     # Direct torch.ops calls bypass the Python validation; the kernel must still refuse.
     result_logits, result_exit, logits, order, num_continue, positions = make_case(6, 4, 8, torch.float32, seed=4)
@@ -245,7 +222,7 @@ def test_compiled_op_rejects_bad_input_itself():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_op_passes_opcheck(dtype):
     for num_rows in (0, 9):
@@ -261,20 +238,14 @@ def test_cuda_op_passes_opcheck():
     torch.library.opcheck(torch.ops.ranet_fast.scatter_exits.default, (*case, 2))
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 def test_exit_step_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def exit_step(result_logits, result_exit, logits, positions):
         confidence, prediction, order, num_continue = exit_partition(logits, 0.5, "max_softmax")
         scatter_exits(result_logits, result_exit, logits, order, num_continue, positions, 2)
         return order, num_continue
 
-    compiled = torch.compile(exit_step, fullgraph=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(exit_step)
     case = make_case(40, 10, 50, torch.float32, seed=7)
     eager_buffers = [case[0].clone(), case[1].clone()]
     compiled_order, compiled_num_continue = compiled(*case[:3], case[5])

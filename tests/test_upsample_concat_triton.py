@@ -15,11 +15,6 @@ checks as the GPU tests run in process.
 
 import dataclasses
 import importlib
-import json
-import os
-import subprocess
-import sys
-import traceback
 import zlib
 
 import pytest
@@ -27,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cuda_testing import NO_CUDA_GPU
-
-TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+from triton_interpreter import assert_passed_under_interpreter
 
 # Against the float64 reference. float32: the kernel's float32 scale
 # (in-1)/(out-1) and float32 arithmetic differ from float64's by a few ulps of
@@ -327,56 +321,23 @@ def all_checks():
     return checks
 
 
-def run_all_checks(device):
-    """{check name: 'ok' or the failure's traceback}; used by the interpreter subprocess."""
-    report = {}
-    for name, check in all_checks().items():
-        try:
-            check(device)
-            report[name] = "ok"
-        except Exception:
-            report[name] = traceback.format_exc()
-    return report
+def triton_interpreter_checks():
+    return all_checks()
 
 
 # ---------------------------------------------------------------------------
-# CPU tensors under the Triton interpreter (one subprocess for every check).
+# CPU tensors under the Triton interpreter (one subprocess for every check, conftest.py's
+# triton_interpreter_report).
 # ---------------------------------------------------------------------------
 
-_INTERPRETER_SCRIPT = """
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-import test_upsample_concat_triton as tests
-start = time.perf_counter()
-report = {"interpreted": tests.kernels_module().INTERPRETED, "checks": tests.run_all_checks("cpu")}
-report["seconds"] = time.perf_counter() - start
-print(json.dumps(report))
-"""
 
-
-@pytest.fixture(scope="module")
-def interpreter_report():
-    pytest.importorskip("triton")
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, TESTS_DIRECTORY],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def test_interpreter_was_used(interpreter_report):
-    assert interpreter_report["interpreted"]
+def test_interpreter_was_used(triton_interpreter_report):
+    assert triton_interpreter_report["interpreted"]
 
 
 @pytest.mark.parametrize("check", list(all_checks()))
-def test_interpreter(interpreter_report, check):
-    result = interpreter_report["checks"][check]
-    assert result == "ok", result
+def test_interpreter(triton_interpreter_report, check):
+    assert_passed_under_interpreter(triton_interpreter_report, check)
 
 
 # ---------------------------------------------------------------------------
