@@ -11,9 +11,9 @@ GPU marker. Every test skipped for want of a GPU gets the ``gpu`` marker, so the
 exactly those (``pytest -m gpu``, as scripts/gpu_check.sh does) without a list to keep in step with
 the tests. Shared parameters. A test taking ``backend_and_device`` runs on each backend its module
 lists in ``BACKENDS`` (tests/op_testing.py names them and their skips); one taking ``device`` on the
-CPU and on the GPU where there is one; one taking ``dtype`` on every floating dtype, with
-``tolerance`` its bound against a float64 reference. Triton interpreter. A module whose
-``triton_interpreter_checks()`` names its checks gets them run in one subprocess under
+CPU and on the GPU where there is one; one taking ``dtype`` and not parametrizing it on every
+floating dtype (op_testing.TOLERANCE_BY_DTYPE bounds results against float64). Triton
+interpreter. A module whose ``triton_interpreter_checks()`` names its checks gets them run in one subprocess under
 TRITON_INTERPRET=1 by the ``triton_interpreter_report`` fixture (tests/triton_interpreter.py).
 Failure log. Where ``RANET_FAST_FAILURE_LOG`` names a file, each failure is appended to it
 with its traceback as it happens, so a run that a deadline stops still says what failed and why.
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from cuda_testing import NO_CUDA_GPU, exact_float32, numerics_state, restore_numerics, skip_is_expected
-from op_testing import DEVICES, FLOAT_DTYPES, TOLERANCE_BY_DTYPE
+from op_testing import DEVICES, FLOAT_DTYPES
 from triton_interpreter import run_module_checks_under_interpreter
 
 FAILURE_LOG_VAR = "RANET_FAST_FAILURE_LOG"
@@ -51,18 +51,19 @@ def pytest_collection_modifyitems(config, items):
 def pytest_generate_tests(metafunc):
     if "backend_and_device" in metafunc.fixturenames:
         metafunc.parametrize("backend_and_device", metafunc.module.BACKENDS)
-    if "device" in metafunc.fixturenames:
+    # A test that chooses its own devices or dtypes parametrizes them itself.
+    if "device" in metafunc.fixturenames and not _parametrizes(metafunc, "device"):
         metafunc.parametrize("device", DEVICES)
-    # Tests that choose their own dtypes parametrize "dtype" themselves; asking for ``tolerance`` is
-    # what asks for every floating dtype.
-    if "dtype" in metafunc.fixturenames and "tolerance" in metafunc.fixturenames:
+    if "dtype" in metafunc.fixturenames and not _parametrizes(metafunc, "dtype"):
         metafunc.parametrize("dtype", FLOAT_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 
 
-@pytest.fixture
-def tolerance(dtype) -> dict:
-    """assert_close's rtol/atol for a result computed in ``dtype`` against its float64 reference."""
-    return TOLERANCE_BY_DTYPE[dtype]
+def _parametrizes(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if name in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
