@@ -54,14 +54,12 @@ def seed_of(*things) -> int:
 
 
 # Bounds on a result against its float64 reference, by the dtype the op computed in: float32
-# accumulation over the few hundred terms of these tests stays within 1e-5 relative; TF32 products
-# keep a 10-bit mantissa (3e-4 relative over such sums); half types round the result once (8 bits
-# of mantissa for bfloat16, 11 for float16, so 1e-2 covers both with room for the accumulation);
-# float64 leaves only accumulation order, ~1e-15 per term.
+# accumulation over the few hundred terms of these tests stays within 1e-5 relative; half types
+# round the result once (8 bits of mantissa for bfloat16, 11 for float16, so 1e-2 covers both with
+# room for the accumulation); float64 leaves only accumulation order, ~1e-15 per term.
 TOLERANCE_BY_DTYPE = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
-    "tf32": dict(rtol=3e-4, atol=3e-4),
     torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
 }
