@@ -7,6 +7,10 @@ tests/conftest.py parametrizes every test taking ``backend_and_device`` over its
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -78,3 +82,22 @@ def compile_recording_ops(function, **compile_options):
         return graph_module.forward
 
     return torch.compile(function, fullgraph=True, backend=recording_backend, **compile_options), graph_ops
+
+
+_BARE_INSTALL = """
+import sys
+# A bare install: "import ranet_fast._C" and "import triton" both fail.
+sys.modules["ranet_fast._C"] = None
+sys.modules["triton"] = None
+"""
+
+
+def run_as_bare_install(script: str) -> None:
+    """Runs ``script`` in a fresh interpreter where neither ranet_fast._C nor Triton imports and
+    RANET_FAST_BACKEND is unset; it must exit 0 having printed "fallback ok"."""
+    environment = dict(os.environ)
+    environment.pop("RANET_FAST_BACKEND", None)
+    completed = subprocess.run([sys.executable, "-c", _BARE_INSTALL + textwrap.dedent(script)], env=environment,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "fallback ok" in completed.stdout

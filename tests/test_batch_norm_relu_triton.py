@@ -7,12 +7,10 @@ test's kernels too. The subprocess runs every check once and reports each one's 
 the same checks run in process (compiled kernels).
 """
 
-import pytest
 import torch
 
 import test_batch_norm_relu as checks
-from cuda_testing import requires_cuda_gpu
-from triton_interpreter import assert_passed_under_interpreter, int64_indices, on_triton
+from triton_interpreter import each_check_on_gpu, each_check_under_interpreter, int64_indices, on_triton
 
 
 def named_checks():
@@ -80,12 +78,5 @@ def triton_interpreter_checks():
     return on_triton(named_checks())
 
 
-@pytest.mark.parametrize("name", list(named_checks()))
-def test_triton_under_interpreter(triton_interpreter_report, name):
-    assert_passed_under_interpreter(triton_interpreter_report, name)
-
-
-@requires_cuda_gpu
-@pytest.mark.parametrize("name", list(named_checks()))
-def test_triton_on_gpu(name):
-    triton_interpreter_checks()[name]("cuda")
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
+test_triton_on_gpu = each_check_on_gpu(triton_interpreter_checks)

@@ -12,7 +12,6 @@ subprocess (see tests/test_exit_confidence.py for why).
 """
 
 import math
-import textwrap
 import zlib
 
 import pytest
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, exit_partition_reference
-from triton_interpreter import run_cases_in_triton_interpreter
+from triton_interpreter import each_check_under_interpreter
 from cuda_testing import NO_CUDA_GPU
 from op_testing import backends, compile_recording_ops, needs_extension
 
@@ -230,44 +229,6 @@ def test_cpu_extension_partition_properties(num_rows, num_classes, dtype, criter
 # Triton on CPU tensors under the interpreter (subprocess).
 # ---------------------------------------------------------------------------
 
-_TRITON_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    import torch
-    from ranet_fast import _extension
-    from ranet_fast.ops import exit_partition
-
-    cases = torch.load(sys.argv[1])
-    report = {"interpreted": _extension.triton_kernels().INTERPRETED}
-    outputs = {
-        name: exit_partition(logits, threshold, criterion, backend="triton")
-        for name, (logits, threshold, criterion) in cases.items()
-    }
-    torch.save(outputs, sys.argv[2])
-
-    logits = cases["opcheck"][0]
-    try:
-        for criterion in ("max_softmax", "entropy"):
-            torch.library.opcheck(torch.ops.ranet_fast.exit_partition_triton.default, (logits, 0.4, criterion))
-        report["opcheck"] = "ok"
-    except Exception:
-        report["opcheck"] = traceback.format_exc()
-
-    graph_ops = []
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-    compiled = torch.compile(
-        lambda x: exit_partition(x, 0.4, "entropy", backend="triton"), fullgraph=True, backend=recording_backend
-    )
-    expected = exit_partition(logits, 0.4, "entropy", backend="triton")
-    report["compiled_equal"] = all(torch.equal(a, b) for a, b in zip(compiled(logits), expected))
-    report["graph_ops"] = graph_ops
-    print(json.dumps(report))
-    """
-)
-
-
 def _triton_cases():
     cases = {}
     for criterion in CRITERIA:
@@ -286,29 +247,28 @@ def _triton_cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def triton_interpreter_run(tmp_path_factory):
-    cases = _triton_cases()
-    directory = tmp_path_factory.mktemp("triton_interpreter")
-    return (cases, *run_cases_in_triton_interpreter(_TRITON_INTERPRETER_SCRIPT, cases, directory))
+def check_triton_opcheck(device):
+    logits = _triton_cases()["opcheck"][0].to(device)
+    for criterion in CRITERIA:
+        torch.library.opcheck(torch.ops.ranet_fast.exit_partition_triton.default, (logits, 0.4, criterion))
 
 
-@pytest.mark.parametrize("case", list(_triton_cases()))
-def test_triton_interpreter_matches_reference(triton_interpreter_run, case):
-    cases, outputs, report = triton_interpreter_run
-    assert report["interpreted"]
-    logits, threshold, criterion = cases[case]
-    check_outputs(logits, threshold, criterion, outputs[case])
+def check_triton_compiles_fullgraph(device):
+    logits = _triton_cases()["opcheck"][0].to(device)
+    compiled, graph_ops = compile_recording_ops(lambda x: exit_partition(x, 0.4, "entropy", backend="triton"))
+    expected = exit_partition(logits, 0.4, "entropy", backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(compiled(logits), expected))
+    assert "ranet_fast.exit_partition_triton" in graph_ops, graph_ops
 
 
-def test_triton_op_passes_opcheck(triton_interpreter_run):
-    assert triton_interpreter_run[2]["opcheck"] == "ok"
+def triton_interpreter_checks():
+    checks = {f"case/{name}": lambda device, logits=logits, threshold=threshold, criterion=criterion: check_outputs(
+        logits, threshold, criterion, exit_partition(logits.to(device), threshold, criterion, backend="triton"))
+        for name, (logits, threshold, criterion) in _triton_cases().items()}
+    return {**checks, "opcheck": check_triton_opcheck, "compiles-fullgraph": check_triton_compiles_fullgraph}
 
 
-def test_triton_op_compiles_fullgraph(triton_interpreter_run):
-    report = triton_interpreter_run[2]
-    assert report["compiled_equal"]
-    assert any(op.startswith("ranet_fast.exit_partition_triton") for op in report["graph_ops"])
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_nor
                             fused_conv2d_reference, gather_rows, scatter_exits, scatter_exits_reference,
                             upsample_concat, upsample_concat_reference)
 from ranet_fast.ops.exit_partition import stable_partition
-from triton_interpreter import assert_passed_under_interpreter
+from triton_interpreter import each_check_under_interpreter
 
 EXAMPLES = int(os.environ.get("RANET_FAST_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -714,6 +714,4 @@ def triton_interpreter_checks():
             for op, (check, strategies) in CHECKS.items()}
 
 
-@pytest.mark.parametrize("op", list(CHECKS))
-def test_triton_kernels_under_the_interpreter(triton_interpreter_report, op):
-    assert_passed_under_interpreter(triton_interpreter_report, op)
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)

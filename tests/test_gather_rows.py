@@ -25,7 +25,7 @@ from ranet_fast.ops import gather_rows, gather_rows_reference
 from ranet_fast.ops.gather_rows import output_strides
 from cuda_testing import NO_CUDA_GPU, deterministic_on
 from op_testing import HAS_GPU, backends, compile_recording_ops, needs_extension
-from triton_interpreter import assert_passed_under_interpreter
+from triton_interpreter import each_check_under_interpreter
 
 
 # ---------------------------------------------------------------------------
@@ -484,9 +484,7 @@ def test_triton_interpreter_was_used(triton_interpreter_report):
     assert triton_interpreter_report["interpreted"]
 
 
-@pytest.mark.parametrize("check", list(TRITON_CHECKS))
-def test_triton_interpreter(triton_interpreter_report, check):
-    assert_passed_under_interpreter(triton_interpreter_report, check)
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU)

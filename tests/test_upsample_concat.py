@@ -16,7 +16,7 @@ from ranet_fast import _extension
 from ranet_fast.ops import upsample_concat, upsample_concat_reference
 from cuda_testing import NO_CUDA_GPU
 from op_testing import COMPILED_AND_REFERENCE, HAS_GPU, backends, compile_recording_ops, needs_extension, seed_of
-from triton_interpreter import assert_passed_under_interpreter
+from triton_interpreter import each_check_under_interpreter
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -510,7 +510,8 @@ def check_triton_opcheck(device):
     parts = [part.detach() for part in _wrapper_parts(device)]
     ops = torch.ops.ranet_fast
     torch.library.opcheck(ops.upsample_concat_triton.default, (parts, [0, 3], 5, 8, 8))
-    torch.library.opcheck(ops.upsample_concat_triton_out.default, (torch.zeros(2, 5, 8, 8, device=device), parts, [0, 3]))
+    out = torch.zeros(2, 5, 8, 8, device=device)
+    torch.library.opcheck(ops.upsample_concat_triton_out.default, (out, parts, [0, 3]))
     grad_output = random_tensor((2, 5, 8, 8), seed=2, device=device).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(ops.upsample_concat_triton_backward.default, (grad_output, [0, 3], [3, 2], [4, 8], [4, 8]))
 
@@ -540,6 +541,4 @@ def triton_interpreter_checks():
     }
 
 
-@pytest.mark.parametrize("check", list(triton_interpreter_checks()))
-def test_triton_backend_through_the_wrapper(triton_interpreter_report, check):
-    assert_passed_under_interpreter(triton_interpreter_report, check)
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)

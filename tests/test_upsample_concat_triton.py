@@ -21,8 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_testing import NO_CUDA_GPU
-from triton_interpreter import assert_passed_under_interpreter
+from triton_interpreter import each_check_on_gpu, each_check_under_interpreter
 
 # Against the float64 reference. float32: the kernel's float32 scale
 # (in-1)/(out-1) and float32 arithmetic differ from float64's by a few ulps of
@@ -335,9 +334,7 @@ def test_interpreter_was_used(triton_interpreter_report):
     assert triton_interpreter_report["interpreted"]
 
 
-@pytest.mark.parametrize("check", list(all_checks()))
-def test_interpreter(triton_interpreter_report, check):
-    assert_passed_under_interpreter(triton_interpreter_report, check)
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +342,4 @@ def test_interpreter(triton_interpreter_report, check):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
-@pytest.mark.parametrize("check", list(all_checks()))
-def test_gpu(check):
-    all_checks()[check]("cuda")
+test_gpu = each_check_on_gpu(triton_interpreter_checks)

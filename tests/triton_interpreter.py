@@ -4,8 +4,8 @@ Triton fixes interpreter mode when a kernel is defined, so setting TRITON_INTERP
 process would depend on import order and switch every other test's Triton kernels to the
 interpreter too. A test module instead names its checks (``triton_interpreter_checks()``: name ->
 callable taking the device), and ``run_module_checks_under_interpreter`` runs them all in one fresh
-interpreter process (the ``triton_interpreter_report`` fixture of conftest.py); or it saves its cases,
-runs a script of its own and compares what the script saved with its reference.
+interpreter process (the ``triton_interpreter_report`` fixture of conftest.py). Whole-model checks
+that need RANET_FAST_BACKEND=triton run a self-checking script (``run_script_on_triton_backend``).
 """
 
 import contextlib
@@ -16,8 +16,8 @@ import sys
 import traceback
 
 import pytest
-import torch
 
+from cuda_testing import requires_cuda_gpu
 from ranet_fast import _extension
 
 
@@ -69,33 +69,33 @@ def on_triton(named_checks: dict) -> dict:
             for name, (function, *arguments) in named_checks.items()}
 
 
+def each_check_under_interpreter(triton_interpreter_checks):
+    """A module's test that each of its ``triton_interpreter_checks()`` passed under the interpreter:
+    ``test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)``."""
+
+    @pytest.mark.parametrize("check", list(triton_interpreter_checks()))
+    def test(triton_interpreter_report, check):
+        assert_passed_under_interpreter(triton_interpreter_report, check)
+
+    return test
+
+
+def each_check_on_gpu(triton_interpreter_checks):
+    """The same checks on CUDA tensors, compiled, in this process: ``test_triton_on_gpu =
+    each_check_on_gpu(triton_interpreter_checks)``."""
+
+    @requires_cuda_gpu
+    @pytest.mark.parametrize("check", list(triton_interpreter_checks()))
+    def test(check):
+        triton_interpreter_checks()[check]("cuda")
+
+    return test
+
+
 def assert_passed_under_interpreter(report: dict, name: str) -> None:
     """The check ``name`` of a ``triton_interpreter_report`` passed, on interpreted kernels."""
     assert report["interpreted"], "a Triton kernel module ran compiled, not under the interpreter"
     assert report["checks"][name] == "ok", report["checks"][name]
-
-
-def run_cases_in_triton_interpreter(script: str, cases: dict, directory) -> tuple[dict, dict]:
-    """Run ``script`` with argv ``[cases.pt, out.pt]`` under TRITON_INTERPRET=1.
-
-    The script loads the cases, saves its outputs to ``out.pt`` and prints a JSON report as its
-    last line of output. Returns ``(outputs, report)``; skips the test when Triton is missing.
-    """
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    torch.save(cases, directory / "cases.pt")
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", script, str(directory / "cases.pt"), str(directory / "out.pt")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
-    return torch.load(directory / "out.pt"), report
 
 
 def run_script_on_triton_backend(script: str) -> None:
