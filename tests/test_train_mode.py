@@ -22,21 +22,10 @@ from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal,
 from ranet_fast.nn import convert, train_mode
 from triton_interpreter import run_script_on_triton_backend
 from cuda_testing import NO_CUDA_GPU
+from model_testing import randomize_bn
 
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
 BACKENDS = [pytest.param("cpu", marks=needs_extension), "reference"]
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial running statistics and affine parameters (the affine ones matter in training)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                for tensor, low, high in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
-                                          (m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2)):
-                    tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * (high - low)
-                                 + low)
 
 
 def pair(module: nn.Module, dtype=torch.float64, seed=0):
