@@ -9,7 +9,13 @@ list is printed as a warning.
 
 GPU marker. Every test skipped for want of a GPU gets the ``gpu`` marker, so the GPU machine runs
 exactly those (``pytest -m gpu``, as scripts/gpu_check.sh does) without a list to keep in step with
-the tests. Failure log. Where ``RANET_FAST_FAILURE_LOG`` names a file, each failure is appended to it
+the tests. Shared parameters. A test taking ``backend_and_device`` runs on each backend its module
+lists in ``BACKENDS`` (tests/op_testing.py names them and their skips); one taking ``device`` on the
+CPU and on the GPU where there is one; one taking ``dtype`` and not parametrizing it on every
+floating dtype (op_testing.TOLERANCE_BY_DTYPE bounds results against float64). Triton
+interpreter. A module whose ``triton_interpreter_checks()`` names its checks gets them run in one subprocess under
+TRITON_INTERPRET=1 by the ``triton_interpreter_report`` fixture (tests/triton_interpreter.py).
+Failure log. Where ``RANET_FAST_FAILURE_LOG`` names a file, each failure is appended to it
 with its traceback as it happens, so a run that a deadline stops still says what failed and why.
 """
 
@@ -21,6 +27,8 @@ import pytest
 import torch
 
 from cuda_testing import NO_CUDA_GPU, exact_float32, numerics_state, restore_numerics, skip_is_expected
+from op_testing import DEVICES, FLOAT_DTYPES
+from triton_interpreter import run_module_checks_under_interpreter
 
 FAILURE_LOG_VAR = "RANET_FAST_FAILURE_LOG"
 _unexpected_skips: list[tuple[str, str]] = []
@@ -38,6 +46,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(mark.kwargs.get("reason") == NO_CUDA_GPU for mark in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_and_device" in metafunc.fixturenames:
+        metafunc.parametrize("backend_and_device", metafunc.module.BACKENDS)
+    # A test that chooses its own devices or dtypes parametrizes them itself.
+    if "device" in metafunc.fixturenames and not _parametrizes(metafunc, "device"):
+        metafunc.parametrize("device", DEVICES)
+    if "dtype" in metafunc.fixturenames and not _parametrizes(metafunc, "dtype"):
+        metafunc.parametrize("dtype", FLOAT_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
+
+
+def _parametrizes(metafunc, name: str) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if name in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter_report(request) -> dict:
+    """The outcome of the module's ``triton_interpreter_checks()`` run on CPU tensors under the Triton
+    interpreter: {"interpreted": bool, "checks": {name: "ok" or traceback}}."""
+    return run_module_checks_under_interpreter(request.module.__name__)
 
 
 def _in_ci() -> bool:

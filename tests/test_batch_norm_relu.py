@@ -9,8 +9,6 @@ it unwritten, fails. The training-mode gradient is checked against autograd thro
 torch.relu(F.batch_norm(..., training=True)).
 """
 
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,21 +16,13 @@ import torch.nn.functional as F
 from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
                             batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference)
-from cuda_testing import NO_CUDA_GPU
+from op_testing import COMPILED_AND_REFERENCE, TOLERANCE_BY_DTYPE, backends, needs_extension, seed_of
 
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-HAS_GPU = torch.cuda.is_available()
 EPS = 1e-5
 
 # Outputs stored in the input dtype, against float64 on the same input values: float32 differs
 # by accumulation-order rounding, the half types by the rounding of the result.
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-DTYPES = list(TOLERANCES)
+TOLERANCES = {**TOLERANCE_BY_DTYPE, torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 # Per-channel results (statistics, parameter gradients) are in the accumulation dtype, so only its
 # rounding counts, whatever the input dtype.
 ACCUMULATION_TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -50,10 +40,6 @@ SHAPES = {
     # channels over tiles of 64, 2310 pixels over the interpreter's tiles of 128 and splits of 8 tiles.
     "multi-tile": (2, 70, 33, 35),
 }
-
-
-def seed_of(*things):
-    return zlib.crc32(repr(things).encode())
 
 
 def accumulation(dtype):
@@ -101,23 +87,7 @@ def assert_sums_close(actual, expected, terms, dtype):
     assert bool((error <= bound).all()), f"error {error.tolist()} over bound {bound.tolist()}"
 
 
-def _backends():
-    return [
-        pytest.param(("cpu", "cpu"), id="cpu-extension",
-                     marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)),
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
-            not (HAS_GPU and _extension.extension_built_with_cuda()),
-            reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA")),
-    ]
-
-
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
-@pytest.fixture(params=_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends(*COMPILED_AND_REFERENCE)
 
 
 # ---------------------------------------------------------------------------
@@ -348,21 +318,18 @@ def check_refuses_grad(backend, device):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_stats_match_float64(backend_and_device, shape_name, dtype):
     check_stats(*backend_and_device, SHAPES[shape_name], dtype)
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_forward_matches_float64(backend_and_device, shape_name, dtype, relu):
     check_forward(*backend_and_device, SHAPES[shape_name], dtype, relu)
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_backward_matches_float64(backend_and_device, shape_name, dtype, relu):
     check_backward(*backend_and_device, SHAPES[shape_name], dtype, relu)
@@ -441,10 +408,6 @@ def test_reference_stats_are_torch_var_mean():
 # ---------------------------------------------------------------------------
 
 
-def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
-
-
 def opcheck_arguments(device):
     """Arguments of each op: channels_last x, a channel-slice grad_out, a channel slice of out."""
     shape = (2, 3, 5, 4)
@@ -467,7 +430,6 @@ OP_NAMES = {"stats": "batch_norm_stats", "forward": "batch_norm_relu", "forward_
 
 @needs_extension
 @pytest.mark.parametrize("op", list(OP_NAMES))
-@pytest.mark.parametrize("device", _opcheck_devices())
 def test_ops_pass_opcheck(device, op):
     torch.library.opcheck(getattr(torch.ops.ranet_fast, OP_NAMES[op]).default, opcheck_arguments(device)[op])
 

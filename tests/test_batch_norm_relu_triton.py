@@ -7,21 +7,10 @@ test's kernels too. The subprocess runs every check once and reports each one's 
 the same checks run in process (compiled kernels).
 """
 
-import json
-import os
-import subprocess
-import sys
-import traceback
-
-import pytest
 import torch
 
 import test_batch_norm_relu as checks
-from ranet_fast import _extension
-from cuda_testing import NO_CUDA_GPU
-from triton_interpreter import int64_indices
-
-TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+from triton_interpreter import each_check_on_gpu, each_check_under_interpreter, int64_indices, on_triton
 
 
 def named_checks():
@@ -85,43 +74,9 @@ def check_opcheck(backend, device):
     torch.library.opcheck(ops.batch_norm_relu_backward_triton.default, arguments["backward"])
 
 
-def run_all(device):
-    """Runs every check; returns name -> "ok" or the traceback."""
-    report = {}
-    for name, (function, *arguments) in named_checks().items():
-        try:
-            function("triton", device, *arguments)
-            report[name] = "ok"
-        except Exception:
-            report[name] = traceback.format_exc()
-    return report
+def triton_interpreter_checks():
+    return on_triton(named_checks())
 
 
-@pytest.fixture(scope="module")
-def interpreter_report():
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    environment.pop("RANET_FAST_BACKEND", None)
-    script = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {TESTS_DIRECTORY!r})\n"
-        "import test_batch_norm_relu_triton as t\n"
-        "print(json.dumps(t.run_all('cpu')))\n"
-    )
-    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                               timeout=600, cwd=TESTS_DIRECTORY)
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("name", list(named_checks()))
-def test_triton_under_interpreter(interpreter_report, name):
-    assert interpreter_report[name] == "ok", interpreter_report[name]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
-@pytest.mark.parametrize("name", list(named_checks()))
-def test_triton_on_gpu(name):
-    function, *arguments = named_checks()[name]
-    function("triton", "cuda", *arguments)
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
+test_triton_on_gpu = each_check_on_gpu(triton_interpreter_checks)

@@ -24,7 +24,7 @@ from ranet_fast.models.msdnet import MSDNFirstLayer
 from ranet_fast.nn.generic import FastChainMixin, FastSequentialMixin
 from ranet_fast.nn.msdnet_layers import FastConvDownNormal, FastMSDConvNormal
 from ranet_fast.nn.torchvision_densenet import FastDenseBlock, FastDenseLayer
-from test_dense_layers import randomize_bn
+from model_testing import randomize_bn
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 

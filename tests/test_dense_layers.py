@@ -16,20 +16,9 @@ from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal,
 from ranet_fast.nn import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal, FastConvUpNormal, convert
 from triton_interpreter import run_script_on_triton_backend
 from cuda_testing import NO_CUDA_GPU
+from model_testing import randomize_bn
 
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine parameters, so that folding them is a real test."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for tensor, low, high in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
-                                          (m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2)):
-                    tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * (high - low)
-                                 + low)
 
 
 def eager_and_fast(name, dtype=torch.float64, seed=0, **overrides):

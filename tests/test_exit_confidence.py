@@ -8,10 +8,7 @@ switch every other test's Triton kernels to the interpreter.
 
 import dataclasses
 import importlib
-import os
-import subprocess
 import sys
-import textwrap
 import zlib
 
 import pytest
@@ -22,8 +19,9 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import exit_confidence, exit_confidence_reference
 from ranet_fast.ops._registry import FUNCTIONAL
-from triton_interpreter import run_cases_in_triton_interpreter
+from triton_interpreter import each_check_under_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension, run_as_bare_install
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32,) + HALF_DTYPES
@@ -39,7 +37,6 @@ FLOAT64_ACCUMULATION = dict(rtol=1e-12, atol=1e-15)
 # is needed to spy on the fallback it calls.
 exit_confidence_module = importlib.import_module("ranet_fast.ops.exit_confidence")
 
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 
 
 def random_logits(shape, dtype, seed, scale=3.0):
@@ -83,11 +80,6 @@ def assert_matches_reference(logits, confidence, prediction):
     assert torch.equal(prediction.cpu(), expected_prediction)
 
 
-def graph_ops_without_overload(graph_ops):
-    """Dynamo records an op as its packet ("ns.op") or an overload ("ns.op.default")."""
-    return {op.removesuffix(".default") for op in graph_ops}
-
-
 def test_reference_matches_its_definition():
     # Independent of softmax: confidence = 1 / sum exp(x - max).
     logits = random_logits((50, 17), torch.float64, seed=1)
@@ -106,38 +98,7 @@ def test_reference_matches_its_definition():
 # ---------------------------------------------------------------------------
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    cuda_extension_missing = (
-        NO_CUDA_GPU if not has_gpu else _extension.backend_status("cuda", "cuda")[1]
-    )
-    return [
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()), reason=cuda_extension_missing
-            ),
-        ),
-        pytest.param(
-            ("triton", "cuda"),
-            id="triton-gpu",
-            marks=pytest.mark.skipif(
-                not has_gpu or _extension.triton_import_error() is not None,
-                reason=NO_CUDA_GPU if not has_gpu else str(_extension.triton_import_error()),
-            ),
-        ),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
@@ -198,7 +159,7 @@ def test_backend_output_never_requires_grad(backend_and_device):
     assert not confidence.requires_grad and not prediction.requires_grad
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 40),
@@ -216,37 +177,6 @@ def test_cpu_extension_random_shapes(num_rows, num_classes, dtype, scale, seed):
 # Triton on CPU tensors under the interpreter (subprocess).
 # ---------------------------------------------------------------------------
 
-_TRITON_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    import torch
-    from ranet_fast import _extension
-    from ranet_fast.ops import exit_confidence
-
-    cases = torch.load(sys.argv[1])
-    report = {"interpreted": _extension.triton_kernels().INTERPRETED}
-    outputs = {name: exit_confidence(logits, backend="triton") for name, logits in cases.items()}
-    torch.save(outputs, sys.argv[2])
-
-    logits = cases["opcheck"]
-    try:
-        torch.library.opcheck(torch.ops.ranet_fast.exit_confidence_triton.default, (logits,))
-        report["opcheck"] = "ok"
-    except Exception:
-        report["opcheck"] = traceback.format_exc()
-
-    graph_ops = []
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-    compiled = torch.compile(lambda x: exit_confidence(x, backend="triton"), fullgraph=True, backend=recording_backend)
-    report["compiled_equal"] = all(torch.equal(a, b) for a, b in zip(compiled(logits), outputs["opcheck"]))
-    report["graph_ops"] = graph_ops
-    print(json.dumps(report))
-    """
-)
-
-
 def _triton_cases():
     cases = {}
     for shape in SHAPES:
@@ -263,36 +193,30 @@ def _triton_cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def triton_interpreter_run(tmp_path_factory):
-    cases = _triton_cases()
-    directory = tmp_path_factory.mktemp("triton_interpreter")
-    return (cases, *run_cases_in_triton_interpreter(_TRITON_INTERPRETER_SCRIPT, cases, directory))
+def check_triton_opcheck(device):
+    logits = _triton_cases()["opcheck"].to(device)
+    torch.library.opcheck(torch.ops.ranet_fast.exit_confidence_triton.default, (logits,))
 
 
-@pytest.mark.parametrize("case", list(_triton_cases()))
-def test_triton_interpreter_matches_reference(triton_interpreter_run, case):
-    cases, outputs, report = triton_interpreter_run
-    assert report["interpreted"]
-    assert_matches_reference(cases[case], *outputs[case])
+def check_triton_compiles_fullgraph(device):
+    logits = _triton_cases()["opcheck"].to(device)
+    compiled, graph_ops = compile_recording_ops(lambda x: exit_confidence(x, backend="triton"))
+    assert all(torch.equal(a, b) for a, b in zip(compiled(logits), exit_confidence(logits, backend="triton")))
+    assert "ranet_fast.exit_confidence_triton" in graph_ops, graph_ops
 
 
-def test_triton_op_passes_opcheck(triton_interpreter_run):
-    assert triton_interpreter_run[2]["opcheck"] == "ok"
+def triton_interpreter_checks():
+    checks = {f"case/{name}": lambda device, logits=logits: assert_matches_reference(
+        logits, *exit_confidence(logits.to(device), backend="triton")) for name, logits in _triton_cases().items()}
+    return {**checks, "opcheck": check_triton_opcheck, "compiles-fullgraph": check_triton_compiles_fullgraph}
 
 
-def test_triton_op_compiles_fullgraph(triton_interpreter_run):
-    report = triton_interpreter_run[2]
-    assert report["compiled_equal"]
-    assert "ranet_fast.exit_confidence_triton" in graph_ops_without_overload(report["graph_ops"])
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 # ---------------------------------------------------------------------------
 # torch.library integration of the compiled op.
 # ---------------------------------------------------------------------------
-
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
 
 @needs_extension
 @pytest.mark.parametrize(
@@ -319,22 +243,16 @@ def test_cuda_op_passes_opcheck():
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def decide(logits):
         confidence, prediction = exit_confidence(logits)
         return confidence >= 0.5, prediction
 
-    compiled = torch.compile(decide, fullgraph=True, dynamic=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(decide, dynamic=True)
     for num_rows in (5, 12):
         logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
         for got, expected in zip(compiled(logits), decide(logits)):
             assert torch.equal(got, expected)
-    assert "ranet_fast.exit_confidence" in graph_ops_without_overload(graph_ops)
+    assert "ranet_fast.exit_confidence" in graph_ops, graph_ops
 
     # Inductor too; without surrounding arithmetic it has no C++ kernel to build,
     # which keeps this test fast.
@@ -461,12 +379,7 @@ def test_unknown_backend_names_the_choices(monkeypatch):
         exit_confidence(torch.randn(2, 3))
 
 
-_NO_EXTENSION_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    # A bare install: "import ranet_fast._C" and "import triton" both fail.
-    sys.modules["ranet_fast._C"] = None
-    sys.modules["triton"] = None
+_NO_EXTENSION_SCRIPT = """
     import torch
     import ranet_fast
     from ranet_fast import _extension
@@ -496,15 +409,8 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     compiled = torch.compile(exit_confidence, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits)[1], logits.argmax(dim=1))
     print("fallback ok")
-    """
-)
+"""
 
 
 def test_without_extension_or_triton_falls_back_to_reference():
-    environment = dict(os.environ)
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", _NO_EXTENSION_SCRIPT], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert "fallback ok" in completed.stdout
+    run_as_bare_install(_NO_EXTENSION_SCRIPT)

@@ -12,7 +12,6 @@ subprocess (see tests/test_exit_confidence.py for why).
 """
 
 import math
-import textwrap
 import zlib
 
 import pytest
@@ -22,13 +21,13 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, exit_partition_reference
-from triton_interpreter import run_cases_in_triton_interpreter
+from triton_interpreter import each_check_under_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension
 
 CRITERIA = ("max_softmax", "entropy")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SHAPES = [(0, 10), (1, 1), (1, 10), (7, 1), (64, 10), (33, 100), (16, 1000), (5000, 10)]
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 
 # Backends accumulate in float32 from the same input values the reference sees.
 # max_softmax: as exit_confidence. entropy: confidence = 1 - H / log C, so an
@@ -132,34 +131,7 @@ def check_all_thresholds(logits, criterion, backend):
 # ---------------------------------------------------------------------------
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    return [
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
-            ),
-        ),
-        pytest.param(
-            ("triton", "cuda"),
-            id="triton-gpu",
-            marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU),
-        ),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("reference", "cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -228,7 +200,7 @@ def test_backend_ignores_autograd_history(backend_and_device):
     check_outputs((logits * 2).detach(), 0.5, "entropy", outputs)
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 300),
@@ -257,44 +229,6 @@ def test_cpu_extension_partition_properties(num_rows, num_classes, dtype, criter
 # Triton on CPU tensors under the interpreter (subprocess).
 # ---------------------------------------------------------------------------
 
-_TRITON_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    import torch
-    from ranet_fast import _extension
-    from ranet_fast.ops import exit_partition
-
-    cases = torch.load(sys.argv[1])
-    report = {"interpreted": _extension.triton_kernels().INTERPRETED}
-    outputs = {
-        name: exit_partition(logits, threshold, criterion, backend="triton")
-        for name, (logits, threshold, criterion) in cases.items()
-    }
-    torch.save(outputs, sys.argv[2])
-
-    logits = cases["opcheck"][0]
-    try:
-        for criterion in ("max_softmax", "entropy"):
-            torch.library.opcheck(torch.ops.ranet_fast.exit_partition_triton.default, (logits, 0.4, criterion))
-        report["opcheck"] = "ok"
-    except Exception:
-        report["opcheck"] = traceback.format_exc()
-
-    graph_ops = []
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-    compiled = torch.compile(
-        lambda x: exit_partition(x, 0.4, "entropy", backend="triton"), fullgraph=True, backend=recording_backend
-    )
-    expected = exit_partition(logits, 0.4, "entropy", backend="triton")
-    report["compiled_equal"] = all(torch.equal(a, b) for a, b in zip(compiled(logits), expected))
-    report["graph_ops"] = graph_ops
-    print(json.dumps(report))
-    """
-)
-
-
 def _triton_cases():
     cases = {}
     for criterion in CRITERIA:
@@ -313,37 +247,33 @@ def _triton_cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def triton_interpreter_run(tmp_path_factory):
-    cases = _triton_cases()
-    directory = tmp_path_factory.mktemp("triton_interpreter")
-    return (cases, *run_cases_in_triton_interpreter(_TRITON_INTERPRETER_SCRIPT, cases, directory))
+def check_triton_opcheck(device):
+    logits = _triton_cases()["opcheck"][0].to(device)
+    for criterion in CRITERIA:
+        torch.library.opcheck(torch.ops.ranet_fast.exit_partition_triton.default, (logits, 0.4, criterion))
 
 
-@pytest.mark.parametrize("case", list(_triton_cases()))
-def test_triton_interpreter_matches_reference(triton_interpreter_run, case):
-    cases, outputs, report = triton_interpreter_run
-    assert report["interpreted"]
-    logits, threshold, criterion = cases[case]
-    check_outputs(logits, threshold, criterion, outputs[case])
+def check_triton_compiles_fullgraph(device):
+    logits = _triton_cases()["opcheck"][0].to(device)
+    compiled, graph_ops = compile_recording_ops(lambda x: exit_partition(x, 0.4, "entropy", backend="triton"))
+    expected = exit_partition(logits, 0.4, "entropy", backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(compiled(logits), expected))
+    assert "ranet_fast.exit_partition_triton" in graph_ops, graph_ops
 
 
-def test_triton_op_passes_opcheck(triton_interpreter_run):
-    assert triton_interpreter_run[2]["opcheck"] == "ok"
+def triton_interpreter_checks():
+    checks = {f"case/{name}": lambda device, logits=logits, threshold=threshold, criterion=criterion: check_outputs(
+        logits, threshold, criterion, exit_partition(logits.to(device), threshold, criterion, backend="triton"))
+        for name, (logits, threshold, criterion) in _triton_cases().items()}
+    return {**checks, "opcheck": check_triton_opcheck, "compiles-fullgraph": check_triton_compiles_fullgraph}
 
 
-def test_triton_op_compiles_fullgraph(triton_interpreter_run):
-    report = triton_interpreter_run[2]
-    assert report["compiled_equal"]
-    assert any(op.startswith("ranet_fast.exit_partition_triton") for op in report["graph_ops"])
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 # ---------------------------------------------------------------------------
 # torch.library integration of the compiled op.
 # ---------------------------------------------------------------------------
-
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
 
 @needs_extension
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -372,17 +302,11 @@ def test_cuda_op_passes_opcheck():
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def decide(logits, threshold):
         confidence, prediction, order, num_continue = exit_partition(logits, threshold, "entropy")
         return confidence, prediction, order, num_continue + 0
 
-    compiled = torch.compile(decide, fullgraph=True, dynamic=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(decide, dynamic=True)
     for num_rows, threshold in ((5, 0.3), (12, 0.6)):
         logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
         for got, expected in zip(compiled(logits, threshold), decide(logits, threshold)):

@@ -8,32 +8,22 @@ kernel writing outside its channel slice, or leaving part of it unwritten, fails
 """
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
 
 from ranet_fast import _extension
 from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
-from cuda_testing import NO_CUDA_GPU, deterministic_on
+from cuda_testing import deterministic_on
+from op_testing import (COMPILED_AND_REFERENCE, TOLERANCE_BY_DTYPE, backends, compile_recording_ops, needs_extension,
+                        seed_of)
 
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-HAS_GPU = torch.cuda.is_available()
 
 # Against the float64 reference. float32: accumulation-order rounding over up to 9 * 70 products of
 # standard-normal values. Half types: the inputs are the same rounded values, so what differs is the
-# rounding of the prologue's output (what the conv reads) and of the result (bfloat16 keeps 8 bits).
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-}
-DTYPES = list(TOLERANCES)
-
-
-def seed_of(*things):
-    return zlib.crc32(repr(things).encode())
+# rounding of the prologue's output (what the conv reads) and of the result: twice 2**-8 for
+# bfloat16, which the shared 1e-2 leaves too little room for.
+TOLERANCES = {**TOLERANCE_BY_DTYPE, torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 def random_tensor(shape, dtype=torch.float32, seed=0, device="cpu", low=None, high=None):
@@ -118,23 +108,7 @@ def assert_close(actual, reference, dtype):
     torch.testing.assert_close(actual.detach().cpu().double(), reference, equal_nan=True, **TOLERANCES[dtype])
 
 
-def _backends():
-    return [
-        pytest.param(("cpu", "cpu"), id="cpu-extension",
-                     marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)),
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(("cuda", "cuda"), id="cuda-extension", marks=pytest.mark.skipif(
-            not (HAS_GPU and _extension.extension_built_with_cuda()),
-            reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA")),
-    ]
-
-
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
-@pytest.fixture(params=_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends(*COMPILED_AND_REFERENCE)
 
 
 # ---------------------------------------------------------------------------
@@ -285,7 +259,6 @@ def check_gradcheck(backend, device):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_forward_matches_reference(backend_and_device, case, dtype):
     check_forward(*backend_and_device, case, dtype)
@@ -363,10 +336,6 @@ def test_cpu_extension_channels_last_output_layouts():
 # ---------------------------------------------------------------------------
 
 
-def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
-
-
 def opcheck_arguments(device):
     """(functional op arguments, out op arguments) covering a prologue, absent tensors and a slice."""
     case = Case(2, 3, 5, 6, 4, 3, stride=2, padding=1, prologue=True, epilogue_shift=False)
@@ -381,7 +350,6 @@ def opcheck_arguments(device):
 
 
 @needs_extension
-@pytest.mark.parametrize("device", _opcheck_devices())
 def test_ops_pass_opcheck(device):
     functional, out_arguments = opcheck_arguments(device)
     torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d.default, functional)
@@ -390,12 +358,6 @@ def test_ops_pass_opcheck(device):
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def layer(x, weight, scale, shift):
         return fused_conv2d(x * 2, weight, padding=1, epilogue_scale=scale, epilogue_shift=shift, relu=True,
                             backend="cpu") + 1
@@ -403,9 +365,9 @@ def test_compiled_op_under_torch_compile_fullgraph():
     case = CASES["3x3-normal"]
     x, weight, vectors = case.tensors(torch.float64, seed=21)
     arguments = (x, weight, vectors["epilogue_scale"], vectors["epilogue_shift"])
-    compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(layer)
     assert torch.equal(compiled(*arguments), layer(*arguments))
-    assert any(op.removesuffix(".default") == "ranet_fast.fused_conv2d" for op in graph_ops)
+    assert "ranet_fast.fused_conv2d" in graph_ops, graph_ops
 
     # Through AOTAutograd too, gradients included.
     aot = torch.compile(layer, fullgraph=True, backend="aot_eager")

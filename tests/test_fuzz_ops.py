@@ -17,13 +17,8 @@ defined, so it cannot be switched on inside this process).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,9 +27,12 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
-                            batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference, exit_confidence, exit_confidence_reference, exit_partition, exit_partition_reference,
-                            scatter_exits, scatter_exits_reference, upsample_concat, upsample_concat_reference)
+                            batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference, exit_confidence,
+                            exit_confidence_reference, exit_partition, exit_partition_reference, fused_conv2d,
+                            fused_conv2d_reference, gather_rows, scatter_exits, scatter_exits_reference,
+                            upsample_concat, upsample_concat_reference)
 from ranet_fast.ops.exit_partition import stable_partition
+from triton_interpreter import each_check_under_interpreter
 
 EXAMPLES = int(os.environ.get("RANET_FAST_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -309,7 +307,7 @@ def test_non_finite_values_along_a_copied_axis(backend):
 # batch_norm_stats, batch_norm_relu, batch_norm_relu_backward
 # ---------------------------------------------------------------------------
 
-BN_LAYOUTS = ("contiguous", "channels_last", "strided", "channel_slice", "expand_batch")
+LAYOUTS_4D = ("contiguous", "channels_last", "strided", "channel_slice", "expand_batch")
 
 batch_norm_cases = st.fixed_dictionaries({
     "batch": st.one_of(st.sampled_from([0, 1]), st.integers(0, 3)),
@@ -319,8 +317,8 @@ batch_norm_cases = st.fixed_dictionaries({
     "dtype": st.sampled_from(DTYPES),
     # Finite values only: with inf the statistics are NaN by different routes on every backend.
     "kind": st.sampled_from(("normal", "large", "ties")),
-    "layout": st.sampled_from(BN_LAYOUTS),
-    "grad_layout": st.sampled_from(BN_LAYOUTS[:4]),
+    "layout": st.sampled_from(LAYOUTS_4D),
+    "grad_layout": st.sampled_from(LAYOUTS_4D[:4]),
     "relu": st.booleans(),
     "use_out": st.booleans(),
     "seed": st.integers(0, 2**31 - 1),
@@ -331,7 +329,7 @@ batch_norm_cases = st.fixed_dictionaries({
 BN_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def _bn_tensor(shape, dtype, kind, layout, seed):
+def _tensor_4d(shape, dtype, kind, layout, seed):
     batch, channels, height, width = shape
     if layout == "channels_last":
         return _values(shape, dtype, kind, seed).contiguous(memory_format=torch.channels_last)
@@ -354,7 +352,7 @@ def _assert_sums_close(actual, expected, terms, accumulation):
 def check_batch_norm(backend, case):
     dtype, channels = case["dtype"], case["channels"]
     shape = (case["batch"], channels, case["height"], case["width"])
-    x = _bn_tensor(shape, dtype, case["kind"], case["layout"], case["seed"])
+    x = _tensor_4d(shape, dtype, case["kind"], case["layout"], case["seed"])
     dense = x.contiguous()
     accumulation = torch.float64 if dtype == torch.float64 else torch.float32
     count = shape[0] * shape[2] * shape[3]
@@ -386,7 +384,7 @@ def check_batch_norm(backend, case):
         result = batch_norm_relu(x, mean, invstd, weight, bias, relu=case["relu"], backend=backend)
     _assert_close(result, expected, rtol=tolerance, atol=tolerance)
 
-    grad_out = _bn_tensor(shape, dtype, "normal", case["grad_layout"], case["seed"] + 2)
+    grad_out = _tensor_4d(shape, dtype, "normal", case["grad_layout"], case["seed"] + 2)
     grad_x, grad_weight, grad_bias = batch_norm_relu_backward(grad_out, x, mean, invstd, weight, bias,
                                                               relu=case["relu"], backend=backend)
     expected_x, expected_weight, expected_bias = batch_norm_relu_backward_reference(
@@ -403,6 +401,133 @@ def check_batch_norm(backend, case):
 
 
 # ---------------------------------------------------------------------------
+# fused_conv2d
+# ---------------------------------------------------------------------------
+
+fused_conv2d_cases = st.fixed_dictionaries({
+    "batch": st.one_of(st.sampled_from([0, 1]), st.integers(0, 3)),
+    "in_channels": st.integers(1, 6),
+    "out_channels": st.integers(1, 6),
+    "kernel_size": st.sampled_from([1, 3]),
+    "stride": st.sampled_from([1, 2]),
+    "same_padding": st.booleans(),
+    "height": st.integers(1, 9),
+    "width": st.integers(1, 9),
+    "dtype": st.sampled_from(DTYPES),
+    "layout": st.sampled_from(LAYOUTS_4D),
+    "prologue": st.booleans(),
+    "epilogue_scale": st.booleans(),
+    "epilogue_shift": st.booleans(),
+    "relu": st.booleans(),
+    "use_out": st.booleans(),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+# Each output is a sum of Ci * k * k <= 54 products; the bound is a multiple of the unit roundoff
+# times the sum of the products' magnitudes (and of the shift) plus the result's magnitude: float32
+# accumulation costs <= 54 * 2**-24 ~ 3e-6 of the sum; a half type rounds the prologue's output (what
+# the conv reads, 2**-8 for bfloat16) and the result once each. float64 keeps only accumulation order.
+CONV_ROUNDOFF = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def check_fused_conv2d(backend, case):
+    dtype, kernel_size = case["dtype"], case["kernel_size"]
+    padding = (kernel_size - 1) // 2 if case["same_padding"] else 0
+    # The padded input must hold one kernel window.
+    height, width = (max(size, kernel_size - 2 * padding) for size in (case["height"], case["width"]))
+    in_channels, out_channels, seed = case["in_channels"], case["out_channels"], case["seed"]
+    x = _tensor_4d((case["batch"], in_channels, height, width), dtype, "normal", case["layout"], seed)
+    weight = _values((out_channels, in_channels, kernel_size, kernel_size), dtype, "normal", seed + 1) / 4
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    generator = torch.Generator().manual_seed(seed + 2)
+
+    def vector(size, present, low, high):
+        return torch.empty(size, dtype=accumulation).uniform_(low, high, generator=generator) if present else None
+
+    vectors = dict(prologue_scale=vector(in_channels, case["prologue"], -2, 2),
+                   prologue_shift=vector(in_channels, case["prologue"], -1, 1),
+                   epilogue_scale=vector(out_channels, case["epilogue_scale"], -2, 2),
+                   epilogue_shift=vector(out_channels, case["epilogue_shift"], -1, 1))
+    options = dict(stride=case["stride"], padding=padding, relu=case["relu"])
+    vectors64 = {name: None if v is None else v.double() for name, v in vectors.items()}
+    expected = fused_conv2d_reference(x.double(), weight.double(), **vectors64, **options)
+    # The magnitudes of the terms: the same conv on absolute values, without ReLU.
+    magnitudes = fused_conv2d_reference(
+        x.double().abs(), weight.double().abs(), stride=case["stride"], padding=padding,
+        prologue_scale=None if vectors64["prologue_scale"] is None else vectors64["prologue_scale"].abs(),
+        prologue_shift=None if vectors64["prologue_shift"] is None else vectors64["prologue_shift"].abs(),
+        epilogue_scale=None if vectors64["epilogue_scale"] is None else vectors64["epilogue_scale"].abs(),
+        epilogue_shift=None if vectors64["epilogue_shift"] is None else vectors64["epilogue_shift"].abs())
+    if case["use_out"]:
+        base = torch.full((case["batch"], out_channels + 4, *expected.shape[2:]), 7.0, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        result = fused_conv2d(x, weight, **vectors, **options, out=base, out_offset=2, backend=backend)
+        assert result is base and bool((base[:, :2] == 7).all()) and bool((base[:, 2 + out_channels:] == 7).all())
+        result = base[:, 2:2 + out_channels]
+    else:
+        result = fused_conv2d(x, weight, **vectors, **options, backend=backend)
+    assert result.dtype == dtype and result.shape == expected.shape
+    bound = CONV_ROUNDOFF[dtype] * (magnitudes + expected.abs())
+    error = (result.double() - expected).abs()
+    assert bool((error <= bound).all()), f"largest error over bound {(error - bound).max().item()}"
+
+
+# ---------------------------------------------------------------------------
+# gather_rows
+# ---------------------------------------------------------------------------
+
+GATHER_DTYPES = DTYPES + (torch.int64, torch.int32, torch.uint8, torch.bool)
+GATHER_LAYOUTS = ("contiguous", "strided_rows", "inner_transposed", "channels_last", "expand_rows")
+
+gather_rows_cases = st.fixed_dictionaries({
+    "rows": st.one_of(st.sampled_from([0, 1]), st.integers(0, 6)),
+    "tensors": st.lists(st.tuples(st.lists(st.integers(1, 4), max_size=3), st.sampled_from(GATHER_DTYPES),
+                                  st.sampled_from(GATHER_LAYOUTS)), min_size=1, max_size=3),
+    "index_length": st.integers(0, 8),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def _gathered_tensor(rows: int, inner_shape, dtype, layout: str, seed: int) -> torch.Tensor:
+    """A [rows, *inner_shape] tensor of ``dtype``, in ``layout`` where the layout fits its rank."""
+    shape = (rows, *inner_shape)
+    if dtype.is_floating_point:
+        values = _values(shape, dtype, "specials", seed)
+    else:
+        values = torch.randint(0, 2 if dtype == torch.bool else 200, shape,
+                               generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if layout == "strided_rows":  # every other row of a tensor twice as long
+        return values.repeat_interleave(2, dim=0)[::2]
+    if layout == "inner_transposed" and values.dim() >= 2:  # rows innermost for 2-D, else the last two dims swapped
+        return values.mT.contiguous().mT
+    if layout == "channels_last" and values.dim() == 4:
+        return values.contiguous(memory_format=torch.channels_last)
+    if layout == "expand_rows" and rows:  # every row the same memory
+        return values[:1].expand(shape)
+    return values
+
+
+def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.is_floating_point():  # compared as integers of the same width: NaN payloads and -0.0 count
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[actual.dtype.itemsize]
+        actual, expected = actual.contiguous().view(bits), expected.contiguous().view(bits)
+    assert torch.equal(actual, expected)
+
+
+def check_gather_rows(backend, case):
+    rows, seed = case["rows"], case["seed"]
+    tensors = [_gathered_tensor(rows, inner, dtype, layout, seed + number)
+               for number, (inner, dtype, layout) in enumerate(case["tensors"])]
+    length = case["index_length"] if rows else 0  # an empty batch has no row to take
+    index = torch.randint(0, max(rows, 1), (length,), generator=torch.Generator().manual_seed(seed))
+    results = gather_rows(tensors, index, backend=backend)
+    for result, tensor in zip(results, tensors, strict=True):
+        _assert_same_bits(result, tensor.index_select(0, index))
+        # New memory, never a view of the input.
+        assert result.numel() == 0 or result.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+
+# ---------------------------------------------------------------------------
 # The tests: every check on every backend. The Triton subprocess below reuses CHECKS.
 # ---------------------------------------------------------------------------
 
@@ -417,6 +542,8 @@ CHECKS = {
     "upsample_concat": (check_upsample_concat, dict(case=upsample_cases)),
     "upsample_concat_gradients": (check_upsample_concat_gradients, dict(case=upsample_cases)),
     "batch_norm": (check_batch_norm, dict(case=batch_norm_cases)),
+    "fused_conv2d": (check_fused_conv2d, dict(case=fused_conv2d_cases)),
+    "gather_rows": (check_gather_rows, dict(case=gather_rows_cases)),
 }
 
 
@@ -574,27 +701,17 @@ def test_scatter_exits_refusal_leaves_the_buffers_alone():
 
 
 # ---------------------------------------------------------------------------
-# Triton under the interpreter: one short subprocess.
+# Triton under the interpreter: every check, fewer examples, in one subprocess (conftest.py's
+# triton_interpreter_report). The examples are CPU tensors, so a check ignores the device.
 # ---------------------------------------------------------------------------
 
-TRITON_FUZZ = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, sys.argv[1])
-    import test_fuzz_ops as fuzz
-
-    results = {}
-    for op, (check, strategies) in fuzz.CHECKS.items():
-        fuzz.property_test(check, strategies, "triton", examples=int(sys.argv[2]))()
-        results[op] = "passed"
-    print(json.dumps(results))
-""")
+TRITON_EXAMPLES = max(3, EXAMPLES // 5)
 
 
-@pytest.mark.skipif(_extension.triton_import_error() is not None, reason="triton is not installed")
-def test_triton_kernels_under_the_interpreter():
-    examples = max(3, EXAMPLES // 5)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run([sys.executable, "-c", TRITON_FUZZ, str(Path(__file__).parent), str(examples)],
-                               env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert json.loads(completed.stdout.strip().splitlines()[-1]) == dict.fromkeys(CHECKS, "passed")
+def triton_interpreter_checks():
+    return {op: lambda device, check=check, strategies=strategies:
+            property_test(check, strategies, "triton", examples=TRITON_EXAMPLES)()
+            for op, (check, strategies) in CHECKS.items()}
+
+
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)

@@ -12,11 +12,7 @@ subprocess (Triton fixes interpreter mode when a kernel module is imported);
 tests/test_triton_sm90_compile.py compiles the kernel for sm_90.
 """
 
-import json
-import os
-import subprocess
-import sys
-import traceback
+import functools
 import zlib
 
 import pytest
@@ -28,11 +24,8 @@ from ranet_fast import _extension
 from ranet_fast.ops import gather_rows, gather_rows_reference
 from ranet_fast.ops.gather_rows import output_strides
 from cuda_testing import NO_CUDA_GPU, deterministic_on
-
-HAS_GPU = torch.cuda.is_available()
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+from op_testing import HAS_GPU, backends, compile_recording_ops, needs_extension
+from triton_interpreter import each_check_under_interpreter
 
 
 # ---------------------------------------------------------------------------
@@ -268,24 +261,9 @@ CHECKS = {
 }
 
 
-def _backends():
-    return [
-        pytest.param(("cpu", "cpu"), id="cpu-extension", marks=needs_extension),
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (HAS_GPU and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA",
-            ),
-        ),
-        pytest.param(("reference", "cuda"), id="reference-cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU)),
-        pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU)),
-    ]
+BACKENDS = backends("cpu-extension", "reference", "cuda-extension", "reference-cuda", "triton-gpu")
 
 
-@pytest.mark.parametrize("backend_and_device", _backends())
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_backend(backend_and_device, check):
     CHECKS[check](*backend_and_device)
@@ -420,19 +398,10 @@ def opcheck_inputs(device):
 
 
 @needs_extension
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))])
 def test_op_passes_opcheck(device):
     tensors, index = opcheck_inputs(device)
     torch.library.opcheck(torch.ops.ranet_fast.gather_rows.default, (tensors, index, True))
     torch.library.opcheck(torch.ops.ranet_fast.gather_rows.default, (tensors, index[:0], False))
-
-
-def recording_backend(graph_ops):
-    def backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
-    return backend
 
 
 def compile_check(backend, op_name):
@@ -446,19 +415,17 @@ def compile_check(backend, op_name):
 
 
 def compile_step(backend, op_name, check_index):
-    graph_ops = []
-
     def step(features, positions, index):
         kept_features, kept_positions = gather_rows([features * 2, positions], index, check_index=check_index,
                                                     backend=backend)
         return kept_features.relu(), kept_positions + 1
 
-    compiled = torch.compile(step, fullgraph=True, backend=recording_backend(graph_ops))
+    compiled, graph_ops = compile_recording_ops(step)
     features = torch.randn(6, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     positions, index = torch.arange(6), torch.tensor([5, 2, 2])
     for got, want in zip(compiled(features, positions, index), step(features, positions, index)):
         assert torch.equal(got, want)
-    assert any(op.removesuffix(".default") == op_name for op in graph_ops), graph_ops
+    assert op_name in graph_ops, graph_ops
 
     aot = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaf, eager_leaf = features.clone().requires_grad_(), features.clone().requires_grad_()
@@ -509,47 +476,15 @@ TRITON_CHECKS = {
 }
 
 
-def run_triton_checks(device):
-    """{check name: 'ok' or the failure's traceback}; used by the interpreter subprocess."""
-    report = {}
-    for name, check in TRITON_CHECKS.items():
-        try:
-            check("triton", device)
-            report[name] = "ok"
-        except Exception:
-            report[name] = traceback.format_exc()
-    return report
+def triton_interpreter_checks():
+    return {name: functools.partial(check, "triton") for name, check in TRITON_CHECKS.items()}
 
 
-_INTERPRETER_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import test_gather_rows as tests
-from ranet_fast.kernels import gather_rows as kernels
-print(json.dumps({"interpreted": kernels.INTERPRETED, "checks": tests.run_triton_checks("cpu")}))
-"""
+def test_triton_interpreter_was_used(triton_interpreter_report):
+    assert triton_interpreter_report["interpreted"]
 
 
-@pytest.fixture(scope="module")
-def interpreter_report():
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, TESTS_DIRECTORY], env=environment,
-                               capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def test_triton_interpreter_was_used(interpreter_report):
-    assert interpreter_report["interpreted"]
-
-
-@pytest.mark.parametrize("check", list(TRITON_CHECKS))
-def test_triton_interpreter(interpreter_report, check):
-    result = interpreter_report["checks"][check]
-    assert result == "ok", result
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU)

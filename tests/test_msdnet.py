@@ -28,7 +28,7 @@ from ranet_fast.inference import early_exit
 from ranet_fast.models import MSDNET_CONFIGS as README_CONFIGS
 from ranet_fast.models import MSDNet, build_model, msdnet_config, plan_msdnet, validate_msdnet_args
 from ranet_fast.train import parse_args
-from test_early_exit import assert_matches_simulation, calibrated, images
+from model_testing import assert_matches_simulation, calibrated, images, randomize_eval_bn
 
 NAMES = sorted(MSDNET_CONFIGS)
 
@@ -186,13 +186,7 @@ def _engine_model(dtype=torch.float64, **overrides):
     layer is the identity it starts as (as tests/test_early_exit.py builds its RANets)."""
     torch.manual_seed(0)
     model = MSDNet(_small(**overrides)).to(dtype).eval()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data = 0.5 + torch.rand(module.weight.shape, generator=generator, dtype=dtype)
-            module.bias.data = 0.2 * torch.randn(module.bias.shape, generator=generator, dtype=dtype)
-            module.running_mean = 0.1 * torch.randn(module.running_mean.shape, generator=generator, dtype=dtype)
-            module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=generator, dtype=dtype)
+    randomize_eval_bn(model, 1, dtype)
     return model
 
 

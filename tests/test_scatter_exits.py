@@ -6,10 +6,6 @@ was not, shows. The oracle is a Python loop over the slots (the definition),
 and the PyTorch reference is one of the backends checked against it.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,11 +14,11 @@ from hypothesis import strategies as st
 
 from ranet_fast import _extension
 from ranet_fast.ops import exit_partition, scatter_exits
-from triton_interpreter import run_cases_in_triton_interpreter
+from triton_interpreter import each_check_under_interpreter
 from cuda_testing import NO_CUDA_GPU
+from op_testing import backends, compile_recording_ops, needs_extension, run_as_bare_install
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
 SENTINEL_EXIT = -12345
 
 
@@ -58,30 +54,7 @@ def run_and_check(backend, device, case, exit_index=3):
     return expected_exit
 
 
-def _in_process_backends():
-    has_gpu = torch.cuda.is_available()
-    return [
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (has_gpu and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not has_gpu else "extension built without CUDA",
-            ),
-        ),
-        pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.skipif(not has_gpu, reason=NO_CUDA_GPU)),
-    ]
-
-
-@pytest.fixture(params=_in_process_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends("reference", "cpu-extension", "cuda-extension", "triton-gpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -148,7 +121,7 @@ def test_backend_consecutive_exits_fill_every_row(backend_and_device):
     assert torch.equal(result_logits, expected)
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
     num_rows=st.integers(0, 200),
@@ -217,7 +190,7 @@ def test_bad_input_raises_clear_error(backend):
         call(5, torch.empty(6, dtype=torch.int64, device="meta"))
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 def test_compiled_op_rejects_bad_input_itself():
     # Direct torch.ops calls bypass the Python validation; the kernel must still refuse.
     result_logits, result_exit, logits, order, num_continue, positions = make_case(6, 4, 8, torch.float32, seed=4)
@@ -245,7 +218,7 @@ def test_compiled_op_rejects_bad_input_itself():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_op_passes_opcheck(dtype):
     for num_rows in (0, 9):
@@ -261,20 +234,14 @@ def test_cuda_op_passes_opcheck():
     torch.library.opcheck(torch.ops.ranet_fast.scatter_exits.default, (*case, 2))
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 def test_exit_step_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def exit_step(result_logits, result_exit, logits, positions):
         confidence, prediction, order, num_continue = exit_partition(logits, 0.5, "max_softmax")
         scatter_exits(result_logits, result_exit, logits, order, num_continue, positions, 2)
         return order, num_continue
 
-    compiled = torch.compile(exit_step, fullgraph=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(exit_step)
     case = make_case(40, 10, 50, torch.float32, seed=7)
     eager_buffers = [case[0].clone(), case[1].clone()]
     compiled_order, compiled_num_continue = compiled(*case[:3], case[5])
@@ -289,42 +256,6 @@ def test_exit_step_under_torch_compile_fullgraph():
 # ---------------------------------------------------------------------------
 # Triton on CPU tensors under the interpreter (subprocess).
 # ---------------------------------------------------------------------------
-
-_TRITON_INTERPRETER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, traceback
-    import torch
-    from ranet_fast import _extension
-    from ranet_fast.ops import scatter_exits
-
-    cases = torch.load(sys.argv[1])
-    report = {"interpreted": _extension.triton_kernels().INTERPRETED}
-    for name, (arguments, exit_index) in cases.items():
-        scatter_exits(*arguments, exit_index, backend="triton")
-    torch.save({name: arguments[:2] for name, (arguments, _) in cases.items()}, sys.argv[2])
-
-    arguments, exit_index = cases["opcheck"]
-    try:
-        torch.library.opcheck(torch.ops.ranet_fast.scatter_exits_triton.default, (*arguments, exit_index))
-        report["opcheck"] = "ok"
-    except Exception:
-        report["opcheck"] = traceback.format_exc()
-
-    graph_ops = []
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-    compiled = torch.compile(
-        lambda *a: scatter_exits(*a, 1, backend="triton"), fullgraph=True, backend=recording_backend
-    )
-    result_logits, result_exit = arguments[0].clone(), arguments[1].clone()
-    compiled(result_logits, result_exit, *arguments[2:])
-    report["compiled_wrote"] = bool((result_exit == 1).any())
-    report["graph_ops"] = graph_ops
-    print(json.dumps(report))
-    """
-)
-
 
 def _triton_cases():
     cases = {}
@@ -352,39 +283,39 @@ def _triton_cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def triton_interpreter_run(tmp_path_factory):
-    cases = _triton_cases()
-    directory = tmp_path_factory.mktemp("triton_interpreter")
-    return (cases, *run_cases_in_triton_interpreter(_TRITON_INTERPRETER_SCRIPT, cases, directory))
-
-
-@pytest.mark.parametrize("case", list(_triton_cases()))
-def test_triton_interpreter_matches_oracle(triton_interpreter_run, case):
-    cases, outputs, report = triton_interpreter_run
-    assert report["interpreted"]
-    arguments, exit_index = cases[case]
+def check_triton_case(arguments, exit_index):
     expected_logits, expected_exit = oracle(*arguments, exit_index)
-    got_logits, got_exit = outputs[case]
-    assert torch.equal(got_exit, expected_exit)
-    torch.testing.assert_close(got_logits, expected_logits, rtol=0, atol=0, equal_nan=True)
+    result_logits, result_exit = arguments[0].clone(), arguments[1].clone()
+    scatter_exits(result_logits, result_exit, *arguments[2:], exit_index, backend="triton")
+    assert torch.equal(result_exit, expected_exit)
+    torch.testing.assert_close(result_logits, expected_logits, rtol=0, atol=0, equal_nan=True)
 
 
-def test_triton_op_passes_opcheck(triton_interpreter_run):
-    assert triton_interpreter_run[2]["opcheck"] == "ok"
+def check_triton_opcheck(device):
+    arguments, exit_index = _triton_cases()["opcheck"]
+    torch.library.opcheck(torch.ops.ranet_fast.scatter_exits_triton.default, (*arguments, exit_index))
 
 
-def test_triton_op_compiles_fullgraph(triton_interpreter_run):
-    report = triton_interpreter_run[2]
-    assert report["compiled_wrote"]
-    assert any(op.startswith("ranet_fast.scatter_exits_triton") for op in report["graph_ops"])
+def check_triton_compiles_fullgraph(device):
+    arguments, _ = _triton_cases()["opcheck"]
+    compiled, graph_ops = compile_recording_ops(lambda *a: scatter_exits(*a, 1, backend="triton"))
+    result_logits, result_exit = arguments[0].clone(), arguments[1].clone()
+    compiled(result_logits, result_exit, *arguments[2:])
+    assert (result_exit == 1).any()
+    assert "ranet_fast.scatter_exits_triton" in graph_ops, graph_ops
 
 
-_NO_EXTENSION_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["ranet_fast._C"] = None
-    sys.modules["triton"] = None
+def triton_interpreter_checks():
+    """The cases are CPU tensors: the interpreter's device."""
+    checks = {f"case/{name}": lambda device, case=case: check_triton_case(*case)
+              for name, case in _triton_cases().items()}
+    return {**checks, "opcheck": check_triton_opcheck, "compiles-fullgraph": check_triton_compiles_fullgraph}
+
+
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
+
+
+_NO_EXTENSION_SCRIPT = """
     import torch
     from ranet_fast import _extension
     from ranet_fast.ops import exit_partition, scatter_exits
@@ -400,15 +331,8 @@ _NO_EXTENSION_SCRIPT = textwrap.dedent(
     assert torch.equal(result_logits[positions[leaving]], logits[leaving])
     assert int((result_exit == 1).sum()) == leaving.numel()
     print("fallback ok")
-    """
-)
+"""
 
 
 def test_without_extension_or_triton_falls_back_to_reference():
-    environment = dict(os.environ)
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", _NO_EXTENSION_SCRIPT], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert "fallback ok" in completed.stdout
+    run_as_bare_install(_NO_EXTENSION_SCRIPT)

@@ -1,8 +1,8 @@
 """tests/conftest.py's skip policy: with CI=true a run that skipped a test for any reason but the
 machine's GPU fails; without it the same run passes and lists those skips as a warning.
 
-Runs pytest in a subprocess on a scratch directory holding copies of conftest.py and
-cuda_testing.py and a few tests, with CUDA_VISIBLE_DEVICES="" so that torch sees no GPU.
+Runs pytest in a subprocess on a scratch directory holding copies of conftest.py, the helper
+modules it imports and a few tests, with CUDA_VISIBLE_DEVICES="" so that torch sees no GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ MODULE_SKIP = textwrap.dedent(
 
 
 def run_pytest(tmp_path, files: dict[str, str], ci: bool):
-    for name in ("conftest.py", "cuda_testing.py"):
+    for name in ("conftest.py", "cuda_testing.py", "op_testing.py", "triton_interpreter.py"):
         shutil.copy(TESTS / name, tmp_path / name)
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -6,13 +6,6 @@ from the very values the backend saw, so only the backend's accumulation
 (float32 for float16/bfloat16/float32 inputs) and its final rounding differ.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +15,8 @@ from hypothesis import strategies as st
 from ranet_fast import _extension
 from ranet_fast.ops import upsample_concat, upsample_concat_reference
 from cuda_testing import NO_CUDA_GPU
-
-NO_EXTENSION = f"ranet_fast._C not loaded: {_extension.extension_import_error()}"
-HAS_GPU = torch.cuda.is_available()
+from op_testing import COMPILED_AND_REFERENCE, HAS_GPU, backends, compile_recording_ops, needs_extension, seed_of
+from triton_interpreter import each_check_under_interpreter
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -45,10 +37,6 @@ def random_tensor(shape, dtype=torch.float32, seed=0, device="cpu"):
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).to(device)
 
 
-def seed_of(*things):
-    return zlib.crc32(repr(things).encode())
-
-
 def make_parts(batch, part_shapes, dtype=torch.float32, device="cpu", seed=0):
     return [
         random_tensor((batch, *shape), dtype, seed + index, device) for index, shape in enumerate(part_shapes)
@@ -66,31 +54,7 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.cpu().double(), expected, equal_nan=True, **TOLERANCES[dtype])
 
 
-def _backends():
-    return [
-        pytest.param(
-            ("cpu", "cpu"),
-            id="cpu-extension",
-            marks=pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION),
-        ),
-        pytest.param(("reference", "cpu"), id="reference"),
-        pytest.param(
-            ("cuda", "cuda"),
-            id="cuda-extension",
-            marks=pytest.mark.skipif(
-                not (HAS_GPU and _extension.extension_built_with_cuda()),
-                reason=NO_CUDA_GPU if not HAS_GPU else "extension built without CUDA",
-            ),
-        ),
-    ]
-
-
-needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
-
-
-@pytest.fixture(params=_backends())
-def backend_and_device(request):
-    return request.param
+BACKENDS = backends(*COMPILED_AND_REFERENCE)
 
 
 # (part shapes as (C, H, W), target size). RANet's fusion layers resize by 2
@@ -339,7 +303,7 @@ def test_small_batches(backend_and_device, batch):
         assert torch.allclose(gradients[0].sum(), torch.tensor(2 * 36.0, device=device))
 
 
-@pytest.mark.skipif(not _extension.extension_loaded(), reason=NO_EXTENSION)
+@needs_extension
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(0, 3),
@@ -363,12 +327,7 @@ def test_cpu_extension_random_shapes(batch, part_sizes, size, seed):
 # torch.library integration of the compiled ops.
 # ---------------------------------------------------------------------------
 
-def _opcheck_devices():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason=NO_CUDA_GPU))]
-
-
 @needs_extension
-@pytest.mark.parametrize("device", _opcheck_devices())
 def test_ops_pass_opcheck(device):
     parts = [
         random_tensor((2, 2, 3, 3), seed=17, device=device).requires_grad_(),
@@ -388,20 +347,14 @@ def test_ops_pass_opcheck(device):
 
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
-    graph_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
-
     def fusion(low, high):
         return upsample_concat([low * 2, high], high.shape[-2:], backend="cpu").relu()
 
-    compiled = torch.compile(fusion, fullgraph=True, backend=recording_backend)
+    compiled, graph_ops = compile_recording_ops(fusion)
     low = random_tensor((2, 3, 4, 4), seed=21)
     high = random_tensor((2, 2, 8, 8), seed=22)
     assert torch.equal(compiled(low, high), fusion(low, high))
-    assert any(op.removesuffix(".default") == "ranet_fast.upsample_concat" for op in graph_ops)
+    assert "ranet_fast.upsample_concat" in graph_ops, graph_ops
 
     # Through AOTAutograd too, gradients included.
     aot = torch.compile(fusion, fullgraph=True, backend="aot_eager")
@@ -522,98 +475,70 @@ def test_triton_backend_needs_its_kernel_module():
 # tests/test_upsample_concat_triton.py.
 # ---------------------------------------------------------------------------
 
-_TRITON_WRAPPER_SCRIPT = textwrap.dedent(
-    """
-    import json, traceback
-    import torch
-    from ranet_fast.ops import upsample_concat, upsample_concat_reference
-
-    report = {}
-    def check(name, function):
-        try:
-            function()
-            report[name] = "ok"
-        except Exception:
-            report[name] = traceback.format_exc()
-
-    generator = torch.Generator().manual_seed(0)
-    low = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64).float().requires_grad_()
-    high = torch.randn(2, 2, 8, 8, generator=generator, dtype=torch.float64).float()
-    high = high.contiguous(memory_format=torch.channels_last).requires_grad_()
-    parts = [low, high]
-
-    def forward_and_gradients():
-        result = upsample_concat(parts, (8, 8), backend="triton")
-        parts64 = [part.detach().double().requires_grad_() for part in parts]
-        expected = upsample_concat_reference(parts64, (8, 8))
-        torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
-        grad_output = torch.randn(result.shape, generator=generator)
-        gradients = torch.autograd.grad(result, parts, grad_output)
-        expected_gradients = torch.autograd.grad(expected, parts64, grad_output.double())
-        for gradient, expected_gradient in zip(gradients, expected_gradients):
-            torch.testing.assert_close(gradient.double(), expected_gradient, rtol=1e-5, atol=1e-5)
-
-    def out_writes_only_its_slices():
-        out = torch.full((2, 9, 8, 8), float("nan"))
-        with torch.no_grad():
-            upsample_concat(parts, (8, 8), channel_offsets=[4, 1], out=out, backend="triton")
-        assert out[:, [0, 3, 7, 8]].isnan().all()
-        expected = upsample_concat_reference([part.detach() for part in parts], (8, 8), channel_offsets=[4, 1],
-                                             out=torch.zeros(2, 9, 8, 8))
-        torch.testing.assert_close(out[:, [1, 2, 4, 5, 6]], expected[:, [1, 2, 4, 5, 6]], rtol=1e-5, atol=1e-5)
-
-    def opcheck():
-        detached = [part.detach() for part in parts]
-        ops = torch.ops.ranet_fast
-        torch.library.opcheck(ops.upsample_concat_triton.default, (detached, [0, 3], 5, 8, 8))
-        torch.library.opcheck(ops.upsample_concat_triton_out.default, (torch.zeros(2, 5, 8, 8), detached, [0, 3]))
-        grad_output = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)
-        torch.library.opcheck(ops.upsample_concat_triton_backward.default,
-                              (grad_output, [0, 3], [3, 2], [4, 8], [4, 8]))
-
-    def double_backward():
-        grad_output = torch.randn(1, 3, 2, 3, generator=generator, dtype=torch.float64).requires_grad_()
-        backward = torch.ops.ranet_fast.upsample_concat_triton_backward
-        assert torch.autograd.gradcheck(lambda g: tuple(backward(g, [2, 0], [1, 1], [1, 2], [2, 3])), (grad_output,))
-
-    graph_ops = []
-    def compiles_fullgraph():
-        def recording_backend(graph_module, example_inputs):
-            graph_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-            return graph_module.forward
-        function = lambda a, b: upsample_concat([a, b], (8, 8), backend="triton")
-        compiled = torch.compile(function, fullgraph=True, backend=recording_backend)
-        assert torch.equal(compiled(*parts), function(*parts))
-
-    check("forward_and_gradients", forward_and_gradients)
-    check("out_writes_only_its_slices", out_writes_only_its_slices)
-    check("opcheck", opcheck)
-    check("compiles_fullgraph", compiles_fullgraph)
-    check("double_backward", double_backward)
-    report["graph_ops"] = graph_ops
-    print(json.dumps(report))
-    """
-)
+def _wrapper_parts(device, seed=0):
+    """A float32 low-resolution part and a channels_last high-resolution one, both leaves."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64).float().to(device).requires_grad_()
+    high = torch.randn(2, 2, 8, 8, generator=generator, dtype=torch.float64).float().to(device)
+    return [low, high.contiguous(memory_format=torch.channels_last).requires_grad_()]
 
 
-@pytest.fixture(scope="module")
-def triton_wrapper_report():
-    if _extension.triton_import_error() is not None:
-        pytest.skip(_extension.triton_import_error())
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", _TRITON_WRAPPER_SCRIPT], env=environment, capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def check_triton_forward_and_gradients(device):
+    parts = _wrapper_parts(device)
+    result = upsample_concat(parts, (8, 8), backend="triton")
+    parts64 = [part.detach().cpu().double().requires_grad_() for part in parts]
+    expected = upsample_concat_reference(parts64, (8, 8))
+    torch.testing.assert_close(result.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    grad_output = random_tensor(result.shape, seed=1, device=device)
+    gradients = torch.autograd.grad(result, parts, grad_output)
+    expected_gradients = torch.autograd.grad(expected, parts64, grad_output.cpu().double())
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient.cpu().double(), expected_gradient, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "check", ["forward_and_gradients", "out_writes_only_its_slices", "opcheck", "compiles_fullgraph", "double_backward"]
-)
-def test_triton_backend_through_the_wrapper(triton_wrapper_report, check):
-    assert triton_wrapper_report[check] == "ok", triton_wrapper_report[check]
-    if check == "compiles_fullgraph":
-        graph_ops = {op.removesuffix(".default") for op in triton_wrapper_report["graph_ops"]}
-        assert "ranet_fast.upsample_concat_triton" in graph_ops
+def check_triton_out_writes_only_its_slices(device):
+    parts = [part.detach() for part in _wrapper_parts(device)]
+    out = torch.full((2, 9, 8, 8), float("nan"), device=device)
+    upsample_concat(parts, (8, 8), channel_offsets=[4, 1], out=out, backend="triton")
+    assert out[:, [0, 3, 7, 8]].isnan().all()
+    expected = upsample_concat_reference([part.cpu() for part in parts], (8, 8), channel_offsets=[4, 1],
+                                         out=torch.zeros(2, 9, 8, 8))
+    torch.testing.assert_close(out[:, [1, 2, 4, 5, 6]].cpu(), expected[:, [1, 2, 4, 5, 6]], rtol=1e-5, atol=1e-5)
+
+
+def check_triton_opcheck(device):
+    parts = [part.detach() for part in _wrapper_parts(device)]
+    ops = torch.ops.ranet_fast
+    torch.library.opcheck(ops.upsample_concat_triton.default, (parts, [0, 3], 5, 8, 8))
+    out = torch.zeros(2, 5, 8, 8, device=device)
+    torch.library.opcheck(ops.upsample_concat_triton_out.default, (out, parts, [0, 3]))
+    grad_output = random_tensor((2, 5, 8, 8), seed=2, device=device).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.upsample_concat_triton_backward.default, (grad_output, [0, 3], [3, 2], [4, 8], [4, 8]))
+
+
+def check_triton_double_backward(device):
+    grad_output = random_tensor((1, 3, 2, 3), torch.float64, seed=3, device=device).requires_grad_()
+    backward = torch.ops.ranet_fast.upsample_concat_triton_backward
+    assert torch.autograd.gradcheck(lambda g: tuple(backward(g, [2, 0], [1, 1], [1, 2], [2, 3])), (grad_output,))
+
+
+def check_triton_compiles_fullgraph(device):
+    parts = _wrapper_parts(device)
+    function = lambda a, b: upsample_concat([a, b], (8, 8), backend="triton")  # noqa: E731
+    compiled, graph_ops = compile_recording_ops(function)
+    assert torch.equal(compiled(*parts), function(*parts))
+    assert "ranet_fast.upsample_concat_triton" in graph_ops, graph_ops
+
+
+def triton_interpreter_checks():
+    """The wrapper's Triton backend: name -> check(device)."""
+    return {
+        "forward_and_gradients": check_triton_forward_and_gradients,
+        "out_writes_only_its_slices": check_triton_out_writes_only_its_slices,
+        "opcheck": check_triton_opcheck,
+        "compiles_fullgraph": check_triton_compiles_fullgraph,
+        "double_backward": check_triton_double_backward,
+    }
+
+
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)

@@ -15,20 +15,13 @@ checks as the GPU tests run in process.
 
 import dataclasses
 import importlib
-import json
-import os
-import subprocess
-import sys
-import traceback
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_testing import NO_CUDA_GPU
-
-TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+from triton_interpreter import each_check_on_gpu, each_check_under_interpreter
 
 # Against the float64 reference. float32: the kernel's float32 scale
 # (in-1)/(out-1) and float32 arithmetic differ from float64's by a few ulps of
@@ -327,56 +320,21 @@ def all_checks():
     return checks
 
 
-def run_all_checks(device):
-    """{check name: 'ok' or the failure's traceback}; used by the interpreter subprocess."""
-    report = {}
-    for name, check in all_checks().items():
-        try:
-            check(device)
-            report[name] = "ok"
-        except Exception:
-            report[name] = traceback.format_exc()
-    return report
+def triton_interpreter_checks():
+    return all_checks()
 
 
 # ---------------------------------------------------------------------------
-# CPU tensors under the Triton interpreter (one subprocess for every check).
+# CPU tensors under the Triton interpreter (one subprocess for every check, conftest.py's
+# triton_interpreter_report).
 # ---------------------------------------------------------------------------
 
-_INTERPRETER_SCRIPT = """
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-import test_upsample_concat_triton as tests
-start = time.perf_counter()
-report = {"interpreted": tests.kernels_module().INTERPRETED, "checks": tests.run_all_checks("cpu")}
-report["seconds"] = time.perf_counter() - start
-print(json.dumps(report))
-"""
+
+def test_interpreter_was_used(triton_interpreter_report):
+    assert triton_interpreter_report["interpreted"]
 
 
-@pytest.fixture(scope="module")
-def interpreter_report():
-    pytest.importorskip("triton")
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, TESTS_DIRECTORY],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def test_interpreter_was_used(interpreter_report):
-    assert interpreter_report["interpreted"]
-
-
-@pytest.mark.parametrize("check", list(all_checks()))
-def test_interpreter(interpreter_report, check):
-    result = interpreter_report["checks"][check]
-    assert result == "ok", result
+test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +342,4 @@ def test_interpreter(interpreter_report, check):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
-@pytest.mark.parametrize("check", list(all_checks()))
-def test_gpu(check):
-    all_checks()[check]("cuda")
+test_gpu = each_check_on_gpu(triton_interpreter_checks)

@@ -2,8 +2,10 @@
 
 Triton fixes interpreter mode when a kernel is defined, so setting TRITON_INTERPRET=1 in the test
 process would depend on import order and switch every other test's Triton kernels to the
-interpreter too. A test module instead saves its cases, runs a script of its own in a fresh
-interpreter process and compares what the script saved with its reference.
+interpreter too. A test module instead names its checks (``triton_interpreter_checks()``: name ->
+callable taking the device), and ``run_module_checks_under_interpreter`` runs them all in one fresh
+interpreter process (the ``triton_interpreter_report`` fixture of conftest.py). Whole-model checks
+that need RANET_FAST_BACKEND=triton run a self-checking script (``run_script_on_triton_backend``).
 """
 
 import contextlib
@@ -11,34 +13,89 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 
 import pytest
-import torch
 
+from cuda_testing import requires_cuda_gpu
 from ranet_fast import _extension
 
 
-def run_cases_in_triton_interpreter(script: str, cases: dict, directory) -> tuple[dict, dict]:
-    """Run ``script`` with argv ``[cases.pt, out.pt]`` under TRITON_INTERPRET=1.
+TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 
-    The script loads the cases, saves its outputs to ``out.pt`` and prints a JSON report as its
-    last line of output. Returns ``(outputs, report)``; skips the test when Triton is missing.
-    """
+_MODULE_CHECKS_SCRIPT = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import triton_interpreter
+checks = importlib.import_module(sys.argv[2]).triton_interpreter_checks()
+print(json.dumps(triton_interpreter.run_checks(checks, "cpu")))
+"""
+
+
+def run_checks(checks: dict, device) -> dict:
+    """Runs each check on ``device``; returns {"interpreted": whether every Triton kernel module the
+    checks imported runs under the interpreter (and at least one did), "checks": {name: "ok" or the
+    failure's traceback}}."""
+    outcomes = {}
+    for name, check in checks.items():
+        try:
+            check(device)
+            outcomes[name] = "ok"
+        except Exception:
+            outcomes[name] = traceback.format_exc()
+    kernel_modules = [module for name, module in list(sys.modules.items())
+                      if name.startswith("ranet_fast.kernels.") and hasattr(module, "INTERPRETED")]
+    interpreted = bool(kernel_modules) and all(module.INTERPRETED for module in kernel_modules)
+    return {"interpreted": interpreted, "checks": outcomes}
+
+
+def run_module_checks_under_interpreter(module_name: str) -> dict:
+    """``run_checks(module.triton_interpreter_checks(), "cpu")`` for the test module ``module_name``,
+    in a subprocess under TRITON_INTERPRET=1; skips the test when Triton is missing."""
     if _extension.triton_import_error() is not None:
         pytest.skip(_extension.triton_import_error())
-    torch.save(cases, directory / "cases.pt")
     environment = dict(os.environ, TRITON_INTERPRET="1")
     environment.pop("RANET_FAST_BACKEND", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", script, str(directory / "cases.pt"), str(directory / "out.pt")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout.strip().splitlines()[-1])
-    return torch.load(directory / "out.pt"), report
+    completed = subprocess.run([sys.executable, "-c", _MODULE_CHECKS_SCRIPT, TESTS_DIRECTORY, module_name],
+                               env=environment, capture_output=True, text=True, timeout=600, cwd=TESTS_DIRECTORY)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def on_triton(named_checks: dict) -> dict:
+    """name -> check(device) from name -> (check(backend, device, *arguments), *arguments), with the
+    backend "triton": the op's shared checks as a ``triton_interpreter_checks()``."""
+    return {name: lambda device, function=function, arguments=arguments: function("triton", device, *arguments)
+            for name, (function, *arguments) in named_checks.items()}
+
+
+def each_check_under_interpreter(triton_interpreter_checks):
+    """A module's test that each of its ``triton_interpreter_checks()`` passed under the interpreter:
+    ``test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)``."""
+
+    @pytest.mark.parametrize("check", list(triton_interpreter_checks()))
+    def test(triton_interpreter_report, check):
+        assert_passed_under_interpreter(triton_interpreter_report, check)
+
+    return test
+
+
+def each_check_on_gpu(triton_interpreter_checks):
+    """The same checks on CUDA tensors, compiled, in this process: ``test_triton_on_gpu =
+    each_check_on_gpu(triton_interpreter_checks)``."""
+
+    @requires_cuda_gpu
+    @pytest.mark.parametrize("check", list(triton_interpreter_checks()))
+    def test(check):
+        triton_interpreter_checks()[check]("cuda")
+
+    return test
+
+
+def assert_passed_under_interpreter(report: dict, name: str) -> None:
+    """The check ``name`` of a ``triton_interpreter_report`` passed, on interpreted kernels."""
+    assert report["interpreted"], "a Triton kernel module ran compiled, not under the interpreter"
+    assert report["checks"][name] == "ok", report["checks"][name]
 
 
 def run_script_on_triton_backend(script: str) -> None:

@@ -11,13 +11,72 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 GOLDEN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+
+class OfficialFile(NamedTuple):
+    """One official source file the golden data was produced from."""
+
+    commit: str  # of its repository, where the file is at the path it is keyed by
+    sha256: str  # of the file's bytes at that commit: the generator refuses a copy that differs
+
+
+class Official(NamedTuple):
+    """Where an architecture's official code comes from and what the generator loads of it."""
+
+    repository: str
+    model_class: str
+    # Path in the repository -> the file; the model file first, then op_counter.py. The generator
+    # reads each from --official-dir under its base name.
+    sources: dict[str, OfficialFile]
+
+
+OFFICIAL = {
+    "RANet": Official("yangle15/RANet-pytorch", "RANet", {
+        "models/RANet.py": OfficialFile("cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
+                                        "913b458fd7334d83d8d02767de42107e7f47b825d9eb395139f786d1e3c5e399"),
+        "op_counter.py": OfficialFile("dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
+                                      "b3d7163f5b774883e70c94faa685e2113fa66e8c6a8aaf108573e5bb7f03a6b2"),
+    }),
+    "MSDNet": Official("kalviny/MSDNet-PyTorch", "MSDNet", {
+        "models/msdnet.py": OfficialFile("9a6386e3ae9fed4f48a11644a152124b0a49a6d5",
+                                         "3b5a5f0c6ce651dd554ac4b7e7ebd96748687c047bdd60db4c0583c980a051d5"),
+        "op_counter.py": OfficialFile("6c08a22672641ed4a7a2b3030318fb6c0782319c",
+                                      "4a692e8122c1e3fc89e077a33b2cc2179e5d80c563667d1da7b1c0b589d3fb02"),
+    }),
+}
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def check_official_copy(path: str, repository: str, source_path: str, source: OfficialFile) -> None:
+    """Refuses a copy of an official file that is not the file at its recorded commit, byte for byte."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official file {path} not found (copy {source_path} of {repository} at "
+                                f"commit {source.commit})")
+    actual = sha256_of(path)
+    if actual != source.sha256:
+        raise ValueError(f"{path} has sha256 {actual}, but {source_path} of {repository} at commit {source.commit} "
+                         f"has {source.sha256}: copy that file unmodified")
+
+
+def recorded_sources(arch: str) -> dict[str, dict[str, str]]:
+    """What a golden file records of the official sources it was produced from."""
+    sources = OFFICIAL[arch].sources
+    return {"official_sources": {path: file.commit for path, file in sources.items()},
+            "official_source_sha256": {path: file.sha256 for path, file in sources.items()}}
+
 
 WEIGHT_SEED = 20200314
 INPUT_SEED = 7

@@ -22,35 +22,14 @@ import io
 import os
 import tempfile
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 
 from tests.golden.common import (ALL_CONFIGS, INIT_SEED, INITIAL_WEIGHTS_PATHS, INPUT_SEED, NOTES_MFLOPS,
-                                 NOTES_MPARAMS, WEIGHT_SEED, deterministic_state_dict, golden_input,
-                                 golden_path, image_size, make_args, state_dict_fingerprint)
+                                 NOTES_MPARAMS, OFFICIAL, WEIGHT_SEED, Official, check_official_copy,
+                                 deterministic_state_dict, golden_input, golden_path, image_size, make_args,
+                                 recorded_sources, state_dict_fingerprint)
 
-
-class Official(NamedTuple):
-    """Where an architecture's official code comes from and what the generator loads of it."""
-
-    repository: str
-    model_file: str  # file name in --official-dir
-    model_class: str
-    # Commits of the official files the copies were taken from (search-tool read_file answers).
-    sources: dict[str, str]
-
-
-OFFICIAL = {
-    "RANet": Official("yangle15/RANet-pytorch", "RANet.py", "RANet", {
-        "models/RANet.py": "cbd1b43f5e0b2d9dd98afe56cdb75936955117a3",
-        "op_counter.py": "dedd218ee2c9854a6b2020ec3de2e1da947a88f6",
-    }),
-    "MSDNet": Official("kalviny/MSDNet-PyTorch", "msdnet.py", "MSDNet", {
-        "models/msdnet.py": "9a6386e3ae9fed4f48a11644a152124b0a49a6d5",
-        "op_counter.py": "6c08a22672641ed4a7a2b3030318fb6c0782319c",
-    }),
-}
 
 # Above this many bytes of BatchNorm statistics only the first and last few BN modules are kept.
 RUNNING_STATS_BUDGET = 1_500_000
@@ -63,10 +42,9 @@ def configs_of(arch: str) -> list[str]:
 
 def load_official(official_dir: str, official: Official) -> tuple[ModuleType, ModuleType]:
     modules = []
-    for module_name, file_name in (("official_model", official.model_file), ("official_op_counter", "op_counter.py")):
-        path = os.path.join(official_dir, file_name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"official file {path} not found (copy it from {official.repository})")
+    for module_name, (source_path, source) in zip(("official_model", "official_op_counter"), official.sources.items()):
+        path = os.path.join(official_dir, os.path.basename(source_path))
+        check_official_copy(path, official.repository, source_path, source)
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -205,7 +183,7 @@ def record(official: ModuleType, op_counter: ModuleType, name: str) -> dict:
         "flops": flops,
         "params": params,
         "total_params": total_params,
-        "official_sources": dict(OFFICIAL[arch].sources),
+        **recorded_sources(arch),
         "torch_version": str(torch.__version__),
     }
 
