@@ -8,7 +8,7 @@ _BlockUpNormal) with forward hooks, deduplicated, and timed side by side in one 
 forward + backward of a random weighting of the output. Eager is the official computation: one
 F.interpolate per part (the identity ones included) and torch.cat. Each figure is the median of
 ``--repeats`` measurements of torch.utils.benchmark (which synchronises CUDA); ratios are the
-fused op's speed-up over each contender. The GPU targets of the issue are checked by this script's
+fused op's speed-up over each contender. Speed targets are checked by this script's
 summary (geometric means), never by a unit test.
 """
 
