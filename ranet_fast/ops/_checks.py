@@ -61,16 +61,21 @@ def require_channel_vector(op_name: str, name: str, vector: object, length: int,
         raise ValueError(f"{op_name}: {name} is on {vector.device} but x is on {x.device}")
 
 
-def require_out_like(op_name: str, out: object, x: torch.Tensor, layout: str) -> None:
-    """An out= buffer: a 4-D tensor (``layout`` names its dims in messages) of x's dtype and device."""
+def require_out_like(op_name: str, out: object, like: torch.Tensor, layout: str, like_name: str = "x",
+                     like_is_plural: bool = False) -> None:
+    """An out= buffer: a 4-D tensor (``layout`` names its dims in messages) of like's dtype and device.
+
+    Messages call ``like`` by ``like_name`` ("x", or "the parts" with ``like_is_plural``).
+    """
+    has, is_ = ("have", "are") if like_is_plural else ("has", "is")
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{op_name} expects out as a torch.Tensor, got {type(out).__name__}")
+        raise TypeError(f"{op_name} expects out to be a torch.Tensor, got {type(out).__name__}")
     if out.dim() != 4:
         raise ValueError(f"{op_name}: out must be a 4-D {layout} tensor; got shape {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"{op_name}: out has dtype {out.dtype} but x has {x.dtype}")
-    if out.device != x.device:
-        raise ValueError(f"{op_name}: out is on {out.device} but x is on {x.device}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{op_name}: out has dtype {out.dtype} but {like_name} {has} {like.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"{op_name}: out is on {out.device} but {like_name} {is_} on {like.device}")
 
 
 def require_out_channels(op_name: str, out: torch.Tensor, out_offset: object, channels: int) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._checks import require_no_overlap
+from ._checks import require_no_overlap, require_out_like
 from ._registry import BACKWARD, FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -130,14 +130,7 @@ def _validate(parts, size, channel_offsets, out):
             )
         return parts, (height, width), offsets, channels
     first = parts[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"upsample_concat expects out to be a torch.Tensor, got {type(out).__name__}")
-    if out.dim() != 4:
-        raise ValueError(f"upsample_concat: out must be a 4-D [N, C, H, W] tensor; got shape {tuple(out.shape)}")
-    if out.dtype != first.dtype:
-        raise TypeError(f"upsample_concat: out has dtype {out.dtype} but the parts have {first.dtype}")
-    if out.device != first.device:
-        raise ValueError(f"upsample_concat: out is on {out.device} but the parts are on {first.device}")
+    require_out_like("upsample_concat", out, first, "[N, C, H, W]", like_name="the parts", like_is_plural=True)
     if out.shape[0] != first.shape[0] or tuple(out.shape[2:]) != (height, width):
         raise ValueError(
             f"upsample_concat: out has shape {tuple(out.shape)} but must be [{first.shape[0]}, C, {height}, "
