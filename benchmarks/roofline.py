@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--flops-rate", type=float, default=H200_BF16_FLOPS, help="FLOP/s of the matrix unit")
     parser.add_argument("--bytes-rate", type=float, default=H200_COPY_BYTES, help="bytes/s of a device copy")
+    parser.add_argument("--device-name", default="NVIDIA H200",
+                        help="the device whose rates these are: recorded as the file's device (nothing is timed)")
     parser.add_argument("--json", help="write the results to this file")
     options = parser.parse_args(argv)
     rows = [floors(config, batch, DTYPES[options.dtype], options.flops_rate, options.bytes_rate)
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
         print(f"{row['config']:<11} {row['batch']:>5} {row['forward_gflops']:>8.1f} {row['forward_eager_gbytes']:>9.2f} "
               f"{row['forward_floor_eager_s'] * 1e3:>8.3f}ms {row['forward_floor_fused_s'] * 1e3:>8.3f}ms "
               f"{row['train_step_floor_fused_s'] * 1e3:>9.3f}ms")
-    result = {**provenance("roofline"), "flops_rate": options.flops_rate, "bytes_rate": options.bytes_rate,
+    result = {**provenance("roofline"), "device": options.device_name, "flops_rate": options.flops_rate, "bytes_rate": options.bytes_rate,
               "rows": rows}
     write_json(options.json, result)
     return result
