@@ -168,11 +168,13 @@ test_device_stack() {
     "$PY" - "$DEVICE_STACK_TORCH $DEVICE_STACK_TRITON" <<'EOF'
 import platform
 import sys
+import sysconfig
 
 import numpy
 import torch
 import torchvision
 
+import ranet_fast
 from ranet_fast import _extension
 
 triton_error = _extension.triton_import_error()
@@ -183,10 +185,6 @@ line = "=" * 100
 print(f"{line}\nDEVICE STACK: torch {torch.__version__} (CUDA {torch.version.cuda}), torchvision "
       f"{torchvision.__version__}, triton {triton_version}, numpy {numpy.__version__}, "
       f"python {platform.python_version()}\nranet_fast._C: {extension}\n{line}", flush=True)
-import sysconfig
-
-import ranet_fast
-
 installed = {"torch": torch.__version__, "torchvision": torchvision.__version__, "triton": triton_version}
 problems = [f"{name} is {installed[name]}, not {version}"
             for name, _, version in (pin.partition("==") for pin in sys.argv[1].split() if "==" in pin)

@@ -54,22 +54,19 @@ def relative_sources(pattern):
     return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def build_with_cuda(torch, cuda_home):
+def why_not_cuda(torch, cuda_home):
+    """None when the CUDA kernels are to be built, else why the extension is CPU-only."""
     requested = os.environ.get("RANET_FAST_WITH_CUDA", "auto").strip().lower()
-    cuda_possible = torch.version.cuda is not None and cuda_home is not None
-    if requested == "auto":
-        return cuda_possible
+    if requested not in ("auto", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise RuntimeError(f"RANET_FAST_WITH_CUDA must be auto, 0 or 1, got {requested!r}")
     if requested in ("0", "false", "no", "off"):
-        return False
-    if requested in ("1", "true", "yes", "on"):
-        if not cuda_possible:
-            raise RuntimeError(
-                "RANET_FAST_WITH_CUDA=1 but "
-                + ("torch is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA toolkit was found (set CUDA_HOME)")
-            )
-        return True
-    raise RuntimeError(f"RANET_FAST_WITH_CUDA must be auto, 0 or 1, got {requested!r}")
+        return "RANET_FAST_WITH_CUDA=0"
+    missing = ("torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA toolkit was found (set CUDA_HOME to build the CUDA kernels)" if cuda_home is None
+               else None)
+    if missing is not None and requested != "auto":
+        raise RuntimeError(f"RANET_FAST_WITH_CUDA=1 but {missing}")
+    return missing
 
 
 def write_build_info_header(torch):
@@ -151,7 +148,8 @@ def extension_modules_and_commands():
     define_macros = []
     generated_include = write_build_info_header(torch)
 
-    if build_with_cuda(torch, CUDA_HOME):
+    cpu_only_reason = why_not_cuda(torch, CUDA_HOME)
+    if cpu_only_reason is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         print(
             f"ranet_fast: building the CUDA extension with {CUDA_HOME} "
@@ -163,10 +161,7 @@ def extension_modules_and_commands():
         # WITH_CUDA is what ranet_fast._C.WITH_CUDA reports.
         define_macros.append(("WITH_CUDA", None))
     else:
-        reason = ("RANET_FAST_WITH_CUDA=0" if torch.version.cuda is not None and CUDA_HOME is not None
-                  else "torch is a CPU-only build" if torch.version.cuda is None
-                  else "no CUDA toolkit was found (set CUDA_HOME to build the CUDA kernels)")
-        print(f"ranet_fast: building the CPU-only extension: {reason}")
+        print(f"ranet_fast: building the CPU-only extension: {cpu_only_reason}")
         extension_class = CppExtension
 
     extension = extension_class(
