@@ -195,7 +195,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "torchvision", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "timm"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["ranet-train = ranet_fast.train.__main__:main",
