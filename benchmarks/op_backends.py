@@ -112,8 +112,8 @@ def fused_conv2d_cases(config, batch, device, dtype, layout, generator):
         for backend in backends_here(device, "fused_conv2d"):
             candidates[backend] = (lambda x=x, weight=weight, scale=scale, shift=shift, stride=stride, padding=padding,
                                    backend=backend: fused_conv2d(x, weight, stride=stride, padding=padding,
-                                                                 epilogue_scale=scale, epilogue_shift=shift, relu=True,
-                                                                 backend=backend))
+                                                                 epilogue_scale=scale, epilogue_shift=shift,
+                                                                 activation="relu", backend=backend))
         yield {"ci": ci, "h": h, "w": w, "co": co, "k": k, "stride": stride}, flops, nbytes, candidates
 
 

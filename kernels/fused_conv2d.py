@@ -1,10 +1,10 @@
-"""Triton kernel of fused_conv2d: an implicit-GEMM convolution with an affine+ReLU prologue and epilogue.
+"""Triton kernel of fused_conv2d: an implicit-GEMM convolution with an affine+activation prologue and epilogue.
 
 GEMM rows are output pixels (n, oh, ow), columns output channels, and the reduction runs over
 (ci, kh, kw) in the weight's memory order, so the weight [Co, Ci, k, k] is a row-major [Co, K]
 matrix. Each program computes a BLOCK_M x BLOCK_N output tile: per step of BLOCK_K reductions it
 gathers an input tile from x through x's strides (masked to zero in the padding and past the
-edges), applies the prologue relu(x * scale + shift) on load to the real elements only, loads a
+edges), applies the prologue act(x * scale + shift) on load to the real elements only, loads a
 weight tile and accumulates their product in float32 (float64 for float64). The epilogue
 act(scale * acc + shift) is applied in registers and the tile is stored through the output's
 strides, so x may be a channel prefix of a bigger NCHW or channels_last buffer and the output a
@@ -35,6 +35,31 @@ _ACCUMULATION_TYPES = {
 }
 # How a tile product is computed (the kernel's DOT_MODE constexpr).
 _DOT_NATIVE, _DOT_IEEE, _DOT_UPCAST, _DOT_ELEMENTWISE = 0, 1, 2, 3
+# Activation codes: the index in ranet_fast.ops.fused_conv2d.ACTIVATIONS (the enum of csrc/ops/fused_conv2d_math.h).
+_NONE, _RELU, _RELU6, _SILU, _GELU, _HARDSWISH, _LEAKY_RELU = range(7)
+
+
+@triton.jit
+def _activate(value, KIND: tl.constexpr, NEGATIVE_SLOPE: tl.constexpr):
+    """Activation KIND of value, as torch.nn.functional computes it; the clamps are comparisons that
+    are false for NaN, so a NaN passes through as in torch. Inexact constants (the slope, GELU's
+    1/sqrt(2)) are materialised in value's type: a float argument or literal would reach a float64
+    kernel rounded to float32."""
+    if KIND == 1:
+        value = tl.where(value < 0, 0.0, value)
+    elif KIND == 2:
+        value = tl.where(value < 0, 0.0, tl.where(value > 6, 6.0, value))
+    elif KIND == 3:
+        value = value / (1.0 + tl.exp(-value))
+    elif KIND == 4:
+        value = value * 0.5 * (1.0 + tl.erf(value * tl.full((), 0.7071067811865476, value.dtype)))
+    elif KIND == 5:
+        gate = value + 3.0
+        gate = tl.where(gate < 0, 0.0, tl.where(gate > 6, 6.0, gate))
+        value = value * gate / 6.0
+    elif KIND == 6:
+        value = tl.where(value > 0, value, value * tl.full((), NEGATIVE_SLOPE, value.dtype))
+    return value
 
 
 @triton.jit
@@ -67,7 +92,9 @@ def _fused_conv2d_kernel(
     HAS_PROLOGUE: tl.constexpr,
     HAS_EPILOGUE_SCALE: tl.constexpr,
     HAS_EPILOGUE_SHIFT: tl.constexpr,
-    RELU: tl.constexpr,
+    PROLOGUE_ACTIVATION: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    NEGATIVE_SLOPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -102,9 +129,9 @@ def _fused_conv2d_kernel(
         if HAS_PROLOGUE:
             scale = tl.load(prologue_scale_ptr + ci, mask=k_mask, other=0.0)
             shift = tl.load(prologue_shift_ptr + ci, mask=k_mask, other=0.0)
-            activated = a.to(ACC_DTYPE) * scale[None, :] + shift[None, :]
-            # `< 0` keeps NaN as torch.relu does; padding and masked elements stay zero.
-            activated = tl.where(activated < 0, 0.0, activated)
+            activated = _activate(a.to(ACC_DTYPE) * scale[None, :] + shift[None, :], PROLOGUE_ACTIVATION,
+                                  NEGATIVE_SLOPE)
+            # Padding and masked elements stay zero.
             a = tl.where(inside, activated, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(weight_ptr + channels[None, :] * reduction + ks[:, None],
                     mask=channel_mask[None, :] & k_mask[:, None], other=0.0)
@@ -122,8 +149,7 @@ def _fused_conv2d_kernel(
         acc = acc * tl.load(epilogue_scale_ptr + channels, mask=channel_mask, other=1.0)[None, :]
     if HAS_EPILOGUE_SHIFT:
         acc = acc + tl.load(epilogue_shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)
+    acc = _activate(acc, ACTIVATION, NEGATIVE_SLOPE)
     out_offsets = (n * out_stride_n + oh * out_stride_h + ow * out_stride_w)[:, None] + channels[None, :] * out_stride_c
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & channel_mask[None, :])
 
@@ -162,7 +188,11 @@ def _gpu_tile(dtype: torch.dtype, out_channels: int) -> tuple[int, int, int, int
 
 # Kernel sizes of RANet's and MSDNet's convs (1, 3) and of torchvision stems that convert fuses (7).
 KERNEL_SIZES = (1, 3, 7)
-_FLAGS = ("HAS_PROLOGUE", "HAS_EPILOGUE_SCALE", "HAS_EPILOGUE_SHIFT", "RELU")
+_FLAGS = ("HAS_PROLOGUE", "HAS_EPILOGUE_SCALE", "HAS_EPILOGUE_SHIFT")
+_ACTIVATION_CODES = range(_LEAKY_RELU + 1)
+# leaky_relu's slope of the compiled variants (nn.LeakyReLU's default): the slope is a constant of
+# the code, which compiles alike for every value.
+_DEFAULT_NEGATIVE_SLOPE = 0.01
 # Integer arguments that can be 1: none, or the unit width strides of NCHW input and output (most calls).
 _UNIT_CASES = ((), ("x_stride_w", "out_stride_w"))
 
@@ -173,14 +203,19 @@ def specializations() -> list[Specialization]:
     for dtype in FLOATING_DTYPES:
         accumulation = torch.float64 if dtype == torch.float64 else torch.float32
         for block_m, block_n, block_k, num_warps in sorted({_gpu_tile(dtype, co) for co in powers_of_two(128)}):
-            for kernel, flags, index_dtype, wide, ones in itertools.product(
-                    KERNEL_SIZES, itertools.product((False, True), repeat=len(_FLAGS)), (tl.int32, tl.int64),
-                    (False, True), _UNIT_CASES):
+            for kernel, flags, prologue_activation, activation, index_dtype, wide, ones in itertools.product(
+                    KERNEL_SIZES, itertools.product((False, True), repeat=len(_FLAGS)), _ACTIVATION_CODES,
+                    _ACTIVATION_CODES, (tl.int32, tl.int64), (False, True), _UNIT_CASES):
                 if wide and index_dtype == tl.int32:
                     continue  # an integer argument of 2**31 or more means offsets that large: int64
+                if prologue_activation != _prologue_activation(flags[0], prologue_activation):
+                    continue  # the launcher passes one prologue activation when there is no prologue
                 result.append(Specialization(
                     _fused_conv2d_kernel,
-                    dict(KERNEL=kernel, **dict(zip(_FLAGS, flags)), BLOCK_M=block_m, BLOCK_N=block_n,
+                    dict(KERNEL=kernel, **dict(zip(_FLAGS, flags)), PROLOGUE_ACTIVATION=prologue_activation,
+                         ACTIVATION=activation,
+                         NEGATIVE_SLOPE=_negative_slope(prologue_activation, activation, _DEFAULT_NEGATIVE_SLOPE),
+                         BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=block_k, ACC_DTYPE=_ACCUMULATION_TYPES[dtype], DOT_MODE=_dot_mode(dtype),
                          INDEX_DTYPE=index_dtype),
                     dict(x_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, prologue_scale_ptr=accumulation,
@@ -193,14 +228,26 @@ def specializations() -> list[Specialization]:
     return result
 
 
+def _prologue_activation(has_prologue: bool, prologue_activation: int) -> int:
+    """The PROLOGUE_ACTIVATION a launch passes: none without a prologue, so that no variant differs by it."""
+    return prologue_activation if has_prologue else _NONE
+
+
+def _negative_slope(prologue_activation: int, activation: int, negative_slope: float) -> float:
+    """The NEGATIVE_SLOPE a launch passes: 0 unless leaky_relu reads it, so that no variant differs by it."""
+    return negative_slope if _LEAKY_RELU in (prologue_activation, activation) else 0.0
+
+
 def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride: int,
-                        padding: int, relu: bool, out_offset: int) -> None:
+                        padding: int, prologue_activation: int, activation: int, negative_slope: float,
+                        out_offset: int) -> None:
     """Writes act(es * conv2d(pro(x), weight) + eh) into out[:, out_offset : out_offset + Co].
 
     The caller (ranet_fast.ops.fused_conv2d) validates shapes, dtypes and devices; scales and
     shifts are 1-D tensors of the accumulation dtype or None. Nothing is launched when N == 0.
     """
     out_channels, in_channels, kernel, _ = weight.shape
+    prologue_activation = _prologue_activation(prologue_scale is not None, prologue_activation)
     out_slice = out.narrow(1, out_offset, out_channels)
     batch, _, out_height, out_width = out_slice.shape
     rows = batch * out_height * out_width
@@ -248,7 +295,9 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         HAS_PROLOGUE=prologue_scale is not None,
         HAS_EPILOGUE_SCALE=epilogue_scale is not None,
         HAS_EPILOGUE_SHIFT=epilogue_shift is not None,
-        RELU=bool(relu),
+        PROLOGUE_ACTIVATION=prologue_activation,
+        ACTIVATION=activation,
+        NEGATIVE_SLOPE=_negative_slope(prologue_activation, activation, negative_slope),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -14,6 +14,7 @@ import torch
 
 from ranet_fast import _extension
 from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
+from ranet_fast.ops.fused_conv2d import ACTIVATIONS
 from cuda_testing import deterministic_on
 from op_testing import (COMPILED_AND_REFERENCE, TOLERANCE_BY_DTYPE, backends, compile_recording_ops, needs_extension,
                         seed_of)
@@ -48,7 +49,9 @@ class Case:
     prologue: bool = False
     epilogue_scale: bool = True
     epilogue_shift: bool = True
-    relu: bool = True
+    activation: str = "relu"
+    prologue_activation: str = "relu"
+    negative_slope: float = 0.01
 
     def tensors(self, dtype=torch.float32, device="cpu", seed=0):
         """(x, weight, {scale/shift keyword arguments}) with fresh random values.
@@ -71,7 +74,8 @@ class Case:
         return x, weight, vectors
 
     def options(self):
-        return dict(stride=self.stride, padding=self.padding, relu=self.relu)
+        return dict(stride=self.stride, padding=self.padding, activation=self.activation,
+                    prologue_activation=self.prologue_activation, negative_slope=self.negative_slope)
 
 
 CASES = {
@@ -81,11 +85,11 @@ CASES = {
     "3x3-down-odd": Case(2, 4, 9, 11, 5, 3, stride=2, padding=1),
     "1x1-prologue": Case(2, 6, 5, 5, 3, 1, prologue=True),
     "3x3-prologue-down": Case(2, 3, 7, 8, 4, 3, stride=2, padding=1, prologue=True, epilogue_scale=False,
-                              epilogue_shift=False, relu=False),
-    "3x3-plain": Case(1, 4, 6, 6, 3, 3, padding=1, epilogue_scale=False, epilogue_shift=False, relu=False),
+                              epilogue_shift=False, activation="none"),
+    "3x3-plain": Case(1, 4, 6, 6, 3, 3, padding=1, epilogue_scale=False, epilogue_shift=False, activation="none"),
     "3x3-no-padding": Case(2, 3, 8, 7, 2, 3, stride=2),
     "1x1-stride2": Case(2, 3, 7, 7, 5, 1, stride=2),
-    "scale-only": Case(2, 3, 5, 6, 4, 3, padding=1, epilogue_shift=False, relu=False),
+    "scale-only": Case(2, 3, 5, 6, 4, 3, padding=1, epilogue_shift=False, activation="none"),
     "7x7-stem": Case(1, 3, 13, 12, 4, 7, stride=2, padding=3, epilogue_scale=False),
     # More channels than one CUDA/Triton tile holds, in every direction of the GEMM.
     "wide": Case(1, 70, 5, 4, 70, 3, padding=1, prologue=True),
@@ -109,6 +113,27 @@ def assert_close(actual, reference, dtype):
 
 
 BACKENDS = backends(*COMPILED_AND_REFERENCE)
+# The schemas' activation codes.
+NONE, RELU = ACTIVATIONS.index("none"), ACTIVATIONS.index("relu")
+
+
+def activation_case(name):
+    """A case with activation `name` in the prologue and the epilogue (stride 2, ragged channels)."""
+    return Case(2, 5, 9, 8, 6, 3, stride=2, padding=1, prologue=True, activation=name, prologue_activation=name,
+                negative_slope=0.2)
+
+
+def activation_tensors(name, dtype, device, seed):
+    """activation_case(name)'s tensors; in float32/float64 with scales widened to about 4, so that the
+    pre-activations span every piece of each activation (ReLU6's clamp at 6, Hardswish's at -3 and 3,
+    the negative side). Half types keep the usual scales: their error is the rounding of what the
+    conv reads, relative to its magnitude, which the half tolerances assume near 1. The activations
+    themselves run in float32 for them too (the accumulation type)."""
+    x, weight, vectors = activation_case(name).tensors(dtype, device, seed)
+    if dtype in (torch.float32, torch.float64):
+        for key in ("prologue_scale", "epilogue_scale"):
+            vectors[key] = vectors[key] * 4
+    return x, weight, vectors
 
 
 # ---------------------------------------------------------------------------
@@ -221,10 +246,23 @@ def check_small_batches(backend, device, batch):
     assert_close(out[:, 1:], reference, torch.float32)
 
 
+def check_activation(backend, device, name, dtype):
+    """Activation `name` in the prologue and the epilogue, both on pre-activations spanning its pieces."""
+    case = activation_case(name)
+    x, weight, vectors = activation_tensors(name, dtype, device, seed_of("activation", name, dtype))
+    y = fused_conv2d(x, weight, **vectors, **case.options(), backend=backend)
+    assert_close(y, expected(x, weight, vectors, case.options()), dtype)
+
+
 def check_gradients(backend, device, case_name):
     """Gradients of x, weight and every scale and shift against autograd through the float64 reference."""
-    case = CASES[case_name]
-    x, weight, vectors = case.tensors(torch.float64, device, seed_of("grad", case_name))
+    seed = seed_of("grad", case_name)
+    if case_name in ACTIVATIONS:
+        case = activation_case(case_name)
+        x, weight, vectors = activation_tensors(case_name, torch.float64, device, seed)
+    else:
+        case = CASES[case_name]
+        x, weight, vectors = case.tensors(torch.float64, device, seed)
     vectors = {name: v.double() for name, v in vectors.items()}
     leaves = [x, weight, *vectors.values()]
     ours = [t.clone().requires_grad_() for t in leaves]
@@ -239,8 +277,9 @@ def check_gradients(backend, device, case_name):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-def check_gradcheck(backend, device):
-    case = Case(1, 2, 4, 3, 2, 3, stride=2, padding=1, prologue=True)
+def check_gradcheck(backend, device, activation="relu", prologue_activation="relu"):
+    case = Case(1, 2, 4, 3, 2, 3, stride=2, padding=1, prologue=True, activation=activation,
+                prologue_activation=prologue_activation)
     x, weight, vectors = case.tensors(torch.float64, device, 5)
     names = list(vectors)
 
@@ -295,6 +334,47 @@ def test_gradcheck(backend_and_device):
     check_gradcheck(*backend_and_device)
 
 
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_matches_reference(backend_and_device, name, dtype):
+    check_activation(*backend_and_device, name, dtype)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_gradients_match_reference(backend_and_device, name):
+    check_gradients(*backend_and_device, name)
+
+
+@pytest.mark.parametrize("activation, prologue_activation", [("silu", "gelu"), ("hardswish", "leaky_relu")])
+def test_activation_gradcheck(backend_and_device, activation, prologue_activation):
+    check_gradcheck(*backend_and_device, activation, prologue_activation)
+
+
+# Each activation as an eager module, for the reference's definition.
+EAGER_ACTIVATIONS = {
+    "none": lambda slope: torch.nn.Identity(),
+    "relu": lambda slope: torch.nn.ReLU(),
+    "relu6": lambda slope: torch.nn.ReLU6(),
+    "silu": lambda slope: torch.nn.SiLU(),
+    "gelu": lambda slope: torch.nn.GELU(),
+    "hardswish": lambda slope: torch.nn.Hardswish(),
+    "leaky_relu": lambda slope: torch.nn.LeakyReLU(slope),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_reference_activations_are_eager_modules(name):
+    """BN -> act -> conv -> BN -> act with nn modules (eval mode), the padding left at zero."""
+    x, weight, vectors = activation_tensors(name, torch.float64, "cpu", seed_of("eager", name))
+    act = EAGER_ACTIVATIONS[name](0.2)
+    pre = act(x * vectors["prologue_scale"].double().view(1, -1, 1, 1)
+              + vectors["prologue_shift"].double().view(1, -1, 1, 1))
+    conv = torch.nn.functional.conv2d(pre, weight, stride=2, padding=1)
+    eager = act(conv * vectors["epilogue_scale"].double().view(1, -1, 1, 1)
+                + vectors["epilogue_shift"].double().view(1, -1, 1, 1))
+    ours = fused_conv2d_reference(x, weight, **vectors, **activation_case(name).options())
+    torch.testing.assert_close(ours, eager, rtol=1e-12, atol=1e-12)
+
+
 def test_reference_is_eager_bn_relu_conv():
     """The reference's definition spelled out with torch.nn modules in eval mode."""
     torch.manual_seed(3)
@@ -316,7 +396,7 @@ def test_reference_is_eager_bn_relu_conv():
     with torch.no_grad():
         eager = torch.relu(post_bn(conv(torch.relu(pre_bn(x)))))
         ours = fused_conv2d_reference(x, conv.weight, stride=2, padding=1, prologue_scale=ps, prologue_shift=ph,
-                                      epilogue_scale=es, epilogue_shift=eh, relu=True)
+                                      epilogue_scale=es, epilogue_shift=eh, activation="relu")
     torch.testing.assert_close(ours, eager, rtol=1e-12, atol=1e-12)
 
 
@@ -342,10 +422,10 @@ def opcheck_arguments(device):
     x, weight, vectors = case.tensors(torch.float32, device, 11)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     functional = (x, weight.requires_grad_(), vectors["prologue_scale"].requires_grad_(),
-                  vectors["prologue_shift"], vectors["epilogue_scale"].requires_grad_(), None, 2, 1, True)
+                  vectors["prologue_shift"], vectors["epilogue_scale"].requires_grad_(), None, 2, 1, RELU, RELU, 0.01)
     out = torch.zeros(2, 7, 3, 3, device=device)[:, 1:]
     out_arguments = (out, x.detach(), weight.detach(), None, None, None, vectors["epilogue_scale"].detach(), 2, 1,
-                     False, 2)
+                     RELU, NONE, 0.01, 2)
     return functional, out_arguments
 
 
@@ -359,7 +439,7 @@ def test_ops_pass_opcheck(device):
 @needs_extension
 def test_compiled_op_under_torch_compile_fullgraph():
     def layer(x, weight, scale, shift):
-        return fused_conv2d(x * 2, weight, padding=1, epilogue_scale=scale, epilogue_shift=shift, relu=True,
+        return fused_conv2d(x * 2, weight, padding=1, epilogue_scale=scale, epilogue_shift=shift, activation="relu",
                             backend="cpu") + 1
 
     case = CASES["3x3-normal"]
@@ -385,15 +465,17 @@ def test_compiled_ops_reject_bad_input_themselves():
     ops = torch.ops.ranet_fast
     x, weight = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
     with pytest.raises(RuntimeError, match="does not match"):
-        ops.fused_conv2d(x, torch.randn(4, 2, 3, 3), None, None, None, None, 1, 1, False)
+        ops.fused_conv2d(x, torch.randn(4, 2, 3, 3), None, None, None, None, 1, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="stride >= 1"):
-        ops.fused_conv2d(x, weight, None, None, None, None, 0, 1, False)
+        ops.fused_conv2d(x, weight, None, None, None, None, 0, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="accumulation dtype"):
-        ops.fused_conv2d(x, weight, None, None, torch.ones(4, dtype=torch.float64), None, 1, 1, False)
+        ops.fused_conv2d(x, weight, None, None, torch.ones(4, dtype=torch.float64), None, 1, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="come together"):
-        ops.fused_conv2d(x, weight, torch.ones(3), None, None, None, 1, 1, False)
+        ops.fused_conv2d(x, weight, torch.ones(3), None, None, None, 1, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="channels"):
-        ops.fused_conv2d_out(torch.zeros(1, 5, 5, 5), x, weight, None, None, None, None, 1, 1, False, 2)
+        ops.fused_conv2d_out(torch.zeros(1, 5, 5, 5), x, weight, None, None, None, None, 1, 1, RELU, NONE, 0.01, 2)
+    with pytest.raises(RuntimeError, match="activation code 7"):
+        ops.fused_conv2d(x, weight, None, None, None, None, 1, 1, RELU, len(ACTIVATIONS), 0.01)
 
 
 def _validation_cases():
@@ -412,6 +494,12 @@ def _validation_cases():
         "prologue alone": ((x, weight), dict(prologue_scale=torch.ones(3)), ValueError, "together"),
         "integer shift": ((x, weight), dict(epilogue_shift=torch.ones(4, dtype=torch.int64)), TypeError, "floating"),
         "offset without out": ((x, weight), dict(out_offset=1), ValueError, "needs out="),
+        "activation": ((x, weight), dict(activation="tanh"), ValueError, "activation must be one of none, relu, relu6, "
+                       "silu, gelu, hardswish, leaky_relu; got 'tanh'"),
+        "prologue activation": ((x, weight), dict(prologue_activation="ReLU"), ValueError,
+                                "prologue_activation must be one of none, relu"),
+        "activation type": ((x, weight), dict(activation=True), ValueError, "activation must be one of"),
+        "negative slope": ((x, weight), dict(negative_slope=float("nan")), ValueError, "finite number"),
         "out shape": ((x, weight), dict(out=torch.zeros(2, 4, 6, 5), padding=1), ValueError, "must be"),
         "out channels": ((x, weight), dict(out=torch.zeros(2, 5, 4, 4), out_offset=2), ValueError, r"\[2, 6\)"),
         "out dtype": ((x, weight), dict(out=torch.zeros(2, 4, 4, 4, dtype=torch.float64)), TypeError, "out has dtype"),

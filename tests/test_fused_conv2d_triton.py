@@ -40,6 +40,11 @@ def named_checks():
         named[f"batch-{batch}"] = (checks.check_small_batches, batch)
     named["gradients"] = (checks.check_gradients, "3x3-prologue-down")
     named["gradcheck"] = (checks.check_gradcheck,)
+    # Every activation in the prologue and the epilogue: float64 catches a constant rounded to
+    # float32 on its way into the kernel (the slope, GELU's 1/sqrt(2)), float16 the half path.
+    for name in checks.ACTIVATIONS:
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            named[f"activation-{name}-{dtype}"] = (checks.check_activation, name, dtype)
     named["opcheck"] = (check_opcheck,)
     named["compile-fullgraph"] = (check_compile_fullgraph,)
     named["forward-multi-tile-bfloat16"] = (checks.check_forward, checks.CASES["multi-tile"], torch.bfloat16)
@@ -73,7 +78,7 @@ def check_compile_fullgraph(backend, device):
     from ranet_fast.ops import fused_conv2d
 
     def layer(x, weight, scale):
-        return fused_conv2d(x, weight, padding=1, epilogue_scale=scale, relu=True, backend=backend) * 2
+        return fused_conv2d(x, weight, padding=1, epilogue_scale=scale, activation="relu", backend=backend) * 2
 
     x, weight, vectors = checks.CASES["3x3-normal"].tensors(torch.float32, device, 8)
     compiled, graph_ops = compile_recording_ops(layer)

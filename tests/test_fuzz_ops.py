@@ -448,7 +448,7 @@ def check_fused_conv2d(backend, case):
                    prologue_shift=vector(in_channels, case["prologue"], -1, 1),
                    epilogue_scale=vector(out_channels, case["epilogue_scale"], -2, 2),
                    epilogue_shift=vector(out_channels, case["epilogue_shift"], -1, 1))
-    options = dict(stride=case["stride"], padding=padding, relu=case["relu"])
+    options = dict(stride=case["stride"], padding=padding, activation="relu" if case["relu"] else "none")
     vectors64 = {name: None if v is None else v.double() for name, v in vectors.items()}
     expected = fused_conv2d_reference(x.double(), weight.double(), **vectors64, **options)
     # The magnitudes of the terms: the same conv on absolute values, without ReLU.

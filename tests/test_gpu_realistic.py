@@ -113,12 +113,13 @@ def test_fused_conv2d_real_shapes(backend, shape, dtype, layout):
     # Written into channels [4, 4 + co) of a NaN-poisoned buffer: every element in the slice must be
     # written, none outside it.
     out = torch.full((batch, co + 7, ho, wo), float("nan"), device=DEVICE, dtype=dtype)
-    fused_conv2d(x, weight, stride=stride, padding=padding, relu=True, out=out, out_offset=4, backend=backend,
+    fused_conv2d(x, weight, stride=stride, padding=padding, activation="relu", out=out, out_offset=4, backend=backend,
                  **vectors)
     # float64 convolutions are slow even on an H200: the reference runs on the first and last two
     # samples (the smallest and largest offsets); the poison check below covers every sample.
     rows = sorted({0, 1, batch - 2, batch - 1} & set(range(batch)))
-    expected = fused_conv2d_reference(x[rows].double(), weight.double(), stride=stride, padding=padding, relu=True,
+    expected = fused_conv2d_reference(x[rows].double(), weight.double(), stride=stride, padding=padding,
+                                      activation="relu",
                                       **{name: v.double() for name, v in vectors.items()})
     assert_close(out[rows, 4:4 + co], expected, dtype, f"fused_conv2d {backend}")
     assert not torch.isnan(out[:, 4:4 + co]).any(), "left elements of its channel slice unwritten"

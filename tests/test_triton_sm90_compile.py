@@ -42,6 +42,7 @@ import subprocess
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,15 +86,30 @@ def _weight(specialization) -> int:
 def pairwise_covering(specializations) -> list[int]:
     """Indices of a subset in which every pair of values of any two dimensions of a kernel's variants
     occurs together (greedy: the variant covering the most new pairs, the heaviest types first among
-    equals, so that spills show up)."""
-    pairs = [_pairs(specialization) for specialization in specializations]
-    weights = [_weight(specialization) for specialization in specializations]
-    uncovered = set().union(*pairs)
+    equals, so that spills show up).
+
+    The lists run to tens of thousands of variants (fused_conv2d's activations and tiles), so the
+    pairs are numbered and the greedy steps run on arrays: row i of ``pairs`` holds the numbers of
+    variant i's pairs, padded with a number that counts as covered."""
+    feature_numbers: dict = {}
+    rows = [sorted(feature_numbers.setdefault(feature, len(feature_numbers)) for feature in _features(specialization))
+            for specialization in specializations]
+    padding = len(feature_numbers)  # the largest number, so it is always the second of a pair
+    features = np.full((len(rows), max(map(len, rows))), padding, dtype=np.int64)
+    for index, row in enumerate(rows):
+        features[index, :len(row)] = row
+    first, second = np.triu_indices(features.shape[1], 1)
+    codes, pairs = np.unique(features[:, first] * (padding + 1) + features[:, second], return_inverse=True)
+    pairs = pairs.reshape(len(rows), -1)
+    uncovered = codes % (padding + 1) != padding
+    weights = np.array([_weight(specialization) for specialization in specializations])
+    order = -np.arange(len(rows))  # among equal gains and weights, the first variant
     chosen = []
-    while uncovered:
-        best = max(range(len(pairs)), key=lambda index: (len(pairs[index] & uncovered), weights[index]))
+    while uncovered.any():
+        gains = uncovered[pairs].sum(axis=1)
+        best = int(np.lexsort((order, weights, gains))[-1])
         chosen.append(best)
-        uncovered -= pairs[best]
+        uncovered[pairs[best]] = False
     return sorted(chosen)
 
 

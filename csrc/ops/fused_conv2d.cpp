@@ -74,6 +74,17 @@ void check_fused_conv2d_args(const FusedConv2dArgs& args) {
       args.prologue_scale.has_value() == args.prologue_shift.has_value(),
       kOpName,
       ": prologue_scale and prologue_shift come together");
+  for (const auto activation : {args.prologue_activation, args.activation}) {
+    const auto code = static_cast<int64_t>(activation);
+    TORCH_CHECK(
+        code >= 0 && code < fused_conv2d_math::kActivationCount,
+        kOpName,
+        ": activation code ",
+        code,
+        " is none of the ",
+        fused_conv2d_math::kActivationCount,
+        " activations (ACTIVATIONS in ranet_fast/ops/fused_conv2d.py)");
+  }
   check_channel_vector(kOpName, args.prologue_scale, "prologue_scale", x.size(1), x);
   check_channel_vector(kOpName, args.prologue_shift, "prologue_shift", x.size(1), x);
   check_channel_vector(kOpName, args.epilogue_scale, "epilogue_scale", weight.size(0), x);
@@ -100,11 +111,12 @@ at::Tensor allocate_fused_conv2d_output(const FusedConv2dArgs& args) {
 TORCH_LIBRARY_FRAGMENT(ranet_fast, m) {
   m.def(
       "fused_conv2d(Tensor x, Tensor weight, Tensor? prologue_scale, Tensor? prologue_shift, "
-      "Tensor? epilogue_scale, Tensor? epilogue_shift, int stride, int padding, bool relu) -> Tensor");
+      "Tensor? epilogue_scale, Tensor? epilogue_shift, int stride, int padding, int prologue_activation, "
+      "int activation, float negative_slope) -> Tensor");
   m.def(
       "fused_conv2d_out(Tensor(a!) out, Tensor x, Tensor weight, Tensor? prologue_scale, "
       "Tensor? prologue_shift, Tensor? epilogue_scale, Tensor? epilogue_shift, int stride, "
-      "int padding, bool relu, int out_offset) -> ()");
+      "int padding, int prologue_activation, int activation, float negative_slope, int out_offset) -> ()");
 }
 
 } // namespace ranet_fast::ops

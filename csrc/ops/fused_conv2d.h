@@ -2,6 +2,8 @@
 // op's functional and _out entry points, written once over a device's kernel.
 #pragma once
 
+#include "fused_conv2d_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -18,13 +20,23 @@ struct FusedConv2dArgs {
   const c10::optional<at::Tensor>& epilogue_shift;
   int64_t stride;
   int64_t padding;
-  bool relu;
+  fused_conv2d_math::Activation prologue_activation;
+  fused_conv2d_math::Activation activation;
+  double negative_slope; // of leaky_relu, in the prologue and the epilogue
 };
 
+// The schema's activation code as the enum; check_fused_conv2d_args refuses
+// codes out of range.
+inline fused_conv2d_math::Activation activation_of(int64_t code) {
+  return static_cast<fused_conv2d_math::Activation>(code);
+}
+
 // x [N, Ci, H, W] and weight [Co, Ci, k, k] of one floating dtype and device;
-// square kernel, stride >= 1, padding >= 0, an output of at least 1x1; each scale/shift present is a 1-D tensor of the accumulation
-// dtype (float32, float64 for float64 x) on x's device with Ci (prologue) or
-// Co (epilogue) entries; the prologue's scale and shift come together.
+// square kernel, stride >= 1, padding >= 0, an output of at least 1x1; each
+// scale/shift present is a 1-D tensor of the accumulation dtype (float32,
+// float64 for float64 x) on x's device with Ci (prologue) or Co (epilogue)
+// entries; the prologue's scale and shift come together; both activation
+// codes name an Activation.
 void check_fused_conv2d_args(const FusedConv2dArgs& args);
 
 // Whether the functional op's output is channels_last: when x's channels are
@@ -57,9 +69,9 @@ at::Tensor fused_conv2d_functional(
     const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& prologue_scale, const c10::optional<at::Tensor>& prologue_shift,
     const c10::optional<at::Tensor>& epilogue_scale, const c10::optional<at::Tensor>& epilogue_shift,
-    int64_t stride, int64_t padding, bool relu) {
-  const FusedConv2dArgs args{
-      x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu};
+    int64_t stride, int64_t padding, int64_t prologue_activation, int64_t activation, double negative_slope) {
+  const FusedConv2dArgs args{x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                             padding, activation_of(prologue_activation), activation_of(activation), negative_slope};
   check_fused_conv2d_args(args);
   return compute(args);
 }
@@ -75,9 +87,10 @@ void fused_conv2d_out(
     const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& prologue_scale, const c10::optional<at::Tensor>& prologue_shift,
     const c10::optional<at::Tensor>& epilogue_scale, const c10::optional<at::Tensor>& epilogue_shift,
-    int64_t stride, int64_t padding, bool relu, int64_t out_offset) {
-  const FusedConv2dArgs args{
-      x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu};
+    int64_t stride, int64_t padding, int64_t prologue_activation, int64_t activation, double negative_slope,
+    int64_t out_offset) {
+  const FusedConv2dArgs args{x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                             padding, activation_of(prologue_activation), activation_of(activation), negative_slope};
   check_fused_conv2d_out_args(out, args, out_offset);
   write(out.narrow(1, out_offset, weight.size(0)), args);
 }

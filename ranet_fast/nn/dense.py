@@ -93,7 +93,7 @@ def _conv_bn_relu(owner: nn.Module, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2
                   out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     scale, shift = folded_bn(owner, key, bn, conv.bias, x)
     return fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], epilogue_scale=scale,
-                        epilogue_shift=shift, relu=True, out=out, out_offset=offset)
+                        epilogue_shift=shift, activation="relu", out=out, out_offset=offset)
 
 
 def _fusable(module: nn.Module, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], x: torch.Tensor) -> bool:
@@ -138,7 +138,7 @@ def conv_bn_eval(module: ConvBN, x: torch.Tensor, out: torch.Tensor | None = Non
     pre_scale, pre_shift = folded_bn(module, "net.0", bns[0], None, x)
     scale, shift = folded_bn(module, "net.3", bns[1], None, x)
     hidden = fused_conv2d(x, squeeze.weight, prologue_scale=pre_scale, prologue_shift=pre_shift, epilogue_scale=scale,
-                          epilogue_shift=shift, relu=True)
+                          epilogue_shift=shift, activation="relu")
     return fused_conv2d(hidden, spatial.weight, stride=spatial.stride[0], padding=spatial.padding[0], out=out,
                         out_offset=offset)
 

@@ -287,7 +287,8 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
                                                                          modules[segment.post_bn], conv.bias, x)
     elif conv.bias is not None:
         vectors["epilogue_shift"] = conv.bias
-    y = fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], relu=segment.relu,
+    y = fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0],
+                     activation="relu" if segment.relu else "none",
                      out=out, out_offset=offset, **vectors)
     if out is None and y.requires_grad and y._is_view():
         # The CPU kernel's 1x1 path returns a view of its GEMM result; autograd forbids in-place

@@ -1,13 +1,15 @@
-"""fused_conv2d: a 2-D convolution with an affine+ReLU prologue and epilogue, written into a channel slice.
+"""fused_conv2d: a 2-D convolution with an affine+activation prologue and epilogue, written into a channel slice.
 
 For an input ``x`` [N, Ci, H, W], a weight [Co, Ci, k, k], stride ``s`` and padding ``p`` the op computes
 
-    z = relu(x * prologue_scale[ci] + prologue_shift[ci])    (only with a prologue, else z = x)
+    z = prologue_act(x * prologue_scale[ci] + prologue_shift[ci])    (only with a prologue, else z = x)
     y[:, out_offset + co] = act(epilogue_scale[co] * conv2d(z, weight, s, p)[co] + epilogue_shift[co])
 
-where ``act`` is ReLU when ``relu`` is set and the identity otherwise. The prologue applies to the
-real input elements only: the zero padding stays zero, exactly as in eager BN -> ReLU -> conv. A
-missing epilogue scale means 1 and a missing shift 0.
+where ``prologue_act`` (``prologue_activation``, ReLU by default) and ``act`` (``activation``, none
+by default) are named by ``ACTIVATIONS``: none, relu, relu6, silu, gelu (the erf form, nn.GELU's
+default), hardswish, leaky_relu (with ``negative_slope``), each as torch.nn.functional defines it.
+The prologue applies to the real input elements only: the zero padding stays zero, exactly as in
+eager BN -> act -> conv. A missing epilogue scale means 1 and a missing shift 0.
 
 With BatchNorm in eval mode folded into (scale, shift) this is RANet's conv -> BN -> ReLU
 (epilogue form, the official ConvBasic/ConvBN) and BN -> ReLU -> conv (prologue form, ConvBN
@@ -28,6 +30,7 @@ compiled and the Triton backends. The ``out=`` form is not differentiable.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,9 @@ from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kern
 OP_NAME = "fused_conv2d"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STRIDES = (1, 2)
+# The activations of the prologue and the epilogue. The compiled and Triton kernels take each as its
+# index here (csrc/ops/fused_conv2d_math.h's Activation, kernels/fused_conv2d.py's constexprs).
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "hardswish", "leaky_relu")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +53,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def activation_code(name: str, argument: str = "activation") -> int:
+    """The kernels' code of an activation name; a ValueError naming the allowed ones for anything else."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"fused_conv2d: {argument} must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    return ACTIVATIONS.index(name)
+
+
+def _validate_negative_slope(negative_slope) -> float:
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or not math.isfinite(
+            negative_slope):
+        raise ValueError(f"fused_conv2d: negative_slope must be a finite number, got {negative_slope!r}")
+    return float(negative_slope)
 
 
 def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift,
@@ -132,22 +152,57 @@ def _as_accumulation(vector: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
     return None if vector is None else vector.to(accumulation_dtype(x.dtype))
 
 
-def _prologue(x, prologue_scale, prologue_shift):
-    """relu(x * scale + shift) in the accumulation type, rounded to x's dtype (what the conv reads)."""
+def activate(value: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor:
+    """Activation ``ACTIVATIONS[code]`` of value, as torch.nn.functional computes it."""
+    name = ACTIVATIONS[code]
+    if name == "none":
+        return value
+    if name == "leaky_relu":
+        return F.leaky_relu(value, negative_slope)
+    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish}[name](value)
+
+
+def activation_backward(grad: torch.Tensor, pre_activation: torch.Tensor, code: int,
+                        negative_slope: float) -> torch.Tensor:
+    """grad * act'(pre_activation) with eager's derivative of ``ACTIVATIONS[code]`` (its aten backward op)."""
+    name = ACTIVATIONS[code]
+    aten = torch.ops.aten
+    if name == "none":
+        return grad
+    if name == "relu":
+        return aten.threshold_backward(grad, pre_activation, 0)
+    if name == "relu6":
+        return aten.hardtanh_backward(grad, pre_activation, 0.0, 6.0)
+    if name == "silu":
+        return aten.silu_backward(grad, pre_activation)
+    if name == "gelu":
+        return aten.gelu_backward(grad, pre_activation)
+    if name == "hardswish":
+        return aten.hardswish_backward(grad, pre_activation)
+    return aten.leaky_relu_backward(grad, pre_activation, negative_slope, False)
+
+
+def _prologue_pre_activation(x, prologue_scale, prologue_shift):
+    """x * scale + shift in the accumulation type."""
+    return x.to(prologue_scale.dtype) * prologue_scale.view(1, -1, 1, 1) + prologue_shift.view(1, -1, 1, 1)
+
+
+def _prologue(x, prologue_scale, prologue_shift, prologue_activation, negative_slope):
+    """act(x * scale + shift) in the accumulation type, rounded to x's dtype (what the conv reads)."""
     if prologue_scale is None:
         return x
-    scale, shift = prologue_scale.view(1, -1, 1, 1), prologue_shift.view(1, -1, 1, 1)
-    return torch.relu(x.to(scale.dtype) * scale + shift).to(x.dtype)
+    return activate(_prologue_pre_activation(x, prologue_scale, prologue_shift), prologue_activation,
+                    negative_slope).to(x.dtype)
 
 
-def _epilogue(conv, epilogue_scale, epilogue_shift, relu: bool):
-    """act(scale * conv + shift) in the accumulation type."""
+def _epilogue_pre_activation(conv, epilogue_scale, epilogue_shift):
+    """scale * conv + shift in the accumulation type."""
     y = conv.to(accumulation_dtype(conv.dtype))
     if epilogue_scale is not None:
         y = y * epilogue_scale.view(1, -1, 1, 1)
     if epilogue_shift is not None:
         y = y + epilogue_shift.view(1, -1, 1, 1)
-    return torch.relu(y) if relu else y
+    return y
 
 
 def fused_conv2d_reference(
@@ -160,22 +215,27 @@ def fused_conv2d_reference(
     prologue_shift: torch.Tensor | None = None,
     epilogue_scale: torch.Tensor | None = None,
     epilogue_shift: torch.Tensor | None = None,
-    relu: bool = False,
+    activation: str = "none",
+    prologue_activation: str = "relu",
+    negative_slope: float = 0.01,
     out: torch.Tensor | None = None,
     out_offset: int = 0,
 ) -> torch.Tensor:
     """Pure-PyTorch fused_conv2d: the definition the kernels are tested against.
 
     ``F.conv2d`` between the prologue and the epilogue, which are computed in the accumulation
-    type (the conv itself runs in x's dtype, as eager does). Differentiable through autograd;
-    runs on any device.
+    type with torch.nn.functional's activations (the conv itself runs in x's dtype, as eager
+    does). Differentiable through autograd; runs on any device.
     """
+    prologue_code, code = activation_code(prologue_activation, "prologue_activation"), activation_code(activation)
+    negative_slope = _validate_negative_slope(negative_slope)
     height, width = _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale,
                               epilogue_shift, out, out_offset)
     prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
     epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
-    conv = F.conv2d(_prologue(x, prologue_scale, prologue_shift), weight, stride=stride, padding=padding)
-    y = _epilogue(conv, epilogue_scale, epilogue_shift, relu).to(x.dtype)
+    conv = F.conv2d(_prologue(x, prologue_scale, prologue_shift, prologue_code, negative_slope), weight, stride=stride,
+                    padding=padding)
+    y = activate(_epilogue_pre_activation(conv, epilogue_scale, epilogue_shift), code, negative_slope).to(x.dtype)
     if out is None:
         return y.contiguous(memory_format=output_memory_format(x))
     out.narrow(1, out_offset, weight.shape[0]).copy_(y)
@@ -186,9 +246,11 @@ def fused_conv2d_reference(
 # The spec: fake implementations, autograd, Triton bodies (registered by _registry.register).
 # ---------------------------------------------------------------------------
 
+_RELU, _NONE = ACTIVATIONS.index("relu"), ACTIVATIONS.index("none")
+
 
 def _fake_fused_conv2d(x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
-                       relu):
+                       prologue_activation, activation, negative_slope):
     kernel = weight.shape[2]
     return _allocate_output(
         x, weight.shape[0], output_size(x.shape[2], kernel, stride, padding), output_size(x.shape[3], kernel, stride, padding)
@@ -196,13 +258,15 @@ def _fake_fused_conv2d(x, weight, prologue_scale, prologue_shift, epilogue_scale
 
 
 def _fake_fused_conv2d_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
-                           padding, relu, out_offset):
+                           padding, prologue_activation, activation, negative_slope, out_offset):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu = inputs
-    ctx.stride, ctx.padding, ctx.relu = stride, padding, relu
+    (x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, prologue_activation,
+     activation, negative_slope) = inputs
+    ctx.stride, ctx.padding = stride, padding
+    ctx.prologue_activation, ctx.activation, ctx.negative_slope = prologue_activation, activation, negative_slope
     ctx.has_prologue = prologue_scale is not None
     ctx.has_epilogue_scale = epilogue_scale is not None
     ctx.has_epilogue_shift = epilogue_shift is not None
@@ -214,30 +278,41 @@ def _setup_context(ctx, inputs, output):
         prologue_scale if ctx.has_prologue else placeholder,
         prologue_shift if ctx.has_prologue else placeholder,
         epilogue_scale if ctx.has_epilogue_scale else placeholder,
-        # Only the ReLU mask needs the output. Not saving it otherwise lets code after the conv
-        # write into the output in place (``y += identity`` after conv -> BN), as eager allows.
-        output if relu else placeholder,
+        epilogue_shift if ctx.has_epilogue_shift else placeholder,
+        # ReLU's derivative is read from the output (y > 0 where the pre-activation is); the other
+        # activations recompute the pre-activation. Not saving the output otherwise lets code after
+        # the conv write into it in place (``y += identity`` after conv -> BN), as eager allows.
+        output if activation == _RELU else placeholder,
     )
 
 
 def _backward(ctx, grad_output):
     """Gradients of x, weight, the prologue's and the epilogue's scale and shift, from aten ops.
 
-    With a = x * ps + ph, z = relu(a), c = conv(z), y = act(es * c + eh):
-    dy/d(pre-activation) is the ReLU mask y > 0; d/d(es) = sum(g * c), d/d(eh) = sum(g);
-    the conv's input and weight gradients come from aten.convolution_backward on g * es;
-    d/dx = mask(a > 0) * grad_z * ps, d/d(ps) = sum(mask * grad_z * x), d/d(ph) = sum(mask * grad_z).
+    With a = x * ps + ph, z = pact(a), c = conv(z), e = es * c + eh, y = act(e):
+    g = act'(e) * grad_y (ReLU's mask from y > 0; the others from e, recomputed); d/d(es) = sum(g * c),
+    d/d(eh) = sum(g); the conv's input and weight gradients come from aten.convolution_backward on
+    g * es; with grad_a = pact'(a) * grad_z: d/dx = grad_a * ps, d/d(ps) = sum(grad_a * x),
+    d/d(ph) = sum(grad_a). Each derivative is eager's own (activation_backward).
     """
-    x, weight, prologue_scale, prologue_shift, epilogue_scale, output = ctx.saved_tensors
+    x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     acc = accumulation_dtype(x.dtype)
     g = grad_output.to(acc)
-    if ctx.relu:
+    z = (_prologue(x, prologue_scale, prologue_shift, ctx.prologue_activation, ctx.negative_slope)
+         if ctx.has_prologue else x)
+    conv = None
+    if ctx.activation == _RELU:
         g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
-    z = _prologue(x, prologue_scale, prologue_shift) if ctx.has_prologue else x
+    elif ctx.activation != _NONE:
+        conv = F.conv2d(z, weight, stride=ctx.stride, padding=ctx.padding).to(acc)
+        pre_activation = _epilogue_pre_activation(conv, epilogue_scale if ctx.has_epilogue_scale else None,
+                                                  epilogue_shift if ctx.has_epilogue_shift else None)
+        g = activation_backward(g, pre_activation, ctx.activation, ctx.negative_slope)
     grad_epilogue_scale = grad_epilogue_shift = None
     if ctx.has_epilogue_scale and needs[4]:
-        conv = F.conv2d(z, weight, stride=ctx.stride, padding=ctx.padding).to(acc)
+        if conv is None:
+            conv = F.conv2d(z, weight, stride=ctx.stride, padding=ctx.padding).to(acc)
         grad_epilogue_scale = (g * conv).sum((0, 2, 3))
     if ctx.has_epilogue_shift and needs[5]:
         grad_epilogue_shift = g.sum((0, 2, 3))
@@ -250,16 +325,15 @@ def _backward(ctx, grad_output):
             [need_z, needs[1], False],
         )
         if need_z and ctx.has_prologue:
-            scale, shift = prologue_scale.view(1, -1, 1, 1), prologue_shift.view(1, -1, 1, 1)
-            x_acc = x.to(acc)
-            grad_a = torch.where(x_acc * scale + shift > 0, grad_z.to(acc), torch.zeros((), dtype=acc, device=x.device))
-            grad_x = (grad_a * scale).to(x.dtype) if needs[0] else None
-            grad_prologue_scale = (grad_a * x_acc).sum((0, 2, 3)) if needs[2] else None
+            grad_a = activation_backward(grad_z.to(acc), _prologue_pre_activation(x, prologue_scale, prologue_shift),
+                                         ctx.prologue_activation, ctx.negative_slope)
+            grad_x = (grad_a * prologue_scale.view(1, -1, 1, 1)).to(x.dtype) if needs[0] else None
+            grad_prologue_scale = (grad_a * x.to(acc)).sum((0, 2, 3)) if needs[2] else None
             grad_prologue_shift = grad_a.sum((0, 2, 3)) if needs[3] else None
         elif needs[0]:
             grad_x = grad_z
     return (grad_x, grad_weight, grad_prologue_scale, grad_prologue_shift, grad_epilogue_scale, grad_epilogue_shift,
-            None, None, None)
+            None, None, None, None, None)
 
 
 def _fused_conv2d_triton(
@@ -271,11 +345,14 @@ def _fused_conv2d_triton(
     epilogue_shift: torch.Tensor | None,
     stride: int,
     padding: int,
-    relu: bool,
+    prologue_activation: int,
+    activation: int,
+    negative_slope: float,
 ) -> torch.Tensor:
-    out = _fake_fused_conv2d(x, weight, None, None, None, None, stride, padding, relu)
+    out = _fake_fused_conv2d(x, weight, None, None, None, None, stride, padding, prologue_activation, activation,
+                             negative_slope)
     _fused_conv2d_triton_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
-                             padding, relu, 0)
+                             padding, prologue_activation, activation, negative_slope, 0)
     return out
 
 
@@ -289,21 +366,25 @@ def _fused_conv2d_triton_out(
     epilogue_shift: torch.Tensor | None,
     stride: int,
     padding: int,
-    relu: bool,
+    prologue_activation: int,
+    activation: int,
+    negative_slope: float,
     out_offset: int,
 ) -> None:
     triton_kernels(SPEC.triton_module).fused_conv2d_triton(
-        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, relu,
-        out_offset,
+        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+        prologue_activation, activation, negative_slope, out_offset,
     )
 
 
 def _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
-                   relu, out_offset=0):
+                   prologue_activation, activation, negative_slope, out_offset=0):
     """fused_conv2d_reference with the compiled ops' arguments; ``out=None`` is the functional form."""
     return fused_conv2d_reference(x, weight, stride=stride, padding=padding, prologue_scale=prologue_scale,
                                   prologue_shift=prologue_shift, epilogue_scale=epilogue_scale,
-                                  epilogue_shift=epilogue_shift, relu=relu, out=out, out_offset=out_offset)
+                                  epilogue_shift=epilogue_shift, activation=ACTIVATIONS[activation],
+                                  prologue_activation=ACTIVATIONS[prologue_activation],
+                                  negative_slope=negative_slope, out=out, out_offset=out_offset)
 
 
 SPEC = OpSpec(OP_NAME, "fused_conv2d", {
@@ -325,7 +406,9 @@ def fused_conv2d(
     prologue_shift: torch.Tensor | None = None,
     epilogue_scale: torch.Tensor | None = None,
     epilogue_shift: torch.Tensor | None = None,
-    relu: bool = False,
+    activation: str = "none",
+    prologue_activation: str = "relu",
+    negative_slope: float = 0.01,
     out: torch.Tensor | None = None,
     out_offset: int = 0,
     backend: str | None = None,
@@ -339,11 +422,15 @@ def fused_conv2d(
             bias into ``epilogue_shift``).
         stride: 1 or 2. padding: 0 or (k - 1) // 2.
         prologue_scale, prologue_shift: [Ci] each, together or not at all: the conv reads
-            relu(x * scale + shift) (zero padding stays zero), e.g. a folded eval-mode BN -> ReLU.
+            prologue_activation(x * scale + shift) (zero padding stays zero), e.g. a folded
+            eval-mode BN -> ReLU.
         epilogue_scale, epilogue_shift: [Co] each, each optional (1 and 0 when missing).
             Every scale and shift is cast to float32 (float64 for float64 x), the kernels'
             accumulation type, before the kernels see it.
-        relu: apply ReLU after the epilogue.
+        activation: applied after the epilogue; one of ``ACTIVATIONS``.
+        prologue_activation: applied after the prologue's scale and shift (used only with a
+            prologue); one of ``ACTIVATIONS``.
+        negative_slope: leaky_relu's slope, in the prologue and the epilogue alike.
         out: None -> a new [N, Co, Ho, Wo] tensor (channels_last when x's channels are innermost);
             differentiable with respect to x, weight and every scale and shift. Otherwise a
             [N, C, Ho, Wo] buffer of x's dtype and device, any strides, of which only channels
@@ -353,17 +440,20 @@ def fused_conv2d(
         backend: None (automatic, or the RANET_FAST_BACKEND environment variable), "cuda",
             "triton", "cpu" or "reference"; see ranet_fast._extension.
     """
+    prologue_code, code = activation_code(prologue_activation, "prologue_activation"), activation_code(activation)
+    negative_slope = _validate_negative_slope(negative_slope)
     _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, out,
               out_offset)
     prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
     epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
     vectors = (prologue_scale, prologue_shift, epilogue_scale, epilogue_shift)
+    activations = (prologue_code, code, negative_slope)
     if out is None:
-        return run(SPEC, backend, x, weight, *vectors, stride, padding, relu)
+        return run(SPEC, backend, x, weight, *vectors, stride, padding, *activations)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, out, *vectors)):
         raise RuntimeError(
             "fused_conv2d: the out= form is not differentiable, but an input or out requires grad; call it "
             "without out= (or under torch.no_grad() if no gradient is needed)"
         )
-    run(SPEC, backend, out, x, weight, *vectors, stride, padding, relu, out_offset, form=OUT)
+    run(SPEC, backend, out, x, weight, *vectors, stride, padding, *activations, out_offset, form=OUT)
     return out

@@ -4,7 +4,7 @@
 // reduction runs over (ci, kh, kw) (fused_conv2d_math.h). Each block computes
 // a kTileM x kTileN output tile; per step of kTileK reductions its threads
 // stage an input tile (gathered from x with the conv's indexing, zero in the
-// padding, the BN -> ReLU prologue applied on load) and a weight tile in
+// padding, the BN -> activation prologue applied on load) and a weight tile in
 // shared memory, then each thread accumulates its 4 x 4 outputs in acc_t
 // (float32, float64 for float64). The epilogue is applied in registers and
 // stored straight into the output's channel slice. x and out are read and
@@ -51,7 +51,9 @@ struct ConvParams {
   const acc_t* prologue_shift;
   const acc_t* epilogue_scale; // null: 1
   const acc_t* epilogue_shift; // null: 0
-  bool relu;
+  math::Activation prologue_activation;
+  math::Activation activation;
+  acc_t negative_slope;
   scalar_t* out; // at channel out_offset of the output
   int64_t out_h, out_w;
   Strides4 out_strides;
@@ -102,7 +104,9 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
               x_sample[tap.ci * p.x_strides.c + ih * p.x_strides.h + iw * p.x_strides.w]);
           if (p.prologue_scale != nullptr) {
             value = math::apply_affine(
-                math::prologue_affine(p.prologue_scale, p.prologue_shift, tap.ci), value);
+                math::prologue_affine(
+                    p.prologue_scale, p.prologue_shift, tap.ci, p.prologue_activation, p.negative_slope),
+                value);
           }
         }
       }
@@ -145,7 +149,11 @@ __global__ void __launch_bounds__(kThreads) fused_conv2d_kernel(const ConvParams
   for (int j = 0; j < kPerThread; ++j) {
     const int64_t channel = column0 + thread_column + j * kThreadGrid;
     epilogue[j] = math::epilogue_affine(
-        p.epilogue_scale, p.epilogue_shift, channel < p.out_channels ? channel : 0, p.relu);
+        p.epilogue_scale,
+        p.epilogue_shift,
+        channel < p.out_channels ? channel : 0,
+        p.activation,
+        p.negative_slope);
   }
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
@@ -203,7 +211,9 @@ void fused_conv2d_write(const at::Tensor& out_slice, const FusedConv2dArgs& args
     p.prologue_shift = optional_data<acc_t>(args.prologue_shift);
     p.epilogue_scale = optional_data<acc_t>(args.epilogue_scale);
     p.epilogue_shift = optional_data<acc_t>(args.epilogue_shift);
-    p.relu = args.relu;
+    p.prologue_activation = args.prologue_activation;
+    p.activation = args.activation;
+    p.negative_slope = static_cast<acc_t>(args.negative_slope);
     p.out = out_slice.mutable_data_ptr<scalar_t>();
     p.out_h = out_slice.size(2);
     p.out_w = out_slice.size(3);
