@@ -459,6 +459,23 @@ def test_compiled_op_under_torch_compile_fullgraph():
         torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-12, atol=1e-12)
 
 
+def check_strided_vectors(backend, device):
+    """Scales and shifts that are views with a stride (every other entry of a longer vector)."""
+    case = CASES["1x1-prologue"]
+    x, weight, vectors = case.tensors(torch.float32, device, seed_of("strided vectors"))
+    strided = {}
+    for name, vector in vectors.items():
+        spread = torch.full((2 * vector.numel(),), float("nan"), device=device)
+        spread[::2] = vector
+        strided[name] = spread[::2]
+    y = fused_conv2d(x, weight, **strided, **case.options(), backend=backend)
+    assert_close(y, expected(x, weight, vectors, case.options()), torch.float32)
+
+
+def test_strided_scales_and_shifts(backend_and_device):
+    check_strided_vectors(*backend_and_device)
+
+
 @needs_extension
 def test_compiled_ops_reject_bad_input_themselves():
     # Direct torch.ops calls bypass the Python validation; the kernels must still refuse.
@@ -470,6 +487,8 @@ def test_compiled_ops_reject_bad_input_themselves():
         ops.fused_conv2d(x, weight, None, None, None, None, 0, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="accumulation dtype"):
         ops.fused_conv2d(x, weight, None, None, torch.ones(4, dtype=torch.float64), None, 1, 1, RELU, NONE, 0.01)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.fused_conv2d(x, weight, None, None, torch.ones(8)[::2], None, 1, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="come together"):
         ops.fused_conv2d(x, weight, torch.ones(3), None, None, None, 1, 1, RELU, NONE, 0.01)
     with pytest.raises(RuntimeError, match="channels"):

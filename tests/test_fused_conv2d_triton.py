@@ -40,6 +40,7 @@ def named_checks():
         named[f"batch-{batch}"] = (checks.check_small_batches, batch)
     named["gradients"] = (checks.check_gradients, "3x3-prologue-down")
     named["gradcheck"] = (checks.check_gradcheck,)
+    named["strided-vectors"] = (checks.check_strided_vectors,)
     # Every activation in the prologue and the epilogue: float64 catches a constant rounded to
     # float32 on its way into the kernel (the slope, GELU's 1/sqrt(2)), float16 the half path.
     for name in checks.ACTIVATIONS:

@@ -89,6 +89,11 @@ void check_fused_conv2d_args(const FusedConv2dArgs& args) {
   check_channel_vector(kOpName, args.prologue_shift, "prologue_shift", x.size(1), x);
   check_channel_vector(kOpName, args.epilogue_scale, "epilogue_scale", weight.size(0), x);
   check_channel_vector(kOpName, args.epilogue_shift, "epilogue_shift", weight.size(0), x);
+  // The kernels index the vectors as plain arrays.
+  for (const auto* vector : {&args.prologue_scale, &args.prologue_shift, &args.epilogue_scale, &args.epilogue_shift}) {
+    TORCH_CHECK(
+        !vector->has_value() || (*vector)->is_contiguous(), kOpName, ": the scales and shifts must be contiguous");
+  }
 }
 
 void check_fused_conv2d_out_args(const at::Tensor& out, const FusedConv2dArgs& args, int64_t out_offset) {

@@ -149,7 +149,8 @@ def _allocate_output(x: torch.Tensor, out_channels: int, height: int, width: int
 
 
 def _as_accumulation(vector: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return None if vector is None else vector.to(accumulation_dtype(x.dtype))
+    """vector in the accumulation dtype, dense: the kernels index it as a plain array."""
+    return None if vector is None else vector.to(accumulation_dtype(x.dtype)).contiguous()
 
 
 def activate(value: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor:
