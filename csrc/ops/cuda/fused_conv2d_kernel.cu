@@ -9,8 +9,23 @@
 // (float32, float64 for float64). The epilogue is applied in registers and
 // stored straight into the output's channel slice. x and out are read and
 // written through their strides, so a channel prefix of a dense block's buffer
-// is read in place and a layer's channels are written in place. No tensor
-// cores: correctness first (the Triton kernel is the tensor-core path).
+// is read in place and a layer's channels are written in place.
+//
+// Why this kernel stays SIMT (no mma.sync/WMMA): it is the correctness
+// backend of the op on CUDA and one candidate of the measured dispatch
+// (ranet_fast/dispatch.py times the cuda, triton and eager cuDNN forms per
+// shape and keeps the fastest), not the fast path. Its products run on the
+// FP32 FMA units: on an H200 about 60 TFLOP/s at best (67 in the datasheet,
+// before the gather and shared-memory traffic of an implicit GEMM), against
+// about 790 TFLOP/s of dense bf16 tensor-core work that cuDNN and the Triton
+// kernel (native bf16/fp16 tl.dot, wgmma on sm_90) reach. A GEMM-heavy layer
+// of RANet, e.g. a 3x3 conv of 128 -> 32 channels on 32x32 maps at batch
+// 1024 (2 * 1024 * 32 * 32 * 32 * 128 * 9 = 77 GFLOP), needs at least 1.3 ms
+// here and 0.1 ms on tensor cores: a 13x gap that tiling cannot close, so the
+// dispatch picks cuDNN or Triton for such shapes. Writing a third
+// tensor-core conv would duplicate those two; what this kernel keeps is the
+// non-GEMM work in one pass (activation prologue on load, epilogue, writing
+// into a channel slice) for the shapes where that, not the GEMM, dominates.
 #include "../fused_conv2d.h"
 #include "../fused_conv2d_math.h"
 #include "../layout.h"
