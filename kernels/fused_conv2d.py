@@ -8,13 +8,17 @@ edges), applies the prologue act(x * scale + shift) on load to the real elements
 weight tile and accumulates their product in float32 (float64 for float64). The epilogue
 act(scale * acc + shift) is applied in registers and the tile is stored through the output's
 strides, so x may be a channel prefix of a bigger NCHW or channels_last buffer and the output a
-channel slice of one.
+channel slice of one. With GENSTATS each program also sums its stored tile (as stored, in the
+output's dtype) and its squares per channel and adds them to the statistics vectors atomically:
+the next batch norm's batch statistics without reading the output again.
 
 Products: float16/bfloat16 tiles go to tl.dot in their own type (tensor cores), the prologue's
-result rounded to it as eager BN -> ReLU would round it; float32 uses tl.dot with IEEE precision
-(no TF32, so results match float32 eager); float64 is multiplied and summed elementwise (no float64
-tl.dot everywhere). Triton's interpreter computes bfloat16 dots wrongly, so under
-TRITON_INTERPRET=1 bfloat16 tiles are upcast to float32 first.
+result rounded to it as eager BN -> ReLU would round it; float32 uses tl.dot in TF32 where eager
+convolutions may (``float32_dots_in_tf32``: cuDNN's conv precision flag, on by default) and with
+IEEE precision otherwise, so its results match float32 eager either way; float64 is multiplied and
+summed elementwise (no float64 tl.dot everywhere). Under TRITON_INTERPRET=1 float32 dots stay IEEE
+(the interpreter is the exact check), and bfloat16 tiles are upcast to float32 first (the
+interpreter computes bfloat16 dots wrongly).
 """
 
 import itertools
@@ -34,7 +38,7 @@ _ACCUMULATION_TYPES = {
     torch.float64: tl.float64,
 }
 # How a tile product is computed (the kernel's DOT_MODE constexpr).
-_DOT_NATIVE, _DOT_IEEE, _DOT_UPCAST, _DOT_ELEMENTWISE = 0, 1, 2, 3
+_DOT_NATIVE, _DOT_IEEE, _DOT_UPCAST, _DOT_ELEMENTWISE, _DOT_TF32 = 0, 1, 2, 3, 4
 # Activation codes: the index in ranet_fast.ops.fused_conv2d.ACTIVATIONS (the enum of csrc/ops/fused_conv2d_math.h).
 _NONE, _RELU, _RELU6, _SILU, _GELU, _HARDSWISH, _LEAKY_RELU = range(7)
 
@@ -67,6 +71,8 @@ def _fused_conv2d_kernel(
     x_ptr,
     weight_ptr,
     out_ptr,
+    stats_sum_ptr,
+    stats_sumsq_ptr,
     prologue_scale_ptr,
     prologue_shift_ptr,
     epilogue_scale_ptr,
@@ -95,6 +101,7 @@ def _fused_conv2d_kernel(
     PROLOGUE_ACTIVATION: tl.constexpr,
     ACTIVATION: tl.constexpr,
     NEGATIVE_SLOPE: tl.constexpr,
+    GENSTATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -135,15 +142,17 @@ def _fused_conv2d_kernel(
             a = tl.where(inside, activated, 0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(weight_ptr + channels[None, :] * reduction + ks[:, None],
                     mask=channel_mask[None, :] & k_mask[:, None], other=0.0)
-        # DOT_MODE: 0 native, 1 IEEE float32, 2 upcast to float32, 3 elementwise (see _dot_mode).
+        # DOT_MODE: 0 native, 1 IEEE float32, 2 upcast to float32, 3 elementwise, 4 TF32 (see _dot_mode).
         if DOT_MODE == 0:
             acc += tl.dot(a, b, out_dtype=ACC_DTYPE)
         elif DOT_MODE == 1:
             acc += tl.dot(a, b, input_precision="ieee", out_dtype=ACC_DTYPE)
         elif DOT_MODE == 2:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
+        elif DOT_MODE == 3:
             acc += tl.sum(a.to(ACC_DTYPE)[:, :, None] * b.to(ACC_DTYPE)[None, :, :], axis=1)
+        else:
+            acc += tl.dot(a, b, input_precision="tf32", out_dtype=ACC_DTYPE)
 
     if HAS_EPILOGUE_SCALE:
         acc = acc * tl.load(epilogue_scale_ptr + channels, mask=channel_mask, other=1.0)[None, :]
@@ -151,7 +160,12 @@ def _fused_conv2d_kernel(
         acc = acc + tl.load(epilogue_shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
     acc = _activate(acc, ACTIVATION, NEGATIVE_SLOPE)
     out_offsets = (n * out_stride_n + oh * out_stride_h + ow * out_stride_w)[:, None] + channels[None, :] * out_stride_c
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & channel_mask[None, :])
+    stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offsets, stored, mask=row_mask[:, None] & channel_mask[None, :])
+    if GENSTATS:
+        values = tl.where(row_mask[:, None] & channel_mask[None, :], stored.to(ACC_DTYPE), 0.0)
+        tl.atomic_add(stats_sum_ptr + channels, tl.sum(values, axis=0), mask=channel_mask)
+        tl.atomic_add(stats_sumsq_ptr + channels, tl.sum(values * values, axis=0), mask=channel_mask)
 
 
 # Whether this import got Triton's interpreter (TRITON_INTERPRET=1, CPU tensors).
@@ -162,11 +176,26 @@ def _largest_offset(tensor: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
 
 
-def _dot_mode(dtype: torch.dtype) -> int:
+def float32_dots_in_tf32() -> bool:
+    """Whether eager float32 convolutions may use TF32 now: cuDNN's conv precision, which F.conv2d
+    follows (torch.backends.cudnn.conv.fp32_precision, inheriting from cudnn.fp32_precision and
+    torch.backends.fp32_precision where "none"; torch.backends.cudnn.allow_tf32 before torch 2.9).
+    The matmul flag governs GEMMs (torch.mm), not convolutions, so it is not read."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return bool(cudnn.allow_tf32)
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def _dot_mode(dtype: torch.dtype, tf32: bool) -> int:
+    """How tiles of dtype are multiplied; tf32: float32 dots may use TF32 (ignored by the interpreter)."""
     if dtype == torch.float64:
         return _DOT_ELEMENTWISE
     if dtype == torch.float32:
-        return _DOT_IEEE
+        return _DOT_TF32 if tf32 and not INTERPRETED else _DOT_IEEE
     if dtype == torch.bfloat16 and INTERPRETED:
         return _DOT_UPCAST
     return _DOT_NATIVE
@@ -188,7 +217,7 @@ def _gpu_tile(dtype: torch.dtype, out_channels: int) -> tuple[int, int, int, int
 
 # Kernel sizes of RANet's and MSDNet's convs (1, 3) and of torchvision stems that convert fuses (7).
 KERNEL_SIZES = (1, 3, 7)
-_FLAGS = ("HAS_PROLOGUE", "HAS_EPILOGUE_SCALE", "HAS_EPILOGUE_SHIFT")
+_FLAGS = ("HAS_PROLOGUE", "HAS_EPILOGUE_SCALE", "HAS_EPILOGUE_SHIFT", "GENSTATS")
 _ACTIVATION_CODES = range(_LEAKY_RELU + 1)
 # leaky_relu's slope of the compiled variants (nn.LeakyReLU's default): the slope is a constant of
 # the code, which compiles alike for every value.
@@ -202,7 +231,9 @@ def specializations() -> list[Specialization]:
     result = []
     for dtype in FLOATING_DTYPES:
         accumulation = torch.float64 if dtype == torch.float64 else torch.float32
-        for block_m, block_n, block_k, num_warps in sorted({_gpu_tile(dtype, co) for co in powers_of_two(128)}):
+        tiles = sorted({_gpu_tile(dtype, co) for co in powers_of_two(128)})
+        dot_modes = sorted({_dot_mode(dtype, tf32) for tf32 in (False, True)})
+        for (block_m, block_n, block_k, num_warps), dot_mode in itertools.product(tiles, dot_modes):
             for kernel, flags, prologue_activation, activation, index_dtype, wide, ones in itertools.product(
                     KERNEL_SIZES, itertools.product((False, True), repeat=len(_FLAGS)), _ACTIVATION_CODES,
                     _ACTIVATION_CODES, (tl.int32, tl.int64), (False, True), _UNIT_CASES):
@@ -216,14 +247,16 @@ def specializations() -> list[Specialization]:
                          ACTIVATION=activation,
                          NEGATIVE_SLOPE=_negative_slope(prologue_activation, activation, _DEFAULT_NEGATIVE_SLOPE),
                          BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, ACC_DTYPE=_ACCUMULATION_TYPES[dtype], DOT_MODE=_dot_mode(dtype),
+                         BLOCK_K=block_k, ACC_DTYPE=_ACCUMULATION_TYPES[dtype], DOT_MODE=dot_mode,
                          INDEX_DTYPE=index_dtype),
-                    dict(x_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, prologue_scale_ptr=accumulation,
+                    dict(x_ptr=dtype, weight_ptr=dtype, out_ptr=dtype, stats_sum_ptr=accumulation,
+                         stats_sumsq_ptr=accumulation, prologue_scale_ptr=accumulation,
                          prologue_shift_ptr=accumulation, epilogue_scale_ptr=accumulation,
                          epilogue_shift_ptr=accumulation),
                     wide=wide,
                     ones=ones,
                     num_warps=num_warps,
+                    tf32=dot_mode == _DOT_TF32,
                 ))
     return result
 
@@ -240,12 +273,17 @@ def _negative_slope(prologue_activation: int, activation: int, negative_slope: f
 
 def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride: int,
                         padding: int, prologue_activation: int, activation: int, negative_slope: float,
-                        out_offset: int) -> None:
+                        out_offset: int, stats_sum=None, stats_sumsq=None) -> None:
     """Writes act(es * conv2d(pro(x), weight) + eh) into out[:, out_offset : out_offset + Co].
 
     The caller (ranet_fast.ops.fused_conv2d) validates shapes, dtypes and devices; scales and
-    shifts are 1-D tensors of the accumulation dtype or None. Nothing is launched when N == 0.
+    shifts are 1-D tensors of the accumulation dtype or None. With stats_sum and stats_sumsq
+    (dense [Co] of the accumulation dtype) they receive the per-channel sum and sum of squares of
+    the written channels. Nothing is launched when N == 0 (the statistics are then zero).
     """
+    if stats_sum is not None:
+        stats_sum.zero_()
+        stats_sumsq.zero_()
     out_channels, in_channels, kernel, _ = weight.shape
     prologue_activation = _prologue_activation(prologue_scale is not None, prologue_activation)
     out_slice = out.narrow(1, out_offset, out_channels)
@@ -270,12 +308,15 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         block_m, block_n, block_k, num_warps = _gpu_tile(x.dtype, out_channels)
     # The last row block overshoots rows by up to block_m.
     index_dtype = index_type(max(_largest_offset(x), _largest_offset(out), rows) + block_m)
-    # Absent scales and shifts are never loaded (constexpr flags); any pointer fills their place.
+    # Absent scales, shifts and statistics are never loaded or stored (constexpr flags); any pointer
+    # fills their place.
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_channels, block_n))
     _fused_conv2d_kernel[grid](
         x,
         weight,
         out_slice,
+        stats_sum if stats_sum is not None else weight,
+        stats_sumsq if stats_sumsq is not None else weight,
         prologue_scale if prologue_scale is not None else weight,
         prologue_shift if prologue_shift is not None else weight,
         epilogue_scale if epilogue_scale is not None else weight,
@@ -298,11 +339,12 @@ def fused_conv2d_triton(out, x, weight, prologue_scale, prologue_shift, epilogue
         PROLOGUE_ACTIVATION=prologue_activation,
         ACTIVATION=activation,
         NEGATIVE_SLOPE=_negative_slope(prologue_activation, activation, negative_slope),
+        GENSTATS=stats_sum is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ACC_DTYPE=_ACCUMULATION_TYPES[x.dtype],
-        DOT_MODE=_dot_mode(x.dtype),
+        DOT_MODE=_dot_mode(x.dtype, float32_dots_in_tf32()),
         INDEX_DTYPE=index_dtype,
         num_warps=num_warps,
     )

@@ -50,6 +50,7 @@ class Specialization:
     ones: tuple = ()  # integer parameters specialised to the constant 1
     num_warps: int = 4  # what the launch passes (Triton's default is 4)
     max_registers: int | None = None  # the launch's maxnreg, if it passes one
+    tf32: bool = False  # its float32 dots are asked for in TF32 (else IEEE float32)
     # Which choice of ones this is, when ones also holds arguments implied by the constexprs (the
     # test's covering pairs this with the other dimensions instead of the tuple itself).
     ones_case: str | None = None

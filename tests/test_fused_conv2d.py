@@ -97,6 +97,8 @@ CASES = {
     # channels, 64 reductions), none a multiple of it: two programs along both grid axes, the
     # second ones ragged, and a ragged second reduction step.
     "multi-tile": Case(2, 9, 24, 24, 130, 3, padding=1, prologue=True),
+    # The same with stride 2 (1152 output pixels) and a smooth activation.
+    "multi-tile-stride2": Case(2, 9, 48, 47, 130, 3, stride=2, padding=1, prologue=True, activation="silu"),
 }
 
 
@@ -234,6 +236,35 @@ def check_dense_block_in_place(backend, device, dtype=torch.float32):
         assert_close(buffer, expected_buffer, dtype)
 
 
+def check_statistics(backend, device, case_name, dtype, use_out=True):
+    """stats_sum/stats_sumsq (NaN-poisoned first) receive the per-channel sums of the output as
+    written, against float64 sums of the same values; the output itself stays right."""
+    case = CASES[case_name]
+    x, weight, vectors = case.tensors(dtype, device, seed_of("stats", case_name, dtype))
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    stats_sum, stats_sumsq = (torch.full((case.out_channels,), float("nan"), dtype=accumulation, device=device)
+                              for _ in range(2))
+    reference = expected(x, weight, vectors, case.options())
+    offset = 1
+    out = _out_buffer("slice", case.batch, case.out_channels + 2, *reference.shape[2:], dtype, device) if use_out else None
+    returned = fused_conv2d(x, weight, **vectors, **case.options(), out=out, out_offset=offset if use_out else 0,
+                            stats_sum=stats_sum, stats_sumsq=stats_sumsq, backend=backend)
+    written = returned[:, offset:offset + case.out_channels] if use_out else returned
+    assert_close(written, reference, dtype)
+    values = written.detach().cpu().double()
+    # Summation order: float64 leaves ~1e-16 per term, float32 accumulation ~1e-7 per term over
+    # the 1152 terms of the largest case, relative to the sum of magnitudes.
+    relative = 1e-12 if dtype == torch.float64 else 1e-4
+    for name, stored, terms in (("sum", stats_sum, values), ("sum of squares", stats_sumsq, values.square())):
+        exact = terms.sum((0, 2, 3))
+        bound = relative * terms.abs().sum((0, 2, 3)) + 1e-30
+        error = (stored.cpu().double() - exact).abs()
+        assert bool((error <= bound).all()), f"{name}: error {error.max().item():.3g} above {bound.min().item():.3g}"
+
+
+STATISTICS_CASES = ("multi-tile", "multi-tile-stride2", "3x3-down-odd", "3x3-plain")
+
+
 def check_small_batches(backend, device, batch):
     case = dataclasses.replace(CASES["3x3-down-odd"], batch=batch)
     x, weight, vectors = case.tensors(torch.float32, device, seed_of("batch", batch))
@@ -255,9 +286,14 @@ def check_activation(backend, device, name, dtype):
 
 
 def check_gradients(backend, device, case_name):
-    """Gradients of x, weight and every scale and shift against autograd through the float64 reference."""
+    """Gradients of x, weight and every scale and shift against autograd through the float64 reference.
+
+    case_name: a name of CASES, an activation (activation_case), or a Case."""
     seed = seed_of("grad", case_name)
-    if case_name in ACTIVATIONS:
+    if isinstance(case_name, Case):
+        case = case_name
+        x, weight, vectors = case.tensors(torch.float64, device, seed)
+    elif case_name in ACTIVATIONS:
         case = activation_case(case_name)
         x, weight, vectors = activation_tensors(case_name, torch.float64, device, seed)
     else:
@@ -323,6 +359,27 @@ def test_dense_block_in_place(backend_and_device, dtype):
 @pytest.mark.parametrize("batch", [0, 1])
 def test_small_batches(backend_and_device, batch):
     check_small_batches(*backend_and_device, batch)
+
+
+@pytest.mark.parametrize("case_name", STATISTICS_CASES)
+def test_statistics_are_those_of_the_output(backend_and_device, case_name, dtype):
+    check_statistics(*backend_and_device, case_name, dtype)
+
+
+def test_statistics_without_out(backend_and_device):
+    check_statistics(*backend_and_device, "3x3-down-odd", torch.float32, use_out=False)
+
+
+def test_statistics_of_an_empty_batch_are_zero(backend_and_device):
+    check_empty_batch_statistics(*backend_and_device)
+
+
+def check_empty_batch_statistics(backend, device):
+    case = dataclasses.replace(CASES["3x3-down-odd"], batch=0)
+    x, weight, vectors = case.tensors(torch.float32, device, 3)
+    stats = [torch.full((case.out_channels,), float("nan"), device=device) for _ in range(2)]
+    fused_conv2d(x, weight, **vectors, **case.options(), stats_sum=stats[0], stats_sumsq=stats[1], backend=backend)
+    assert all(bool((s == 0).all()) for s in stats)
 
 
 @pytest.mark.parametrize("case_name", ["3x3-down-odd", "1x1-prologue", "scale-only", "3x3-prologue-down"])
@@ -429,11 +486,18 @@ def opcheck_arguments(device):
     return functional, out_arguments
 
 
+def stats_opcheck_arguments(device):
+    """The statistics op's arguments: the out op's, after two [Co] statistics vectors."""
+    out, *rest = opcheck_arguments(device)[1]
+    return (out, torch.zeros(4, device=device), torch.zeros(4, device=device), *rest)
+
+
 @needs_extension
 def test_ops_pass_opcheck(device):
     functional, out_arguments = opcheck_arguments(device)
     torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d.default, functional)
     torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_out.default, out_arguments)
+    torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_stats_out.default, stats_opcheck_arguments(device))
 
 
 @needs_extension
@@ -519,6 +583,14 @@ def _validation_cases():
                                 "prologue_activation must be one of none, relu"),
         "activation type": ((x, weight), dict(activation=True), ValueError, "activation must be one of"),
         "negative slope": ((x, weight), dict(negative_slope=float("nan")), ValueError, "finite number"),
+        "stats alone": ((x, weight), dict(stats_sum=torch.zeros(4)), ValueError, "together"),
+        "stats dtype": ((x, weight), dict(stats_sum=torch.zeros(4, dtype=torch.float64),
+                                          stats_sumsq=torch.zeros(4, dtype=torch.float64)), ValueError,
+                        "contiguous torch.float32"),
+        "stats strided": ((x, weight), dict(stats_sum=torch.zeros(8)[::2], stats_sumsq=torch.zeros(4)), ValueError,
+                          "contiguous"),
+        "stats length": ((x, weight), dict(stats_sum=torch.zeros(3), stats_sumsq=torch.zeros(3)), ValueError,
+                         "one entry per output channel"),
         "out shape": ((x, weight), dict(out=torch.zeros(2, 4, 6, 5), padding=1), ValueError, "must be"),
         "out channels": ((x, weight), dict(out=torch.zeros(2, 5, 4, 4), out_offset=2), ValueError, r"\[2, 6\)"),
         "out dtype": ((x, weight), dict(out=torch.zeros(2, 4, 4, 4, dtype=torch.float64)), TypeError, "out has dtype"),
@@ -538,6 +610,8 @@ def test_out_form_refuses_to_build_a_graph(backend):
     x = torch.randn(1, 3, 4, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         fused_conv2d(x, torch.randn(2, 3, 1, 1), out=torch.zeros(1, 2, 4, 4), backend=backend)
+    with pytest.raises(RuntimeError, match="statistics form"):
+        fused_conv2d(x, torch.randn(2, 3, 1, 1), stats_sum=torch.zeros(2), stats_sumsq=torch.zeros(2), backend=backend)
 
 
 @needs_extension

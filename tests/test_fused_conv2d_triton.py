@@ -10,6 +10,7 @@ the same checks run in process (compiled kernels, bfloat16 dots on tensor cores)
 import torch
 
 import test_fused_conv2d as checks
+from cuda_testing import exact_float32, numerics_state, requires_cuda_gpu, restore_numerics
 from op_testing import compile_recording_ops
 from triton_interpreter import each_check_on_gpu, each_check_under_interpreter, int64_indices, on_triton
 
@@ -49,6 +50,18 @@ def named_checks():
     named["opcheck"] = (check_opcheck,)
     named["compile-fullgraph"] = (check_compile_fullgraph,)
     named["forward-multi-tile-bfloat16"] = (checks.check_forward, checks.CASES["multi-tile"], torch.bfloat16)
+    # Stride 2 on a grid of two programs along both axes, ragged (1152 output pixels, 130 channels,
+    # 81 reductions): float32/float64 forward are in _forward_checks; float16 and the float64 backward.
+    named["forward-multi-tile-stride2-float16"] = (checks.check_forward, checks.CASES["multi-tile-stride2"],
+                                                   torch.float16)
+    named["gradients-multi-tile-stride2"] = (checks.check_gradients, "multi-tile-stride2")
+    # The statistics epilogue: atomic adds from every program of multi-tile grids, stride 2, N = 1.
+    for case_name in checks.STATISTICS_CASES:
+        named[f"statistics-{case_name}-float32"] = (checks.check_statistics, case_name, torch.float32)
+    for dtype in (torch.float64, torch.float16):
+        named[f"statistics-multi-tile-{dtype}"] = (checks.check_statistics, "multi-tile", dtype)
+    named["statistics-without-out"] = (checks.check_statistics, "3x3-down-odd", torch.float32, False)
+    named["statistics-batch-0"] = (checks.check_empty_batch_statistics,)
     named["out-slice-multi-tile"] = (checks.check_out_slice, "slice", "multi-tile")
     # The 64-bit index variant, forced on small tensors.
     int64_checks = {
@@ -73,6 +86,8 @@ def check_opcheck(backend, device):
     functional, out_arguments = checks.opcheck_arguments(device)
     torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_triton.default, functional)
     torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_triton_out.default, out_arguments)
+    torch.library.opcheck(torch.ops.ranet_fast.fused_conv2d_triton_stats_out.default,
+                          checks.stats_opcheck_arguments(device))
 
 
 def check_compile_fullgraph(backend, device):
@@ -91,5 +106,53 @@ def triton_interpreter_checks():
     return on_triton(named_checks())
 
 
+def _in_exact_float32(check):
+    def run(device):
+        # The checks compare float32 with the float64 reference at float32 tolerances; on a GPU the
+        # kernel's float32 dots follow cuDNN's TF32 flag (on by default), so it is turned off here.
+        with exact_float32():
+            check(device)
+
+    return run
+
+
+def gpu_checks():
+    return {name: _in_exact_float32(check) for name, check in triton_interpreter_checks().items()}
+
+
 test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
-test_triton_on_gpu = each_check_on_gpu(triton_interpreter_checks)
+test_triton_on_gpu = each_check_on_gpu(gpu_checks)
+
+
+def _tf32_convolutions():
+    if hasattr(torch.backends.cudnn, "conv"):
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@requires_cuda_gpu
+def test_float32_dots_follow_the_cudnn_tf32_flag():
+    """TF32 products where eager convolutions may use them, IEEE float32 where they may not."""
+    from ranet_fast.kernels.fused_conv2d import float32_dots_in_tf32
+    from ranet_fast.ops import fused_conv2d
+
+    case = checks.Case(2, 64, 20, 20, 48, 3, padding=1, prologue=True)
+    x, weight, vectors = case.tensors(torch.float32, "cuda", 123)
+    reference = checks.expected(x, weight, vectors, case.options())
+    with exact_float32():
+        assert not float32_dots_in_tf32()
+        ieee = fused_conv2d(x, weight, **vectors, **case.options(), backend="triton")
+    state = numerics_state()
+    try:
+        _tf32_convolutions()
+        assert float32_dots_in_tf32()
+        tf32 = fused_conv2d(x, weight, **vectors, **case.options(), backend="triton")
+    finally:
+        restore_numerics(state)
+    ieee_error = (ieee.double().cpu() - reference).abs().max().item()
+    tf32_error = (tf32.double().cpu() - reference).abs().max().item()
+    checks.assert_close(ieee, reference, torch.float32)
+    # TF32 keeps 10 mantissa bits: about 2**-11 relative per product, over 576 products per output.
+    torch.testing.assert_close(tf32.double().cpu(), reference, rtol=1e-2, atol=1e-2)
+    assert tf32_error > 10 * ieee_error, (tf32_error, ieee_error)

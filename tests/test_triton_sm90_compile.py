@@ -20,7 +20,9 @@ For each compiled variant:
 - a kernel that calls tl.dot, compiled for bfloat16 or float16 data, has a warpgroup (``wgmma``)
   or warp (``mma``) tensor-core instruction on that type in its PTX: the dots are native, not
   upcast to float32 (the upcast is for Triton's interpreter only, which computes bfloat16 dots
-  wrongly); compiled for float32 data its PTX has no TF32 instruction (IEEE float32 products).
+  wrongly); compiled for float32 data its PTX has a TF32 instruction exactly when the variant asks
+  for TF32 (``Specialization.tf32``: fused_conv2d's float32 dots follow cuDNN's conv precision
+  flag), and none otherwise (IEEE float32 products).
 
 Compiles run in a pool of two fresh processes, each compile with an empty Triton cache of its
 own, so nothing from an earlier compile or run is reused. RANET_FAST_SM90_REPORT=path writes every variant's
@@ -165,6 +167,7 @@ def compile_for_sm90(module_name: str, index: int) -> dict:
         "float32_data": "torch.float32" in data_types and not data_types & {"torch.bfloat16", "torch.float16"},
         "tensor_core": sorted({match.group(0) for match in _TENSOR_CORE.finditer(ptx)}),
         "tf32": "tf32" in ptx,
+        "tf32_requested": specialization.tf32,
         "seconds": round(seconds, 2),
     }
 
@@ -217,18 +220,21 @@ def test_every_variant_compiles_for_sm90_without_spilling(compiled, name):
 
 
 @pytest.mark.parametrize("name", KERNEL_MODULES)
-def test_dots_use_tensor_cores_in_half_precision_and_ieee_in_float32(compiled, name):
+def test_dots_use_tensor_cores_in_half_precision_and_the_asked_float32_precision(compiled, name):
     for result in compiled[name]:
         if result["uses_dot"] and result["half_data"]:
             assert result["tensor_core"], f"{result['label']}: no bf16/f16 wgmma or mma in the PTX"
         if result["uses_dot"] and result["float32_data"]:
-            assert not result["tf32"], f"{result['label']}: a float32 dot uses TF32"
+            assert result["tf32"] == result["tf32_requested"], (
+                f"{result['label']}: TF32 {'asked for but absent' if result['tf32_requested'] else 'used unasked'}")
 
 
 def test_fused_conv2d_half_dots_are_checked(compiled):
     """The tensor-core check above has something to check: the half-precision conv variants."""
     checked = [result for result in compiled["fused_conv2d"] if result["uses_dot"] and result["half_data"]]
     assert {result["label"].split("[")[1].split("]")[0] for result in checked} >= {"bf16,fp32", "fp16,fp32"}
+    float32 = [result for result in compiled["fused_conv2d"] if result["float32_data"]]
+    assert {result["tf32_requested"] for result in float32} == {False, True}
 
 
 def test_pairwise_covering():

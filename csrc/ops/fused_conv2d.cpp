@@ -7,8 +7,12 @@
 #include "layout.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/square.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <array>
 
 namespace ranet_fast::ops {
 
@@ -102,6 +106,27 @@ void check_fused_conv2d_out_args(const at::Tensor& out, const FusedConv2dArgs& a
       kOpName, out, args.x, {args.x.size(0), args.weight.size(0), output_height(args), output_width(args)}, out_offset);
 }
 
+void check_fused_conv2d_statistics(
+    const at::Tensor& stats_sum, const at::Tensor& stats_sumsq, const FusedConv2dArgs& args) {
+  check_channel_vector(kOpName, stats_sum, "stats_sum", args.weight.size(0), args.x);
+  check_channel_vector(kOpName, stats_sumsq, "stats_sumsq", args.weight.size(0), args.x);
+  TORCH_CHECK(
+      stats_sum.is_contiguous() && stats_sumsq.is_contiguous(),
+      kOpName,
+      ": stats_sum and stats_sumsq must be contiguous");
+  TORCH_CHECK(
+      stats_sum.data_ptr() != stats_sumsq.data_ptr(), kOpName, ": stats_sum and stats_sumsq must be different tensors");
+}
+
+void store_channel_statistics(const at::Tensor& out_slice, const at::Tensor& stats_sum, const at::Tensor& stats_sumsq) {
+  const at::Tensor values = out_slice.to(stats_sum.scalar_type());
+  const std::array<int64_t, 3> reduced{0, 2, 3};
+  // Tensor handles to the callers' storage: sum_out writes into it.
+  at::Tensor sum = stats_sum, sumsq = stats_sumsq;
+  at::sum_out(sum, values, reduced);
+  at::sum_out(sumsq, at::square(values), reduced);
+}
+
 bool fused_conv2d_channels_last(const at::Tensor& x) {
   return channels_inner(x) || (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous());
 }
@@ -122,6 +147,11 @@ TORCH_LIBRARY_FRAGMENT(ranet_fast, m) {
       "fused_conv2d_out(Tensor(a!) out, Tensor x, Tensor weight, Tensor? prologue_scale, "
       "Tensor? prologue_shift, Tensor? epilogue_scale, Tensor? epilogue_shift, int stride, "
       "int padding, int prologue_activation, int activation, float negative_slope, int out_offset) -> ()");
+  m.def(
+      "fused_conv2d_stats_out(Tensor(a!) out, Tensor(b!) stats_sum, Tensor(c!) stats_sumsq, Tensor x, "
+      "Tensor weight, Tensor? prologue_scale, Tensor? prologue_shift, Tensor? epilogue_scale, "
+      "Tensor? epilogue_shift, int stride, int padding, int prologue_activation, int activation, "
+      "float negative_slope, int out_offset) -> ()");
 }
 
 } // namespace ranet_fast::ops

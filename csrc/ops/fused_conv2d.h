@@ -95,11 +95,43 @@ void fused_conv2d_out(
   write(out.narrow(1, out_offset, weight.size(0)), args);
 }
 
-// Registers fused_conv2d{,_out} for m's dispatch key over one device's kernels.
+// stats_sum and stats_sumsq are distinct contiguous [Co] tensors of the
+// accumulation dtype on x's device.
+void check_fused_conv2d_statistics(
+    const at::Tensor& stats_sum, const at::Tensor& stats_sumsq, const FusedConv2dArgs& args);
+
+// stats_sum[c] = sum of out_slice[:, c] over (N, H, W), stats_sumsq[c] the
+// sum of its squares, in the statistics' dtype. A second pass over the
+// output with ATen's reductions, on both devices: on the CPU the kernel is a
+// composition around ATen's conv already, and on CUDA this kernel is the
+// correctness backend (see cuda/fused_conv2d_kernel.cu) while the Triton
+// kernel, the fast path, accumulates the statistics in its epilogue.
+void store_channel_statistics(const at::Tensor& out_slice, const at::Tensor& stats_sum, const at::Tensor& stats_sumsq);
+
+// ranet_fast::fused_conv2d_stats_out on one device: fused_conv2d_out, plus
+// the per-channel statistics of the channels written.
+template <FusedConv2dWrite write>
+void fused_conv2d_stats_out(
+    const at::Tensor& out, const at::Tensor& stats_sum, const at::Tensor& stats_sumsq, const at::Tensor& x,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& prologue_scale,
+    const c10::optional<at::Tensor>& prologue_shift, const c10::optional<at::Tensor>& epilogue_scale,
+    const c10::optional<at::Tensor>& epilogue_shift, int64_t stride, int64_t padding, int64_t prologue_activation,
+    int64_t activation, double negative_slope, int64_t out_offset) {
+  const FusedConv2dArgs args{x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride,
+                             padding, activation_of(prologue_activation), activation_of(activation), negative_slope};
+  check_fused_conv2d_out_args(out, args, out_offset);
+  check_fused_conv2d_statistics(stats_sum, stats_sumsq, args);
+  const at::Tensor out_slice = out.narrow(1, out_offset, weight.size(0));
+  write(out_slice, args);
+  store_channel_statistics(out_slice, stats_sum, stats_sumsq);
+}
+
+// Registers fused_conv2d{,_out,_stats_out} for m's dispatch key over one device's kernels.
 template <FusedConv2dCompute compute, FusedConv2dWrite write>
 void register_fused_conv2d_kernels(torch::Library& m) {
   m.impl("fused_conv2d", &fused_conv2d_functional<compute>);
   m.impl("fused_conv2d_out", &fused_conv2d_out<write>);
+  m.impl("fused_conv2d_stats_out", &fused_conv2d_stats_out<write>);
 }
 
 } // namespace ranet_fast::ops

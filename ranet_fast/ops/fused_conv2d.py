@@ -22,6 +22,12 @@ Accumulation is in float32 (float64 for float64 tensors). Scales and shifts are 
 accumulation type (the wrapper casts them), so folded BatchNorm parameters keep their precision
 for float16/bfloat16 activations.
 
+With ``stats_sum`` and ``stats_sumsq`` ([Co] of the accumulation type) the op also stores the
+per-channel sum and sum of squares over (N, Ho, Wo) of the output it writes (as written, in its
+dtype), which is what the next BatchNorm's batch statistics need (the "conv + genstats" pattern of
+training): mean = sum / count, var = sumsq / count - mean**2. That is the form
+``fused_conv2d_stats_out``: not differentiable.
+
 The functional form is differentiable with respect to ``x``, ``weight`` and every scale and shift;
 the backward is composed of aten ops (``aten.convolution_backward`` for the conv), shared by the
 compiled and the Triton backends. The ``out=`` form is not differentiable.
@@ -41,6 +47,8 @@ from ._registry import FUNCTIONAL, OUT, Form, OpSpec, register, run, triton_kern
 OP_NAME = "fused_conv2d"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STRIDES = (1, 2)
+# Form suffix of the op that also stores per-channel statistics of its output (fused_conv2d_stats_out).
+STATS_OUT = "_stats_out"
 # The activations of the prologue and the epilogue. The compiled and Triton kernels take each as its
 # index here (csrc/ops/fused_conv2d_math.h's Activation, kernels/fused_conv2d.py's constexprs).
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "gelu", "hardswish", "leaky_relu")
@@ -128,6 +136,28 @@ def _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilog
         )
     require_out_channels(OP_NAME, out, out_offset, out_channels)
     return height, width
+
+
+def _validate_statistics(stats_sum, stats_sumsq, x: torch.Tensor, out_channels: int) -> None:
+    if (stats_sum is None) != (stats_sumsq is None):
+        raise ValueError("fused_conv2d: give stats_sum and stats_sumsq together (or neither)")
+    if stats_sum is None:
+        return
+    accumulation = accumulation_dtype(x.dtype)
+    for name, vector in (("stats_sum", stats_sum), ("stats_sumsq", stats_sumsq)):
+        require_channel_vector(OP_NAME, name, vector, out_channels, x, "output channel")
+        if vector.dtype != accumulation or not vector.is_contiguous():
+            raise ValueError(f"fused_conv2d: {name} must be a contiguous {accumulation} tensor (the accumulation "
+                             f"dtype of {x.dtype} inputs); got {vector.dtype}, strides {vector.stride()}")
+    if stats_sum.data_ptr() == stats_sumsq.data_ptr():
+        raise ValueError("fused_conv2d: stats_sum and stats_sumsq must be different tensors")
+
+
+def store_channel_statistics(out_slice: torch.Tensor, stats_sum: torch.Tensor, stats_sumsq: torch.Tensor) -> None:
+    """stats_sum[c] = sum of out_slice[:, c] and stats_sumsq[c] = sum of its squares, in the statistics' dtype."""
+    values = out_slice.to(stats_sum.dtype)
+    stats_sum.copy_(values.sum((0, 2, 3)))
+    stats_sumsq.copy_(values.square().sum((0, 2, 3)))
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -263,6 +293,12 @@ def _fake_fused_conv2d_out(out, x, weight, prologue_scale, prologue_shift, epilo
     return None
 
 
+def _fake_fused_conv2d_stats_out(out, stats_sum, stats_sumsq, x, weight, prologue_scale, prologue_shift,
+                                 epilogue_scale, epilogue_shift, stride, padding, prologue_activation, activation,
+                                 negative_slope, out_offset):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding, prologue_activation,
      activation, negative_slope) = inputs
@@ -378,6 +414,37 @@ def _fused_conv2d_triton_out(
     )
 
 
+def _fused_conv2d_triton_stats_out(
+    out: torch.Tensor,
+    stats_sum: torch.Tensor,
+    stats_sumsq: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    prologue_scale: torch.Tensor | None,
+    prologue_shift: torch.Tensor | None,
+    epilogue_scale: torch.Tensor | None,
+    epilogue_shift: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    prologue_activation: int,
+    activation: int,
+    negative_slope: float,
+    out_offset: int,
+) -> None:
+    triton_kernels(SPEC.triton_module).fused_conv2d_triton(
+        out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+        prologue_activation, activation, negative_slope, out_offset, stats_sum=stats_sum, stats_sumsq=stats_sumsq,
+    )
+
+
+def _reference_stats_out(out, stats_sum, stats_sumsq, x, weight, prologue_scale, prologue_shift, epilogue_scale,
+                         epilogue_shift, stride, padding, prologue_activation, activation, negative_slope, out_offset):
+    """The out= reference, then the statistics of the channels it wrote."""
+    _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
+                   prologue_activation, activation, negative_slope, out_offset)
+    store_channel_statistics(out.narrow(1, out_offset, weight.shape[0]), stats_sum, stats_sumsq)
+
+
 def _reference_out(out, x, weight, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, stride, padding,
                    prologue_activation, activation, negative_slope, out_offset=0):
     """fused_conv2d_reference with the compiled ops' arguments; ``out=None`` is the functional form."""
@@ -393,6 +460,8 @@ SPEC = OpSpec(OP_NAME, "fused_conv2d", {
                      fake=_fake_fused_conv2d, backward=_backward, setup_context=_setup_context),
     OUT: Form(triton=_fused_conv2d_triton_out, reference=_reference_out, fake=_fake_fused_conv2d_out,
               mutates_args=("out",)),
+    STATS_OUT: Form(triton=_fused_conv2d_triton_stats_out, reference=_reference_stats_out,
+                    fake=_fake_fused_conv2d_stats_out, mutates_args=("out", "stats_sum", "stats_sumsq")),
 })
 register(SPEC)
 
@@ -412,6 +481,8 @@ def fused_conv2d(
     negative_slope: float = 0.01,
     out: torch.Tensor | None = None,
     out_offset: int = 0,
+    stats_sum: torch.Tensor | None = None,
+    stats_sumsq: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``act(epilogue_scale * conv2d(prologue(x), weight) + epilogue_shift)``, optionally into a channel slice.
@@ -438,23 +509,36 @@ def fused_conv2d(
             [out_offset, out_offset + Co) are written; it is returned. The written channels must
             not overlap the memory x is read from. The out= form is not differentiable.
         out_offset: first output channel written in ``out``.
+        stats_sum, stats_sumsq: together or not at all: contiguous [Co] tensors of the
+            accumulation dtype on x's device that receive (are overwritten with) the per-channel
+            sum and sum of squares over (N, Ho, Wo) of the output written (zero when N == 0), for
+            the next BatchNorm's batch statistics. With them the call is not differentiable
+            (like out=).
         backend: None (automatic, or the RANET_FAST_BACKEND environment variable), "cuda",
             "triton", "cpu" or "reference"; see ranet_fast._extension.
     """
     prologue_code, code = activation_code(prologue_activation, "prologue_activation"), activation_code(activation)
     negative_slope = _validate_negative_slope(negative_slope)
-    _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale, epilogue_shift, out,
-              out_offset)
+    height, width = _validate(x, weight, stride, padding, prologue_scale, prologue_shift, epilogue_scale,
+                              epilogue_shift, out, out_offset)
+    _validate_statistics(stats_sum, stats_sumsq, x, weight.shape[0])
     prologue_scale, prologue_shift = _as_accumulation(prologue_scale, x), _as_accumulation(prologue_shift, x)
     epilogue_scale, epilogue_shift = _as_accumulation(epilogue_scale, x), _as_accumulation(epilogue_shift, x)
     vectors = (prologue_scale, prologue_shift, epilogue_scale, epilogue_shift)
     activations = (prologue_code, code, negative_slope)
-    if out is None:
+    if out is None and stats_sum is None:
         return run(SPEC, backend, x, weight, *vectors, stride, padding, *activations)
+    form = "out=" if stats_sum is None else "statistics form (stats_sum=)"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, out, *vectors)):
         raise RuntimeError(
-            "fused_conv2d: the out= form is not differentiable, but an input or out requires grad; call it "
-            "without out= (or under torch.no_grad() if no gradient is needed)"
+            f"fused_conv2d: the {form} is not differentiable, but an input or out requires grad; call it "
+            "without out= and stats_sum= (or under torch.no_grad() if no gradient is needed)"
         )
-    run(SPEC, backend, out, x, weight, *vectors, stride, padding, *activations, out_offset, form=OUT)
+    if out is None:
+        out = _allocate_output(x, weight.shape[0], height, width)
+    if stats_sum is None:
+        run(SPEC, backend, out, x, weight, *vectors, stride, padding, *activations, out_offset, form=OUT)
+    else:
+        run(SPEC, backend, out, stats_sum, stats_sumsq, x, weight, *vectors, stride, padding, *activations, out_offset,
+            form=STATS_OUT)
     return out
