@@ -51,10 +51,10 @@ CACHE_DIR_ENV_VAR = "RANET_FAST_CACHE_DIR"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "ranet_fast")
 CACHE_FORMAT = 1
 # Timing: samples per candidate (median), and the length a sample aims at: long enough that the
-# clock's resolution and one-off hiccups do not decide, short enough that a model's first call
-# (every layer and op shape tuned once) stays within seconds.
-REPEATS = 5
-SAMPLE_SECONDS = 2e-3
+# clock's resolution and one-off hiccups (another process taking the core) do not decide, short
+# enough that a model's first call (every layer and op shape tuned once) stays within seconds.
+REPEATS = 7
+SAMPLE_SECONDS = 3e-3
 MAX_CALLS_PER_SAMPLE = 100
 
 # (kind, key) -> the measured (or loaded) choice. The hot path is one lookup here.
