@@ -45,7 +45,8 @@ MUST_HOLD_RATIO = 0.95
 
 
 def _fast_modules(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
-    return {module: name for name, module in model.named_modules() if type(module).__module__.startswith("ranet_fast.nn")}
+    return {module: name for name, module in model.named_modules()
+            if type(module).__module__.startswith("ranet_fast.nn")}
 
 
 def _tensors(value) -> list[torch.Tensor]:
