@@ -140,7 +140,7 @@ def run_config(config: str, workload: str, options, device, dtype) -> list[dict]
     train = workload == "train-step"
     rows = []
     calls, counts = record_layer_inputs(model, x, train)
-    for name, module, args in calls:
+    for name, module, args in calls[:options.max_layers]:
         row = {"config": config, "workload": workload, "count": counts[_key(module, args, train)],
                **time_layer(name, module, args, train, options)}
         rows.append(row)
@@ -166,6 +166,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--configs", nargs="+", default=["cifar-c1", "cifar-c3"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--max-layers", type=int, help="time only the first this many distinct layers per part")
     parser.add_argument("--cache-dir", help="the dispatch cache directory (default: a fresh temporary one)")
     add_run_arguments(parser, repeats=5, min_run_time=0.05)
     options = parser.parse_args(argv)

@@ -4,7 +4,7 @@
 that implementation once on the real inputs). On the first call for a ``(kind, key)`` it times
 every candidate (one warm-up call each, then ``REPEATS`` interleaved samples of enough calls to
 last about ``SAMPLE_SECONDS``; CUDA events on a GPU, ``time.perf_counter`` on a CPU; the median
-sample counts), returns the fastest and remembers it, in memory and in a JSON file on disk, so
+sample counts; twice the samples for a close call), returns the fastest and remembers it, in memory and in a JSON file on disk, so
 later calls (and later processes on the same device and versions) cost one dict lookup.
 
 Who calls it: ``ranet_fast.ops._registry.choose_backend`` (kind ``"op"``: which backend runs an
@@ -27,6 +27,10 @@ or while ``torch.compile`` traces (``torch.compiler.is_compiling``): timing woul
 traced itself. There, and whenever tuning is off (``RANET_FAST_TUNING=0`` or ``tuning(False)``),
 a choice cached in memory or on disk is used, else ``default`` (each caller's documented static
 default). A default used for want of tuning is not remembered as a measurement.
+
+Forcing: an op's ``backend=`` argument or ``RANET_FAST_BACKEND`` (see ``ranet_fast._extension``);
+every fast layer's path with ``RANET_FAST_LAYERS=fused|eager|auto`` or ``layer_path()``. Neither is
+timed.
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ def tuning_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def tuning(enabled: bool):
-    """Within this context, measure missing choices (True) or use cached ones and defaults (False)."""
+def tuning(enabled: bool | None):
+    """Within this context, measure missing choices (True) or use cached ones and defaults (False);
+    None: as ``RANET_FAST_TUNING`` says."""
     global _tuning_override
     previous, _tuning_override = _tuning_override, enabled
     try:

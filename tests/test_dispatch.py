@@ -398,3 +398,17 @@ def test_torch_compile_traces_the_fused_layer_without_timing(tuned, monkeypatch,
         with dispatch.layer_path("eager"):
             torch.testing.assert_close(y, layer(x))
     assert "fused_conv2d" in ops_called and not any(kind == "layer" for kind, _ in dispatch._choices)
+
+
+def test_dispatch_benchmark_runs_and_writes_json(tmp_path):
+    from benchmarks import dispatch as dispatch_benchmark
+
+    path = tmp_path / "dispatch.json"
+    result = dispatch_benchmark.main(["--configs", "cifar-c1", "--batch", "2", "--max-layers", "3", "--repeats", "1",
+                                      "--min-run-time", "0.001", "--device", "cpu", "--json", str(path)])
+    assert [(line["workload"], line["layers"]) for line in result["summary"]] == [("eval-forward", 3),
+                                                                                    ("train-step", 3)]
+    for row in result["rows"]:
+        assert row["path"] in ("fused", "eager") and row["ratio"] == row["seconds"]["eager"] / row["seconds"]["auto"]
+    saved = json.loads(path.read_text())
+    assert saved["complete"] and saved["device_name"] == dispatch.device_name(CPU) and saved["torch_threads"]
