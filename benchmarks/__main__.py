@@ -21,6 +21,7 @@ BENCHMARKS = {
     "exit_partition": "confidence, decision and stable partition at an exit vs the PyTorch reference",
     "scatter_exits": "scattering each exit's predictions back to batch order vs the PyTorch reference",
     "op_backends": "every op on every backend that runs here vs eager, with roofline floors",
+    "dispatch": "measured dispatch per RANet layer: the path and op backends chosen, speed vs eager (eval, train)",
     # The model as a whole.
     "suite": "throughput suite: eager, converted, optimize and torch.compile on RANets (anytime, early exit, train)",
     "early_exit": "real early exit: realised vs FLOPs-predicted speed-up per budget",

@@ -15,12 +15,12 @@ import math
 import os
 import statistics
 import subprocess
-import time
 
 import torch
 from torch.utils import benchmark as tbench
 
 from ranet_fast import _extension
+from ranet_fast.dispatch import seconds_per_call  # noqa: F401 (the benchmarks time with it too)
 from ranet_fast.env import environment_info
 from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
@@ -181,22 +181,6 @@ def median_seconds(fn, repeats: int, min_run_time: float) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def seconds_per_call(fn, calls: int, device: torch.device) -> float:
-    """Mean seconds of ``calls`` back-to-back calls: CUDA events on a GPU, perf_counter on a CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - begin) / calls
 
 
 def git_commit() -> str | None:

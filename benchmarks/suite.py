@@ -37,7 +37,9 @@ scratch memory or the Python heap); first-call latency (building the contender â
 switched off unless ``--compile-cache``); on a GPU the host-side kernel launches per call
 (CUDA runtime/driver launch calls, a graph launch counting as one) and the GPU kernels that ran,
 from torch.profiler. Before timing, every contender's result is checked against eager's (logits,
-exits or the first step's loss): a fast wrong answer is no result.
+exits or the first step's loss): a fast wrong answer is no result. For ``ranet_fast``, each row's
+``dispatch`` counts the measured dispatch's choices in one call: each fast layer's path
+(``layer:<class>:fused|eager``) and each op's backend (``op:<op>:<backend>``).
 
 Output: a table on the terminal, ``--json`` (environment, options, one row per contender and
 case) and ``--plot DIR`` (PNG: images/s by batch size per contender for anytime and train-step;
@@ -59,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 import ranet_fast
+from ranet_fast import dispatch
 from ranet_fast.inference import calibrate_thresholds, early_exit, exit_flops, optimize
 from ranet_fast.models import PAPER_CONFIGS, RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
@@ -200,7 +203,8 @@ def anytime_cases(names, base, x, options, device):
         first = time.perf_counter() - begin
         error = relative_error(got, expected)
         checks[name] = error
-        cases.append(Case(name, call, {"first_call_s": first, "max_relative_error": error}))
+        cases.append(Case(name, call, {"first_call_s": first, "max_relative_error": error,
+                                       **dispatch_choices(name, call)}))
     return cases, checks
 
 
@@ -264,8 +268,21 @@ def train_cases(names, base, x, options, device):
         if name in names:
             checks[name] = error
             cases.append(Case(name, step, {"first_call_s": first, "first_loss": loss,
-                                           "first_loss_relative_error": error}))
+                                           "first_loss_relative_error": error, **dispatch_choices(name, step)}))
     return cases, checks
+
+
+def dispatch_choices(name: str, call) -> dict:
+    """For the ranet_fast contender: what the measured dispatch chose in one more call (after the first,
+    which measured), as {"dispatch": {"layer:<class>:<path>" or "op:<op>:<backend>": calls}}."""
+    if name != "ranet_fast":
+        return {}
+    with dispatch.recording() as record:
+        call()
+    counts: dict[str, int] = {}
+    for kind, key, choice in record:
+        counts[f"{kind}:{key[0]}:{choice}"] = counts.get(f"{kind}:{key[0]}:{choice}", 0) + 1
+    return {"dispatch": dict(sorted(counts.items()))}
 
 
 WORKLOAD_CASES = {"anytime": anytime_cases, "early-exit": early_exit_cases, "train-step": train_cases}

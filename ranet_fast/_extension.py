@@ -11,9 +11,12 @@ Every op has up to four backends:
 
 The backend is the op's ``backend`` argument if given, else the environment
 variable ``RANET_FAST_BACKEND`` if set (``auto`` or empty means automatic), else
-the automatic choice: CUDA tensors use ``cuda``, then ``triton``, then
-``reference``; CPU tensors use ``cpu``, then ``reference``. A backend that was
-asked for but cannot run raises :class:`BackendUnavailableError` saying why.
+the automatic choice: the fastest of the backends that can run, measured per
+shape by ``ranet_fast.dispatch`` (see ``ranet_fast.ops._registry.choose_backend``),
+among ``cuda``, ``triton``, ``reference`` for CUDA tensors and ``cpu``,
+``reference`` for CPU tensors; where nothing is measured, the first of these
+that can run (the static default). A backend that was asked for but cannot
+run raises :class:`BackendUnavailableError` saying why.
 
 Nothing here needs the extension or Triton to import. An extension that is
 absent (a pure-Python install, or ``RANET_FAST_NO_EXTENSION=1`` at run time)
@@ -249,7 +252,9 @@ def backend_status(
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _automatic_order(device: torch.device) -> tuple[str, ...]:
+def automatic_order(device: torch.device) -> tuple[str, ...]:
+    """The candidates of the automatic choice on ``device``, the static default first (Triton on CPU
+    tensors is its interpreter, a test tool, never a candidate)."""
     if device.type == "cuda":
         return ("cuda", "triton", "reference")
     if device.type == "cpu":
@@ -278,7 +283,9 @@ def requested_backend(backend: str | None = None) -> str | None:
 def resolve_backend(
     op_name: str, tensor: torch.Tensor, backend: str | None = None, triton_module: str | None = None
 ) -> str:
-    """The backend ``op_name`` should use for ``tensor``.
+    """The requested backend for ``op_name`` on ``tensor`` (argument, else environment), or without a
+    request the static default (the first of ``automatic_order`` that can run; the measured choice
+    is ``ranet_fast.ops._registry.choose_backend``'s).
 
     ``triton_module``: the module of ``ranet_fast.kernels`` holding the op's
     Triton kernels, if that backend needs one beyond Triton itself.
@@ -318,7 +325,7 @@ def _resolve_backend_for_device(
                 f"{device}: {reason}"
             )
         return requested
-    for candidate in _automatic_order(device):
+    for candidate in automatic_order(device):
         if backend_status(candidate, device, triton_module)[0]:
             return candidate
     raise AssertionError("the reference backend is always available")

@@ -17,11 +17,18 @@ interpreter. A module whose ``triton_interpreter_checks()`` names its checks get
 TRITON_INTERPRET=1 by the ``triton_interpreter_report`` fixture (tests/triton_interpreter.py).
 Failure log. Where ``RANET_FAST_FAILURE_LOG`` names a file, each failure is appended to it
 with its traceback as it happens, so a run that a deadline stops still says what failed and why.
+Measured dispatch (ranet_fast.dispatch). Off for the session (``RANET_FAST_TUNING=0``, inherited by
+the subprocesses tests start), with a cache directory of the session's own, so that every op runs
+its static default backend and every fast layer its fused forward, whatever this machine measured
+before: tests of the fused paths test the fused paths. tests/test_dispatch.py turns it on itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -31,6 +38,9 @@ from op_testing import DEVICES, FLOAT_DTYPES
 from triton_interpreter import run_module_checks_under_interpreter
 
 FAILURE_LOG_VAR = "RANET_FAST_FAILURE_LOG"
+os.environ["RANET_FAST_TUNING"] = "0"
+os.environ["RANET_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="ranet_fast-test-dispatch-")
+atexit.register(shutil.rmtree, os.environ["RANET_FAST_CACHE_DIR"], ignore_errors=True)
 _unexpected_skips: list[tuple[str, str]] = []
 _controller = True  # False in pytest-xdist's workers, which forward their reports to the controller
 

@@ -51,7 +51,7 @@ def test_triton_twin_takes_the_compiled_ops_arguments(spec):
 def test_run_asks_choose_backend_at_every_call(monkeypatch):
     seen = []
 
-    def measured(spec, requested, args):
+    def measured(spec, requested, args, form):
         seen.append((spec.name, requested, [tuple(arg.shape) for arg in args]))
         return "reference"
 

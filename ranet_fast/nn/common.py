@@ -1,13 +1,17 @@
 """What the eval-mode and the train-mode fast layers share: when a conv can be fused, the switch to
-the official forward, and the buffers dense blocks and fusion layers write into."""
+the official forward, the measured choice between a fused and the original forward, and the buffers
+dense blocks and fusion layers write into."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
+from ranet_fast import dispatch
 from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES
 
 _official_forward = False
@@ -56,3 +60,100 @@ def buffer_like(x: torch.Tensor, channels: int, size: tuple[int, int] | None = N
     size = tuple(x.shape[2:]) if size is None else size
     return torch.empty((x.shape[0], channels, *size), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused or original forward: the measured choice (ranet_fast.dispatch, kind "layer").
+# --------------------------------------------------------------------------------------------------
+
+_SIGNATURE_ATTRIBUTE = "_ranet_fast_signature"
+
+
+def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: Callable[[], object] | None,
+                    eager: Callable[[], object]):
+    """``fused()`` or ``eager()`` (the same computation), whichever ``ranet_fast.dispatch`` measured
+    faster for this module and these inputs; ``fused`` None: no fused forward applies to this call.
+
+    ``RANET_FAST_LAYERS`` / ``dispatch.layer_path()`` force either; the static default is the
+    fused forward (also under torch.compile, which traces it). The key: the module's class and
+    structure (a hash of its ``repr``, which names every submodule with its shapes, strides,
+    paddings and BN settings; computed once per module, so a submodule replaced later keeps the
+    old hash: that can cost speed, never correctness, since both paths compute the same), train
+    or eval mode, whether grad mode is on, and each input's shape, strides, dtype and
+    ``requires_grad``, and the device.
+
+    What is timed: with gradients needed (grad mode on and an input or parameter requiring grad,
+    i.e. a training step), forward and backward, by ``torch.autograd.grad`` of the outputs (with
+    ones as their gradients) with respect to those inputs and parameters, which returns the
+    gradients instead of accumulating them into ``.grad``; otherwise the forward alone. Timing
+    happens only on a module's first call per key, never while hooks could observe it (then the
+    default runs, untimed), and leaves no trace: BatchNorm running statistics (and
+    ``num_batches_tracked``) of every submodule and the random-number state (dropout) are saved
+    before and restored after it, without bumping their version counters, so the call that
+    follows updates them exactly once, as an untimed call would.
+    """
+    if fused is None:
+        return eager()
+    forced = dispatch.forced_layer_path()
+    if forced is not None:
+        return fused() if forced == "fused" else eager()
+    if torch.compiler.is_compiling():
+        return fused()
+    signature = module.__dict__.get(_SIGNATURE_ATTRIBUTE)
+    if signature is None:
+        signature = hashlib.sha256(repr(module).encode()).hexdigest()[:16]
+        module.__dict__[_SIGNATURE_ATTRIBUTE] = signature
+    grad_enabled = torch.is_grad_enabled()
+    first = inputs[0]
+    key = (type(module).__name__, signature, module.training, grad_enabled, first.device,
+           tuple([(t.shape, t.stride(), t.dtype, t.requires_grad) for t in inputs]))
+    candidates = {"fused": _timed(fused, module, inputs, grad_enabled),
+                  "eager": _timed(eager, module, inputs, grad_enabled)}
+    choice = dispatch.pick("layer", key, candidates, default="fused",
+                           timing_guard=lambda: _leaves_no_trace(module))
+    return fused() if choice == "fused" else eager()
+
+
+def _output_tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _output_tensors(item)]
+    return []
+
+
+def _timed(path: Callable[[], object], module: nn.Module, inputs: tuple[torch.Tensor, ...],
+           grad_enabled: bool) -> Callable[[], object]:
+    """What timing ``path`` runs: the forward, and with gradients needed its backward too."""
+    def forward_and_backward():
+        outputs = [t for t in _output_tensors(path()) if t.requires_grad]
+        wrt = [t for t in inputs if t.requires_grad] + [p for p in module.parameters() if p.requires_grad]
+        if outputs and wrt:
+            torch.autograd.grad(outputs, wrt, grad_outputs=[torch.ones_like(t) for t in outputs], allow_unused=True)
+
+    return forward_and_backward if grad_enabled else path
+
+
+@contextlib.contextmanager
+def _leaves_no_trace(module: nn.Module):
+    """Around the timing of ``module``'s paths: yields False when hooks would see it; restores the BN
+    running statistics and the random-number state afterwards (see ``run_faster_path``)."""
+    from .generic import has_hooks  # generic imports this module
+
+    if any(has_hooks(m) for m in module.modules()):  # timing would run the hooks again and again
+        yield False
+        return
+    buffers = [buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for buffer in (m.running_mean, m.running_var, m.num_batches_tracked) if buffer is not None]
+    saved = [buffer.clone() for buffer in buffers]
+    cpu_random = torch.get_rng_state()
+    cuda_random = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield True
+    finally:
+        for buffer, value in zip(buffers, saved):
+            # .data: an autograd graph of an earlier call that saved the buffer stays valid.
+            buffer.data.copy_(value)
+        torch.set_rng_state(cpu_random)
+        if cuda_random is not None:
+            torch.cuda.set_rng_state_all(cuda_random)

@@ -29,6 +29,8 @@ in place.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -37,7 +39,7 @@ from ranet_fast.ops import fused_conv2d
 from ranet_fast.ops.fused_conv2d import accumulation_dtype
 
 from . import train_mode
-from .common import buffer_like, conv_supported, official_forward_active, requires_grad
+from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
 
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
 def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
@@ -177,13 +179,16 @@ class FastConvBasic(ConvBasic):
     recomputing chain (``ranet_fast.nn.train_mode``) in train mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_faster_path(self, (x,), self._fused_path(x), functools.partial(super().forward, x))
+
+    def _fused_path(self, x: torch.Tensor):
         if conv_basic_fusable(self, x):
-            return conv_basic_eval(self, x)
+            return functools.partial(conv_basic_eval, self, x)
         if self.training:
             plan = conv_basic_plan(self)
             if train_mode.trainable([plan], x):
-                return train_mode.run_chain(plan, x)
-        return super().forward(x)
+                return functools.partial(train_mode.run_chain, plan, x)
+        return None
 
 
 class FastConvBN(ConvBN):
@@ -191,13 +196,16 @@ class FastConvBN(ConvBN):
     (``bnAfter``; the pre-activation order trains through the official forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_faster_path(self, (x,), self._fused_path(x), functools.partial(super().forward, x))
+
+    def _fused_path(self, x: torch.Tensor):
         if conv_bn_fusable(self, x):
-            return conv_bn_eval(self, x)
+            return functools.partial(conv_bn_eval, self, x)
         if self.training:
             plan = conv_bn_plan(self)
             if plan is not None and train_mode.trainable([plan], x):
-                return train_mode.run_chain(plan, x)
-        return super().forward(x)
+                return functools.partial(train_mode.run_chain, plan, x)
+        return None
 
 
 class FastConvNormal(ConvNormal):
@@ -207,13 +215,19 @@ class FastConvNormal(ConvNormal):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(x, list):  # the official layer also accepts a one-element list
             x = x[0]
+        return run_faster_path(self, (x,), self._fused_path(x), functools.partial(super().forward, x))
+
+    def _fused_path(self, x: torch.Tensor):
         if self.training:
             plans = _dense_layer_plans([self])
             if plans is not None and train_mode.trainable(list(plans), x):
-                return train_mode.run_dense_layers(plans, x)[0]
-            return super().forward(x)
+                return lambda: train_mode.run_dense_layers(plans, x)[0]
+            return None
         if official_forward_active() or requires_grad(x, self):
-            return super().forward(x)
+            return None
+        return functools.partial(self._eval_in_place, x)
+
+    def _eval_in_place(self, x: torch.Tensor) -> torch.Tensor:
         out = buffer_like(x, x.shape[1] + _growth(self))
         out[:, : x.shape[1]].copy_(x)
         conv_bn_into(self.conv_normal, x, out, x.shape[1])
@@ -229,13 +243,23 @@ class FastBlockNormal(_BlockNormal):
     """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return run_faster_path(self, (x,), self._fused_path(x), functools.partial(super().forward, x))
+
+    def _fused_path(self, x: torch.Tensor):
         if self.training:
             plans = _dense_layer_plans(self.layers)
             if plans is None or not train_mode.trainable(list(plans), x):
-                return super().forward(x)
+                return None
+            return functools.partial(self._in_buffer, x, plans)
+        if official_forward_active() or requires_grad(x, self):
+            return None
+        return functools.partial(self._in_buffer, x, None)
+
+    def _in_buffer(self, x: torch.Tensor, plans) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block with every layer writing into one buffer: train mode through ``plans``' autograd
+        Function, eval mode (``plans`` None) directly."""
+        if plans is not None:
             buffer, outputs = train_mode.run_dense_layers(plans, x)
-        elif official_forward_active() or requires_grad(x, self):
-            return super().forward(x)
         else:
             channels = x.shape[1]
             buffer = buffer_like(x, channels + sum(_growth(layer) for layer in self.layers))

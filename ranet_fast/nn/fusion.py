@@ -12,13 +12,15 @@ in place.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ranet_fast.models.ranet import ConvUpNormal, _BlockUpNormal
 from ranet_fast.ops import upsample_concat
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .common import buffer_like, official_forward_active, requires_grad
+from .common import buffer_like, official_forward_active, requires_grad, run_faster_path
 from . import train_mode
 from .dense import conv_bn_into, conv_bn_parts, conv_bn_plan
 
@@ -34,13 +36,26 @@ class FastConvUpNormal(ConvUpNormal):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         x_low, x_cur = x
+        return run_faster_path(self, (x_low, x_cur), self._fused_path(x_low, x_cur),
+                               functools.partial(super().forward, x))
+
+    def _fused_path(self, x_low: torch.Tensor, x_cur: torch.Tensor):
+        if official_forward_active():  # the official forward, whose submodule calls hooks see
+            return None
         if self.training:
             plan = conv_bn_plan(self.conv_normal)
             if plan is not None and train_mode.trainable([plan], x_cur):
-                return train_mode.run_fusion_layer(plan, x_cur, self.conv_up(x_low))
-        if self.training or official_forward_active() or requires_grad(x_low, self) or x_cur.requires_grad:
-            res = self.conv_normal(x_cur)
-            return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
+                return lambda: train_mode.run_fusion_layer(plan, x_cur, self.conv_up(x_low))
+        if self.training or requires_grad(x_low, self) or x_cur.requires_grad:
+            return functools.partial(self._differentiable, x_low, x_cur)
+        return functools.partial(self._eval_in_place, x_low, x_cur)
+
+    def _differentiable(self, x_low: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
+        """The branches as they are, then one differentiable ``upsample_concat``."""
+        res = self.conv_normal(x_cur)
+        return upsample_concat([x_cur, self.conv_up(x_low), res], tuple(res.shape[-2:]))
+
+    def _eval_in_place(self, x_low: torch.Tensor, x_cur: torch.Tensor) -> torch.Tensor:
         spatial = conv_bn_parts(self.conv_normal)[1][1]
         size = tuple(conv_output_size(s, spatial.kernel_size[0], spatial.stride[0], spatial.padding[0])
                      for s in x_cur.shape[-2:])
@@ -59,6 +74,10 @@ class FastBlockUpNormal(_BlockUpNormal):
     """
 
     def forward(self, x: torch.Tensor, low_feat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fused = None if official_forward_active() else functools.partial(self._with_upsample_concat, x, low_feat)
+        return run_faster_path(self, (x, *low_feat), fused, functools.partial(super().forward, x, low_feat))
+
+    def _with_upsample_concat(self, x: torch.Tensor, low_feat: list[torch.Tensor]):
         outputs = [x]
         for i, layer in enumerate(self.layers):
             x = layer([low_feat[i], x])

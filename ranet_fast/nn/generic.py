@@ -31,6 +31,7 @@ branches on a Python attribute which is changed after ``convert`` is not re-chec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ from ranet_fast.ops import fused_conv2d
 from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .common import buffer_like, conv_supported, official_forward_active, requires_grad
+from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
 from .dense import _bn_foldable, folded_bn
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -323,7 +324,13 @@ class FastSequentialMixin(_FastModule):
     def forward(self, input):
         if not isinstance(input, torch.Tensor) or _must_run_eagerly(self, input):
             return super().forward(input)
-        x, modules = input, self._modules
+        # Segments keep the input's dtype and rank: one fusable now means one fuses in the chain.
+        fusing = any(segment_fusable(self, item, input) for item in self._ranet_fast_plan.segments)
+        return run_faster_path(self, (input,), functools.partial(self._fused_forward, input) if fusing else None,
+                               functools.partial(super().forward, input))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = self._modules
         for item in self._ranet_fast_plan.items:
             if not isinstance(item, Segment):
                 x = modules[item](x)
@@ -373,6 +380,10 @@ class FastChainMixin(_FastModule):
         # segment's input: decide once, before anything runs.
         if not all(segment_fusable(self, segment, x) for segment in segments):
             return super().forward(x)
+        return run_faster_path(self, (x,), functools.partial(self._fused_chain, x, plan, segments),
+                               functools.partial(super().forward, x))
+
+    def _fused_chain(self, x: torch.Tensor, plan: Plan, segments: list[Segment]) -> torch.Tensor:
         if plan.concat and not requires_grad(x, self):
             return self._concat_in_place(x, segments)
         y = x

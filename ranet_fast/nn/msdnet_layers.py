@@ -11,13 +11,15 @@ forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from ranet_fast.models import msdnet
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .common import buffer_like, official_forward_active, requires_grad
+from .common import buffer_like, official_forward_active, requires_grad, run_faster_path
 from .generic import FastSequentialMixin, has_hooks
 
 
@@ -51,6 +53,9 @@ class FastMSDConvNormal(msdnet.ConvNormal):
         if (self.training or official_forward_active() or requires_grad(x, self)
                 or _branch_size(self.conv_normal, x) != tuple(x.shape[2:])):
             return super().forward(x)
+        return run_faster_path(self, (x,), functools.partial(self._in_place, x), functools.partial(super().forward, x))
+
+    def _in_place(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         out = buffer_like(x, channels + _last_conv(self.conv_normal).out_channels)
         out[:, :channels].copy_(x)
@@ -68,6 +73,10 @@ class FastConvDownNormal(msdnet.ConvDownNormal):
         if (self.training or official_forward_active() or requires_grad(finer, self) or current.requires_grad
                 or _branch_size(self.conv_down, finer) != size or _branch_size(self.conv_normal, current) != size):
             return super().forward(x)
+        return run_faster_path(self, (finer, current), functools.partial(self._in_place, finer, current),
+                               functools.partial(super().forward, x))
+
+    def _in_place(self, finer: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         channels, down = current.shape[1], _last_conv(self.conv_down).out_channels
         out = buffer_like(current, channels + down + _last_conv(self.conv_normal).out_channels)
         out[:, :channels].copy_(current)

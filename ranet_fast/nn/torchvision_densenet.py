@@ -18,11 +18,13 @@ runs the original forward over the (fused, differentiable) layers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer
 
-from .common import buffer_like, official_forward_active, requires_grad
+from .common import buffer_like, official_forward_active, requires_grad, run_faster_path
 from .generic import Segment, conv_unsupported_reason, has_hooks, run_segment, segment_fusable
 
 _CHILDREN = {"norm1": nn.BatchNorm2d, "relu1": nn.ReLU, "conv1": nn.Conv2d, "norm2": nn.BatchNorm2d,
@@ -83,6 +85,10 @@ class FastDenseLayer(_DenseLayer):
         features = [input] if isinstance(input, torch.Tensor) else input
         if not features or not self.fusable(features[0]):
             return super().forward(input)
+        return run_faster_path(self, tuple(features), functools.partial(self._fused, features),
+                               functools.partial(super().forward, input))
+
+    def _fused(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = features[0] if len(features) == 1 else torch.cat(features, 1)
         return run_segment(self, _SPATIAL, run_segment(self, _BOTTLENECK, x))
 
@@ -103,6 +109,10 @@ class FastDenseBlock(_DenseBlock):
                 or not all(type(layer) is FastDenseLayer and not has_hooks(layer) and layer.fusable(x)
                            for layer in layers)):
             return super().forward(init_features)
+        return run_faster_path(self, (x,), functools.partial(self._in_buffer, x, layers),
+                               functools.partial(super().forward, init_features))
+
+    def _in_buffer(self, x: torch.Tensor, layers: list[FastDenseLayer]) -> torch.Tensor:
         channels = x.shape[1]
         out = buffer_like(x, channels + sum(layer.conv2.out_channels for layer in layers))
         out[:, :channels].copy_(x)

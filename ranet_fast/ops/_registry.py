@@ -18,27 +18,29 @@ picks the backend with ``choose_backend`` and calls that backend's implementatio
 The op files keep what is specific to each op: validation, the public function, the spec and the
 backward math.
 
-Choosing the backend. ``choose_backend(spec, requested, args)`` is the one place that decides:
-today it asks ``ranet_fast._extension.resolve_backend`` (the ``backend`` argument, else
-``RANET_FAST_BACKEND``, else the fixed order by device; an explicit request that cannot run
-raises ``BackendUnavailableError``). A measured dispatch (a table of per-shape timings taken on
-the device) plugs in by replacing this function: it receives the spec (``spec.name`` keys the
-table), the explicit request (to be honoured as today) and the op's arguments (shapes, dtypes,
-device), and returns one of ``cpu``, ``cuda``, ``triton``, ``reference`` for which
-``_extension.backend_status(backend, device, spec.triton_module)`` holds. ``run`` looks the
-function up at each call, so replacing the module attribute is enough.
+Choosing the backend. ``choose_backend(spec, requested, args, form)`` is the one place that
+decides. An explicit request (the ``backend`` argument, else ``RANET_FAST_BACKEND``) is honoured as
+``ranet_fast._extension.resolve_backend`` resolves it (one that cannot run raises
+``BackendUnavailableError``). Without one, the backends that can run on the arguments' device
+(CPU tensors: ``cpu`` and ``reference``; CUDA tensors: ``cuda``, ``triton`` and ``reference``; Triton
+on CPU is its interpreter, a test tool, never a speed candidate) are timed on the real arguments by
+``ranet_fast.dispatch.pick`` once per key, and the fastest is kept; the static default (the first
+of that list that can run) applies where nothing may be timed. The key is the op and form, every
+tensor's shape, strides and dtype, the device, and the scalar arguments. ``run`` looks the function
+up at each call, so replacing the module attribute replaces the dispatch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from types import ModuleType
 
 import torch
 
-from .. import _extension
+from .. import _extension, dispatch
 
 NAMESPACE = "ranet_fast"
 COMPILED_BACKENDS = ("cpu", "cuda")
@@ -141,9 +143,104 @@ def _first_tensor(args: tuple) -> torch.Tensor:
     raise TypeError("an op was called without a tensor argument")
 
 
-def choose_backend(spec: OpSpec, requested: str | None, args: tuple) -> str:
-    """The backend that runs ``spec`` on ``args`` (see the module docstring on replacing this)."""
-    return _extension.resolve_backend(spec.name, _first_tensor(args), requested, spec.triton_module)
+def choose_backend(spec: OpSpec, requested: str | None, args: tuple, form: str = FUNCTIONAL) -> str:
+    """The backend that runs form ``form`` of ``spec`` on ``args`` (see the module docstring)."""
+    tensor = _first_tensor(args)
+    if _extension.requested_backend(requested) is not None or torch.compiler.is_compiling():
+        # torch.compile: the static choice, which it evaluates once as a constant (nothing is timed
+        # while tracing, and tracing the key and the cache lookup would only add guards).
+        return _extension.resolve_backend(spec.name, tensor, requested, spec.triton_module)
+    device = tensor.device
+    backends = _runnable_backends(device, spec.triton_module)
+    if len(backends) == 1:
+        return backends[0]
+    key = (spec.name + form, device, tuple([_describe(argument) for argument in args]))
+    return dispatch.pick("op", key, _BackendCandidates(spec, form, backends, args), default=backends[0])
+
+
+_RUNNABLE: dict[tuple[torch.device, str], tuple[str, ...]] = {}
+
+
+def _runnable_backends(device: torch.device, triton_module: str) -> tuple[str, ...]:
+    """The backends that can run on ``device``, static default first (availability is fixed per process)."""
+    key = (device, triton_module)
+    if key not in _RUNNABLE:
+        _RUNNABLE[key] = tuple(backend for backend in _extension.automatic_order(device)
+                               if _extension.backend_status(backend, device, triton_module)[0])
+    return _RUNNABLE[key]
+
+
+def _describe(argument):
+    """An argument as the dispatch key sees it: what the time of a call depends on.
+
+    Tensors by shape, strides (hence memory format) and dtype; ints, bools, strings and None by
+    value (strides, paddings, flags, offsets); a float by its type only: float arguments are values
+    such as an exit threshold, which change no amount of work, and keying on them would time the
+    op again for every threshold.
+    """
+    if isinstance(argument, torch.Tensor):
+        return argument.shape, argument.stride(), argument.dtype
+    if isinstance(argument, (list, tuple)):
+        return tuple([_describe(item) for item in argument])
+    if isinstance(argument, float):
+        return float
+    return argument
+
+
+class _BackendCandidates(Mapping):
+    """backend -> a thunk running the op on it once, for ``dispatch.pick``; thunks made only when timed.
+
+    What timing may do to the caller's data: nothing. The thunks run under ``torch.no_grad`` (a
+    forward-only measurement: no graph is recorded, and the kernels are the same) and give every
+    argument the form writes (``Form.mutates_args``: out= buffers, scatter_exits' results) a scratch
+    tensor of the same shape and strides instead, so the caller's buffers are never written; the
+    ops have no other side effects (no running statistics, no random numbers). The scratch
+    tensors are uninitialised: the forms only write them.
+    """
+
+    def __init__(self, spec: OpSpec, form: str, backends: tuple[str, ...], args: tuple):
+        self._spec, self._form, self._backends, self._args = spec, form, backends, args
+        self._scratch_args: tuple | None = None
+
+    def __contains__(self, backend) -> bool:
+        return backend in self._backends
+
+    def __iter__(self):
+        return iter(self._backends)
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def __getitem__(self, backend: str) -> Callable[[], object]:
+        if backend not in self._backends:
+            raise KeyError(backend)
+        function = implementation(self._spec, backend, self._form)
+
+        def call():
+            with torch.no_grad():
+                return function(*self._scratch())
+
+        return call
+
+    def _scratch(self) -> tuple:
+        if self._scratch_args is None:
+            written = _written_positions(self._spec, self._form)
+            self._scratch_args = tuple(
+                torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device) if i in written else a
+                for i, a in enumerate(self._args))
+        return self._scratch_args
+
+
+_WRITTEN: dict[tuple[str, str], frozenset[int]] = {}
+
+
+def _written_positions(spec: OpSpec, form: str) -> frozenset[int]:
+    """Positions of the arguments form ``form`` writes (its schema is the Triton body's signature)."""
+    key = (spec.name, form)
+    if key not in _WRITTEN:
+        names = list(inspect.signature(spec.forms[form].triton).parameters)
+        _WRITTEN[key] = frozenset(names.index(name) for name in spec.forms[form].mutates_args)
+    return _WRITTEN[key]
 
 
 def implementation(spec: OpSpec, backend: str, suffix: str = FUNCTIONAL) -> Callable:
@@ -157,4 +254,4 @@ def implementation(spec: OpSpec, backend: str, suffix: str = FUNCTIONAL) -> Call
 
 def run(spec: OpSpec, backend: str | None, *args, form: str = FUNCTIONAL):
     """Runs form ``form`` of ``spec`` on ``args`` with the chosen backend; ``backend`` is the request."""
-    return implementation(spec, choose_backend(spec, backend, args), form)(*args)
+    return implementation(spec, choose_backend(spec, backend, args, form), form)(*args)
