@@ -3,7 +3,9 @@
 The official fusion layer resizes the current features and the coarser flow's features with one
 ``F.interpolate`` each (an identity copy when the size already matches) and concatenates them with
 the conv branch: three copies of the data plus a fourth in ``torch.cat``. Here one
-``upsample_concat`` launch resizes or copies every part straight into its channel slice.
+``upsample_concat`` launch resizes or copies every part straight into its channel slice. Under autocast the parts are
+in the autocast dtype (conv outputs); a part outside it takes the official forward, whose ``cat``
+promotes.
 
 The classes subclass the official-structure modules and change only ``forward``, so parameters,
 buffers, state_dict keys and hooks stay exactly as they were; :func:`ranet_fast.convert` swaps them
@@ -19,6 +21,7 @@ from ranet_fast.ops import upsample_concat
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, official_forward_active, requires_grad
+from .precision import outside_autocast_dtype
 from . import train_mode
 from .dense import conv_bn_into, conv_bn_parts, conv_bn_plan
 
@@ -34,9 +37,11 @@ class FastConvUpNormal(ConvUpNormal):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         x_low, x_cur = x
+        if outside_autocast_dtype(x_cur):
+            return super().forward(x)
         if self.training:
             plan = conv_bn_plan(self.conv_normal)
-            if plan is not None and train_mode.trainable([plan], x_cur):
+            if plan is not None and train_mode.trainable([plan], x_cur, concatenates_input=True):
                 return train_mode.run_fusion_layer(plan, x_cur, self.conv_up(x_low))
         if self.training or official_forward_active() or requires_grad(x_low, self) or x_cur.requires_grad:
             res = self.conv_normal(x_cur)
@@ -59,6 +64,8 @@ class FastBlockUpNormal(_BlockUpNormal):
     """
 
     def forward(self, x: torch.Tensor, low_feat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if outside_autocast_dtype(x):
+            return super().forward(x, low_feat)
         outputs = [x]
         for i, layer in enumerate(self.layers):
             x = layer([low_feat[i], x])
