@@ -261,3 +261,27 @@ def test_conv_dtype_follows_eager_autocast():
         assert precision.conv_dtype(x.half(), weight) == torch.bfloat16
         # eager autocast leaves float64 alone, and a float64 x with a float32 weight fails in eager
         assert precision.conv_dtype(x.double(), weight) is None
+
+
+def test_converted_sequential_under_autocast_fuses_inputs_in_the_autocast_dtype(monkeypatch):
+    """convert's generic segments: an input already in the autocast dtype runs fused (both
+    segments, outputs like eager autocast's); a float32 input runs the children eagerly."""
+    from ranet_fast.nn import generic
+
+    torch.manual_seed(4)
+    eager = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+    randomize_bn(eager, 1)
+    eager.eval()
+    fast = convert(copy.deepcopy(eager))
+    x = torch.randn(3, 5, 7, 7)
+    calls = []
+    original = generic.fused_conv2d
+    monkeypatch.setattr(generic, "fused_conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = fast(x.bfloat16()), eager(x.bfloat16())
+        assert len(calls) == 2 and ours.dtype == theirs.dtype == torch.bfloat16
+        assert relative(ours, theirs) <= BF16_RTOL
+        calls.clear()
+        ours, theirs = fast(x), eager(x)
+        assert calls == [] and torch.equal(ours, theirs)
