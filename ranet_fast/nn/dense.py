@@ -14,7 +14,8 @@ in backward); what that path does not cover (the pre-activation ConvBN, see
 ``train_mode.trainable``) runs the official computation (the parent class's forward).
 An eval-mode forward that needs gradients (grad enabled and the input or a parameter requiring
 grad) uses the differentiable functional op and concatenates (the in-place buffer writes are not
-differentiable); so does a forward under autocast or with a conv the op does not support.
+differentiable); a conv the op does not support runs eagerly. Under autocast the convs compute in
+the autocast dtype and the folded BN stays float32 (:mod:`ranet_fast.nn.precision`).
 
 The folded (scale, shift) of each BN is cached per layer and recomputed when any tensor it comes
 from (BN weight, bias, running mean and variance, conv bias) is replaced, moved, or modified in
