@@ -256,16 +256,6 @@ def test_bn_parameters_get_gradients_in_eval_mode():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def test_fast_layers_under_autocast_run_eagerly():
-    eager, fast = _conv_basic()
-    eager.float(), fast.float()
-    x = torch.randn(2, 4, 9, 9)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, theirs = fast(x), eager(x)
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    assert torch.equal(ours, theirs)
-
-
 def test_eval_dense_block_compiles_fullgraph():
     """torch.compile traces the concat-free eval path without graph breaks, in-place slice writes included."""
     eager, fast = _block()

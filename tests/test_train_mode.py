@@ -291,7 +291,7 @@ def test_falls_back_to_the_official_forward_where_it_must():
     # One value per channel: eager BatchNorm's own error.
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         fast(torch.randn(1, 5, 1, 1, dtype=torch.float64))
-    # An empty batch, autocast and torch.no_grad-free official_forward all take the official path.
+    # official_forward takes the official path (autocast takes the fast one: tests/test_autocast.py).
     from ranet_fast.nn.common import official_forward
     x = make_input((2, 5, 6, 6), torch.float64, "nchw", 0).requires_grad_()
     with official_forward():

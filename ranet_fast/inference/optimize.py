@@ -8,9 +8,11 @@ What the returned :class:`OptimizedModel` does, once, when it is built:
   channels_last when the example is channels_last or (by default) on a CPU, where it measured
   faster for RANet whatever the example's layout (inputs are converted on entry);
 * folds every BatchNorm into its conv (the fast layers cache the folded scale and shift; nothing
-  changes the weights afterwards, so it is never redone). With ``fold_weights`` (the default on a
-  CPU) the BN is folded into the conv's weight and bias instead (:mod:`ranet_fast.nn.folded`), so
-  each conv -> BN -> ReLU is one oneDNN convolution with a bias and an in-place ReLU;
+  changes the weights afterwards, so it is never redone). With ``fold_weights`` (the default on
+  every device) the BN is folded into the conv's weight and bias instead
+  (:mod:`ranet_fast.nn.folded`), so each conv -> BN -> ReLU is one library convolution with a bias
+  (oneDNN on a CPU, cuDNN on tensor cores on CUDA) and an in-place ReLU: no per-call BN work at
+  all, and on CUDA the GEMM runs where eager's does instead of in the fused_conv2d kernels;
 * runs the model once on the example, and on CUDA (``cuda_graphs=None`` or ``True`` with a CUDA
   example) captures the whole anytime forward for the example's shape in a CUDA graph.
 
@@ -224,7 +226,7 @@ class OptimizedModel(nn.Module):
 
 
 def optimize(model: nn.Module, example_input: torch.Tensor, *, cuda_graphs: bool | None = None,
-             fold_weights: bool | None = None, channels_last: bool | None = None,
+             fold_weights: bool = True, channels_last: bool | None = None,
              max_graphs: int = 8) -> OptimizedModel:
     """An inference-only, BN-folded, fast-layer copy of ``model`` for inputs like ``example_input``.
 
@@ -235,8 +237,8 @@ def optimize(model: nn.Module, example_input: torch.Tensor, *, cuda_graphs: bool
             are fixed for the returned model (other ones are errors). Its batch size is the one
             captured up front; other batch sizes work too.
         cuda_graphs: capture CUDA graphs (default: when the example is on a CUDA device).
-        fold_weights: fold each BN into its conv's weight and bias (default: on a CPU; on CUDA the
-            fused_conv2d layers apply the folded BN in their epilogue instead).
+        fold_weights: fold each BN into its conv's weight and bias (default: yes, on every device;
+            ``False`` keeps the fused_conv2d layers, which apply the folded BN in their epilogue).
         channels_last: run the model in channels_last (default: when the example is channels_last,
             and always on a CPU). Inputs are converted to it on entry.
         max_graphs: whole-forward graphs kept, one per batch size seen (least recently used goes).
@@ -260,8 +262,6 @@ def optimize(model: nn.Module, example_input: torch.Tensor, *, cuda_graphs: bool
     elif cuda_graphs and not on_cuda:
         raise ValueError(f"cuda_graphs=True needs a CUDA example_input; it is on {example_input.device}")
     on_cpu = example_input.device.type == "cpu"
-    if fold_weights is None:
-        fold_weights = on_cpu
     if channels_last is None:
         channels_last = example_input.dim() == 4 and (on_cpu or _memory_format(example_input) == torch.channels_last)
     if channels_last and example_input.dim() != 4:

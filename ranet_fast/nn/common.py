@@ -14,6 +14,8 @@ import torch.nn as nn
 from ranet_fast import dispatch
 from ranet_fast.ops.fused_conv2d import SUPPORTED_DTYPES, SUPPORTED_STRIDES
 
+from .precision import conv_dtype
+
 _official_forward = False
 
 
@@ -39,7 +41,8 @@ def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
 
 
 def conv_supported(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether fused_conv2d computes exactly this conv for x (else the layer runs eagerly)."""
+    """Whether fused_conv2d computes exactly this conv for x, in the dtype eager would (under autocast
+    too, see ``precision.conv_dtype``); else the layer runs eagerly."""
     kernel = conv.kernel_size[0]
     return (
         conv.kernel_size[1] == kernel
@@ -49,8 +52,7 @@ def conv_supported(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and x.dim() == 4
-        and x.dtype in SUPPORTED_DTYPES
-        and x.dtype == conv.weight.dtype
+        and conv_dtype(x, conv.weight) in SUPPORTED_DTYPES
     )
 
 

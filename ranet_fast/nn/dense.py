@@ -14,7 +14,8 @@ in backward); what that path does not cover (the pre-activation ConvBN, see
 ``train_mode.trainable``) runs the official computation (the parent class's forward).
 An eval-mode forward that needs gradients (grad enabled and the input or a parameter requiring
 grad) uses the differentiable functional op and concatenates (the in-place buffer writes are not
-differentiable); so does a forward under autocast or with a conv the op does not support.
+differentiable); a conv the op does not support runs eagerly. Under autocast the convs compute in
+the autocast dtype and the folded BN stays float32 (:mod:`ranet_fast.nn.precision`).
 
 The folded (scale, shift) of each BN is cached per layer and recomputed when any tensor it comes
 from (BN weight, bias, running mean and variance, conv bias) is replaced, moved, or modified in
@@ -40,6 +41,7 @@ from ranet_fast.ops.fused_conv2d import accumulation_dtype
 
 from . import train_mode
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
+from .precision import autocast_off, conv_dtype, conv_weight
 
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
 def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
@@ -93,16 +95,18 @@ def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.T
 
 def _conv_bn_relu(owner: nn.Module, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor,
                   out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    x = x.to(conv_dtype(x, conv.weight))  # under autocast, the cast eager's conv makes
     scale, shift = folded_bn(owner, key, bn, conv.bias, x)
-    return fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], epilogue_scale=scale,
-                        epilogue_shift=shift, activation="relu", out=out, out_offset=offset)
+    with autocast_off(x):
+        return fused_conv2d(x, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0],
+                            epilogue_scale=scale, epilogue_shift=shift, activation="relu", out=out,
+                            out_offset=offset)
 
 
 def _fusable(module: nn.Module, convs: list[nn.Conv2d], bns: list[nn.BatchNorm2d], x: torch.Tensor) -> bool:
     return (
         not module.training
         and not official_forward_active()
-        and not torch.is_autocast_enabled(x.device.type)
         and all(_bn_foldable(bn) for bn in bns)
         and all(conv_supported(conv, x) for conv in convs)
     )
@@ -137,17 +141,25 @@ def conv_bn_eval(module: ConvBN, x: torch.Tensor, out: torch.Tensor | None = Non
     if bn_after:
         hidden = _conv_bn_relu(module, "net.1", squeeze, bns[0], x)
         return _conv_bn_relu(module, "net.4", spatial, bns[1], hidden, out, offset)
+    # Under autocast eager's BN -> ReLU runs on x as it is and the conv casts the activation; the
+    # prologue computes in float32 and rounds to the conv's dtype, which is where that cast lands.
+    x = x.to(conv_dtype(x, squeeze.weight))
     pre_scale, pre_shift = folded_bn(module, "net.0", bns[0], None, x)
     scale, shift = folded_bn(module, "net.3", bns[1], None, x)
-    hidden = fused_conv2d(x, squeeze.weight, prologue_scale=pre_scale, prologue_shift=pre_shift, epilogue_scale=scale,
-                          epilogue_shift=shift, activation="relu")
-    return fused_conv2d(hidden, spatial.weight, stride=spatial.stride[0], padding=spatial.padding[0], out=out,
-                        out_offset=offset)
+    with autocast_off(x):
+        hidden = fused_conv2d(x, conv_weight(squeeze, x.dtype), prologue_scale=pre_scale, prologue_shift=pre_shift,
+                              epilogue_scale=scale, epilogue_shift=shift, activation="relu")
+        return fused_conv2d(hidden, conv_weight(spatial, x.dtype), stride=spatial.stride[0],
+                            padding=spatial.padding[0], out=out, out_offset=offset)
 
 
 def conv_bn_into(module: ConvBN, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
-    """Writes module(x) into out[:, offset : offset + C] (fused when possible; not differentiable)."""
-    if conv_bn_fusable(module, x):
+    """Writes module(x) into out[:, offset : offset + C] (fused when possible; not differentiable).
+
+    Fused only when out has the dtype the convs compute in: under autocast a float32 ``out`` (eager's
+    ``cat`` of a float32 input with a low-precision conv output is float32) takes the eager layer.
+    """
+    if conv_bn_fusable(module, x) and out.dtype == conv_dtype(x, conv_bn_parts(module)[1][0].weight):
         conv_bn_eval(module, x, out, offset)
     else:
         result = module(x)
@@ -220,7 +232,7 @@ class FastConvNormal(ConvNormal):
     def _fused_path(self, x: torch.Tensor):
         if self.training:
             plans = _dense_layer_plans([self])
-            if plans is not None and train_mode.trainable(list(plans), x):
+            if plans is not None and train_mode.trainable(list(plans), x, concatenates_input=True):
                 return lambda: train_mode.run_dense_layers(plans, x)[0]
             return None
         if official_forward_active() or requires_grad(x, self):
@@ -248,7 +260,7 @@ class FastBlockNormal(_BlockNormal):
     def _fused_path(self, x: torch.Tensor):
         if self.training:
             plans = _dense_layer_plans(self.layers)
-            if plans is None or not train_mode.trainable(list(plans), x):
+            if plans is None or not train_mode.trainable(list(plans), x, concatenates_input=True):
                 return None
             return functools.partial(self._in_buffer, x, plans)
         if official_forward_active() or requires_grad(x, self):

@@ -3,7 +3,9 @@
 The official fusion layer resizes the current features and the coarser flow's features with one
 ``F.interpolate`` each (an identity copy when the size already matches) and concatenates them with
 the conv branch: three copies of the data plus a fourth in ``torch.cat``. Here one
-``upsample_concat`` launch resizes or copies every part straight into its channel slice.
+``upsample_concat`` launch resizes or copies every part straight into its channel slice. Under autocast the parts are
+in the autocast dtype (conv outputs); a part outside it takes the official forward, whose ``cat``
+promotes.
 
 The classes subclass the official-structure modules and change only ``forward``, so parameters,
 buffers, state_dict keys and hooks stay exactly as they were; :func:`ranet_fast.convert` swaps them
@@ -21,6 +23,7 @@ from ranet_fast.ops import upsample_concat
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, official_forward_active, requires_grad, run_faster_path
+from .precision import outside_autocast_dtype
 from . import train_mode
 from .dense import conv_bn_into, conv_bn_parts, conv_bn_plan
 
@@ -40,11 +43,13 @@ class FastConvUpNormal(ConvUpNormal):
                                functools.partial(super().forward, x))
 
     def _fused_path(self, x_low: torch.Tensor, x_cur: torch.Tensor):
-        if official_forward_active():  # the official forward, whose submodule calls hooks see
+        # The official forward, whose submodule calls hooks see; or under autocast an input that
+        # eager's cat would promote.
+        if official_forward_active() or outside_autocast_dtype(x_cur):
             return None
         if self.training:
             plan = conv_bn_plan(self.conv_normal)
-            if plan is not None and train_mode.trainable([plan], x_cur):
+            if plan is not None and train_mode.trainable([plan], x_cur, concatenates_input=True):
                 return lambda: train_mode.run_fusion_layer(plan, x_cur, self.conv_up(x_low))
         if self.training or requires_grad(x_low, self) or x_cur.requires_grad:
             return functools.partial(self._differentiable, x_low, x_cur)
@@ -74,7 +79,8 @@ class FastBlockUpNormal(_BlockUpNormal):
     """
 
     def forward(self, x: torch.Tensor, low_feat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        fused = None if official_forward_active() else functools.partial(self._with_upsample_concat, x, low_feat)
+        fused = (None if official_forward_active() or outside_autocast_dtype(x)
+                 else functools.partial(self._with_upsample_concat, x, low_feat))
         return run_faster_path(self, (x, *low_feat), fused, functools.partial(super().forward, x, low_feat))
 
     def _with_upsample_concat(self, x: torch.Tensor, low_feat: list[torch.Tensor]):

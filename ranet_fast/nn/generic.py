@@ -18,8 +18,8 @@ last child of the ``Sequential`` (``conv-bn``): its output is then the module's 
 The module's class is changed to a subclass (made once per original class) that overrides only
 ``forward``, so parameters, buffers, state_dict keys, hooks and ``isinstance`` stay as they were.
 A segment runs fused only when it is exactly equivalent at that call: its BNs in eval mode with
-running statistics, the conv one ``fused_conv2d`` computes (see ``common.conv_supported``), no
-autocast, no hooks on the modules the segment would skip, the children still the ones that were
+running statistics, the conv one ``fused_conv2d`` computes (see ``common.conv_supported``; under
+autocast in the autocast dtype, on an input already in it), no hooks on the modules the segment would skip, the children still the ones that were
 planned, and outside :func:`ranet_fast.nn.common.official_forward`. Otherwise it runs its children
 (a traced module: its original ``forward``). Train mode is therefore the original computation,
 and a frozen (eval-mode) BN inside a training model is folded differentiably.
@@ -46,6 +46,7 @@ from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
 from .dense import _bn_foldable, folded_bn
+from .precision import autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -288,9 +289,10 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
                                                                          modules[segment.post_bn], conv.bias, x)
     elif conv.bias is not None:
         vectors["epilogue_shift"] = conv.bias
-    y = fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0],
-                     activation="relu" if segment.relu else "none",
-                     out=out, out_offset=offset, **vectors)
+    x = x.to(conv_dtype(x, conv.weight))  # under autocast, the cast eager's conv makes
+    with autocast_off(x):
+        y = fused_conv2d(x, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0],
+                         activation="relu" if segment.relu else "none", out=out, out_offset=offset, **vectors)
     if out is None and y.requires_grad and y._is_view():
         # The CPU kernel's 1x1 path returns a view of its GEMM result; autograd forbids in-place
         # writes to a custom op's view output, and code after a conv often writes in place
@@ -300,9 +302,10 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
 
 
 def _must_run_eagerly(owner: nn.Module, x: torch.Tensor) -> bool:
-    """Whether no segment of ``owner`` may fuse for this input, whatever its modules."""
-    return (official_forward_active() or torch.is_autocast_enabled(x.device.type)
-            or not owner._ranet_fast_plan.current(owner))
+    """Whether no segment of ``owner`` may fuse for this input, whatever its modules. Under autocast
+    an input outside the autocast dtype runs eagerly: eager's ``cat`` of it with a conv output
+    promotes, and the concat-free buffers are in the input's dtype."""
+    return official_forward_active() or outside_autocast_dtype(x) or not owner._ranet_fast_plan.current(owner)
 
 
 class _FastModule:
@@ -356,7 +359,7 @@ class FastSequentialMixin(_FastModule):
                 else:
                     for name in item.steps:
                         x = modules[name](x)
-            if segment_fusable(self, last, x):
+            if segment_fusable(self, last, x) and out.dtype == conv_dtype(x, self._modules[last.conv].weight):
                 run_segment(self, last, x, out, offset)
                 return
             for name in last.steps:

@@ -24,8 +24,10 @@ block's features) and every BN's normalised activation for backward. Here:
 Everything else (running statistics, gradients of input, conv weights and BN affine parameters)
 equals eager's. Double backward is not supported. A layer uses this path in train mode when
 every conv is one ``fused_conv2d`` computes exactly, every BN is affine with running statistics
-and sees more than one value per channel, and neither autocast, ``official_forward()`` nor
-``torch.compile`` tracing is active (torch.compile then traces the official computation).
+and sees more than one value per channel, and neither ``official_forward()`` nor ``torch.compile``
+tracing is active (torch.compile then traces the official computation). Under ``torch.autocast``
+the convs compute in the autocast dtype and the BN statistics and running buffers stay float32,
+eager autocast's policy (see :mod:`ranet_fast.nn.precision`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 from ranet_fast.ops.upsample_concat import upsample_concat_backward
 
 from .common import buffer_like, conv_supported, official_forward_active
+from .precision import autocast_off, conv_dtype, conv_weight
 
 # Tensors per chain unit in the flat parameter list: conv weight, conv bias, BN weight, BN bias.
 _PER_UNIT = 4
@@ -83,15 +86,19 @@ class ChainPlan:
         return self.unit_output_sizes(size)[-1]
 
 
-def trainable(plans: list[ChainPlan], x: torch.Tensor) -> bool:
+def trainable(plans: list[ChainPlan], x: torch.Tensor, *, concatenates_input: bool = False) -> bool:
     """Whether the chains can run on x through this module (else the layer runs its official forward).
 
     Every chain reads x's spatial size; the chains of a dense block keep it (stride 1), which
-    ``plans`` of a block satisfy by construction.
+    ``plans`` of a block satisfy by construction. A layer that writes its chains' output next to x
+    in one buffer (``concatenates_input``) needs x in the dtype the convs compute in: under autocast
+    a float32 x would make eager's ``cat`` float32 around low-precision conv outputs.
     """
-    if official_forward_active() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+    if official_forward_active() or torch.compiler.is_compiling():
         return False
     if x.dim() != 4 or x.shape[0] == 0:
+        return False
+    if concatenates_input and x.dtype != conv_dtype(x, plans[0].convs[0].weight):
         return False
     for plan in plans:
         for conv, bn, size in zip(plan.convs, plan.bns, plan.unit_output_sizes(tuple(x.shape[2:]))):
@@ -128,13 +135,17 @@ def _saved_unit(saved, index):
 
 def chain_forward(plan: ChainPlan, params, x: torch.Tensor, out: torch.Tensor, offset: int) -> list[torch.Tensor]:
     """Runs the chain on x, writes its activation into ``out[:, offset : offset + C]`` and updates
-    the BN running statistics; returns what backward needs (per unit: y, mean, invstd)."""
+    the BN running statistics; returns what backward needs (per unit: y, mean, invstd).
+
+    The convs compute in x's dtype (the callers cast x to the autocast dtype under autocast) on
+    weights cast to it (``precision.conv_weight``); statistics, running buffers and the BN
+    vectors stay float32, as eager autocast keeps them."""
     saved: list[torch.Tensor] = []
     source, prologue_scale, prologue_shift = x, None, None
     last = len(plan.convs) - 1
     for index, (conv, bn) in enumerate(zip(plan.convs, plan.bns)):
-        weight, bias, gamma, beta = _unit(params, index)
-        y = fused_conv2d(source, weight, stride=conv.stride[0], padding=conv.padding[0],
+        _, bias, gamma, beta = _unit(params, index)
+        y = fused_conv2d(source, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0],
                          prologue_scale=prologue_scale, prologue_shift=prologue_shift, epilogue_shift=bias)
         mean, var = batch_norm_stats(y)
         invstd = torch.rsqrt(var + bn.eps)
@@ -165,12 +176,15 @@ def chain_backward(plan: ChainPlan, params, x: torch.Tensor, saved, grad: torch.
             _, _, previous_gamma, previous_beta = _unit(params, index - 1)
             source = batch_norm_relu(previous_y, previous_mean, previous_invstd, previous_gamma, previous_beta)
         needs = needs_params[_PER_UNIT * index:_PER_UNIT * (index + 1)]
+        # The conv ran on the weight in y's dtype (the cached cast: the weight has not changed since
+        # forward); its gradients go back to the parameters' dtype, as through eager autocast's cast.
         grad_source, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_y, source, weight, None if bias is None else [bias.shape[0]], list(conv.stride),
-            list(conv.padding), list(conv.dilation), False, [0, 0], 1,
+            grad_y, source, conv_weight(conv, y.dtype), None if bias is None else [bias.shape[0]],
+            list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], 1,
             [index > 0 or needs_x, needs[0], bias is not None and needs[1]])
         param_grads[_PER_UNIT * index:_PER_UNIT * (index + 1)] = [
-            grad_weight, grad_bias,
+            grad_weight.to(weight.dtype) if needs[0] else None,
+            grad_bias.to(bias.dtype) if bias is not None and needs[1] else None,
             grad_gamma.to(gamma.dtype) if needs[2] else None, grad_beta.to(beta.dtype) if needs[3] else None]
         grad = grad_source
     return grad, param_grads
@@ -182,7 +196,8 @@ class ChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: ChainPlan, *params):
         out = buffer_like(x, plan.out_channels, plan.output_size(tuple(x.shape[2:])))
-        saved = chain_forward(plan, params, x, out, 0)
+        with autocast_off(x):
+            saved = chain_forward(plan, params, x, out, 0)
         ctx.plan = plan
         ctx.save_for_backward(x, *params, *saved)
         return out
@@ -198,6 +213,8 @@ class ChainFunction(torch.autograd.Function):
 
 
 def run_chain(plan: ChainPlan, x: torch.Tensor) -> torch.Tensor:
+    # Under autocast, the (differentiable) cast of the input eager's first conv makes.
+    x = x.to(conv_dtype(x, plan.convs[0].weight))
     return ChainFunction.apply(x, plan, *plan.parameters())
 
 
@@ -228,8 +245,9 @@ class DenseBlockFunction(torch.autograd.Function):
         buffer = buffer_like(x, prefixes[-1])
         buffer[:, :in_channels].copy_(x)
         saved: list[torch.Tensor] = []
-        for plan, channels, (parameter_range, _) in zip(plans, prefixes, _layer_ranges(plans)):
-            saved += chain_forward(plan, params[parameter_range], buffer[:, :channels], buffer, channels)
+        with autocast_off(x):
+            for plan, channels, (parameter_range, _) in zip(plans, prefixes, _layer_ranges(plans)):
+                saved += chain_forward(plan, params[parameter_range], buffer[:, :channels], buffer, channels)
         ctx.plans, ctx.prefixes = plans, prefixes
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(buffer, *params, *saved)
@@ -279,8 +297,9 @@ class FusionLayerFunction(torch.autograd.Function):
         size = plan.output_size(tuple(x.shape[2:]))
         offset = x.shape[1] + up.shape[1]
         out = buffer_like(x, offset + plan.out_channels, size)
-        saved = chain_forward(plan, params, x, out, offset)
-        upsample_concat([x, up], size, channel_offsets=[0, x.shape[1]], out=out)
+        with autocast_off(x):
+            saved = chain_forward(plan, params, x, out, offset)
+            upsample_concat([x, up], size, channel_offsets=[0, x.shape[1]], out=out)
         ctx.plan = plan
         ctx.part_shapes = [tuple(x.shape[1:]), tuple(up.shape[1:])]
         ctx.save_for_backward(x, *params, *saved)

@@ -18,6 +18,7 @@ Behaves like the official RANet-pytorch ``main.py`` with the same flags (see ``a
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Sequence
@@ -27,12 +28,13 @@ from torch import nn
 
 from ranet_fast.checkpoint import CheckpointError, load_official_checkpoint, save_checkpoint, write_file_atomic
 
-from .args import parse_args
+from . import cuda_graph
+from .args import ArgumentError, parse_args, report_argument_error
 from .evaluate import evaluate, format_summary
 from .interrupt import (INTERRUPTED_CHECKPOINT, GracefulStop, TrainingInterrupted, interrupted_entry,
                         require_same_epoch_length, resumed_partial_epoch, shield_loader_workers)
 from .loop import (PartialEpoch, Progress, build_optimizer, epoch_length, prepare_epoch, seed_everything,
-                   train_epoch, validate)
+                   train_epoch, train_step, validate)
 from .runtime import (Runtime, apply_gpu_flag, args_to_dict, restore_rng_state, rng_state, setup_runtime,
                       shard_loaders)
 
@@ -106,6 +108,10 @@ def run(args) -> dict | None:
     """Train or evaluate as the arguments say; returns the evaluation results on rank 0."""
     runtime = setup_runtime(args)
     try:
+        if args.cuda_graph and args.evalmode is None:
+            refusals = cuda_graph.problems(args, runtime.device, runtime.distributed)
+            if refusals:
+                raise ArgumentError("; ".join(refusals))
         log = print if runtime.is_main else (lambda *_: None)
         progress = Progress(enabled=runtime.is_main, print_freq=args.print_freq, log=log)
         model, flops, params = _build_model(args, runtime, log)
@@ -211,6 +217,11 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
         train_loader, epoch_val_loader = shard_loaders(train_loader, val_loader, runtime, args)
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    graphed = None
+    if args.cuda_graph:
+        graphed = cuda_graph.GraphedTrainStep(model, optimizer, functools.partial(
+            train_step, network, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), device=device, amp=args.amp,
+            cache_casts=False))
 
     def state_after(epoch: int) -> dict:
         state = {
@@ -233,7 +244,7 @@ def _train(args, runtime: Runtime, model, flops, params, loaders, progress) -> d
             prepare_epoch(train_loader, args.seed, epoch, runtime.rank)
             train = train_epoch(network, train_loader, optimizer, epoch, args, num_exits=args.num_exits,
                                 device=device, progress=progress, scaler=scaler, resume=partial,
-                                stop=stop.requested)
+                                stop=stop.requested, graphed=graphed)
             partial = None
             if isinstance(train, PartialEpoch):
                 entry = interrupted_entry(train, epoch, runtime, args)
@@ -280,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         run(args)
+    except ArgumentError as error:
+        report_argument_error(str(error))
     except (DatasetNotFoundError, CheckpointError) as error:
         print(f"ranet-train: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: none)")
     run.add_argument("--channels-last", action="store_true", default=False,
                      help="use the channels_last memory format for the model and its inputs")
+    run.add_argument("--cuda-graph", action="store_true", default=False,
+                     help="capture each training step (forward, backward, optimizer step) in a CUDA graph and "
+                          "replay it; CUDA only, with --optimizer sgd and --lr-type multistep, not with --amp "
+                          "fp16 or torchrun (default: off)")
     run.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                      help="swap in ranet_fast's fused layers when they are available (default: --fast)")
     run.add_argument("--early-exit-images", type=_non_negative_int, default=1000, metavar="N",

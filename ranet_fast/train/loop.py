@@ -10,6 +10,7 @@ only when a line is printed, and so that under DistributedDataParallel they can 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -208,10 +209,12 @@ def _as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
-def _autocast(device: torch.device, amp: str):
+def _autocast(device: torch.device, amp: str, cache_casts: bool = True):
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    # A CUDA graph capture must not keep autocast's cached weight casts (cache_casts=False).
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                          cache_enabled=cache_casts)
 
 
 def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
@@ -221,10 +224,30 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
     return images, target.to(device, non_blocking=True)
 
 
+def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+               criterion: nn.Module, device: torch.device, amp: str, scaler: torch.amp.GradScaler | None = None,
+               cache_casts: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One training step: the forward under ``--amp``, the sum of every exit's loss, backward and the
+    optimizer step; returns (per-exit logits, loss). ``--cuda-graph`` captures exactly this."""
+    with _autocast(device, amp, cache_casts):
+        outputs = _as_list(model(images))
+        loss = sum(criterion(output.float(), target) for output in outputs)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return outputs, loss
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epoch: int, args, *,
                 num_exits: int, device: torch.device, progress: Progress,
                 scaler: torch.amp.GradScaler | None = None, resume: PartialEpoch | None = None,
-                stop: Callable[[], bool] | None = None) -> TrainStats | PartialEpoch:
+                stop: Callable[[], bool] | None = None,
+                graphed: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> TrainStats | PartialEpoch:
     """Train ``model`` for one epoch (at most ``args.max_steps_per_epoch`` batches).
 
     ``stop`` is asked after every step; when it answers True the epoch ends there and a
@@ -235,8 +258,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     ``--workers`` is, at the cost of loading those batches (no forward or backward). The
     global generators are then set to ``resume.rng``, the state after the interrupted run's
     last step, so that anything the model draws continues as it would have.
+
+    ``graphed`` (``--cuda-graph``: a :class:`ranet_fast.train.cuda_graph.GraphedTrainStep`) runs
+    the steps instead of :func:`train_step`; it is settled before the epoch returns.
     """
     criterion = nn.CrossEntropyLoss()
+    step_fn = graphed or functools.partial(train_step, model, optimizer=optimizer, criterion=criterion, device=device,
+                                           amp=args.amp, scaler=scaler)
     num_batches = epoch_length(loader, args)
     totals = _Totals(num_exits, device)
     first_lr = None
@@ -264,17 +292,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         data_time += time.perf_counter() - end
 
         images, target = _to_device(images, target, device, args.channels_last)
-        with _autocast(device, args.amp):
-            outputs = _as_list(model(images))
-            loss = sum(criterion(output.float(), target) for output in outputs)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        outputs, loss = step_fn(images, target)
         totals.update(outputs, target, loss)
 
         batch_time += time.perf_counter() - end
@@ -291,9 +309,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                 bar.set_postfix(loss=f"{loss_value:.3f}", acc1=f"{top1_last:.2f}", lr=f"{lr:.4g}")
         if stop is not None and stop():
             bar.close()
+            if graphed is not None:
+                graphed.settle()
             return PartialEpoch(step=step + 1, num_batches=num_batches, first_lr=first_lr,
                                 totals=totals.state_dict(), rng=rng_state())
     bar.close()
+    if graphed is not None:
+        graphed.settle()
     if totals.count == 0:
         raise RuntimeError("the training loader produced no batches; is the training set empty?")
     totals.all_reduce()
