@@ -31,7 +31,9 @@ branches on a Python attribute which is changed after ``convert`` is not re-chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -45,28 +47,36 @@ from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad
 from .dense import _bn_foldable, folded_bn
-
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
-
+from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_arguments, activation_name,
+                       batch_norm_kind, is_functional_relu, trace_own_forward)
 
 @dataclass(frozen=True)
 class Segment:
-    """One fused_conv2d over children of the owning module: [pre_bn -> ReLU ->] conv [-> post_bn [-> ReLU]].
+    """One fused_conv2d over children of the owning module: [pre_bn -> ReLU ->] conv [-> post_bn [-> act]].
 
-    ``steps`` are the children in call order; ``None`` stands for a functional ReLU of a traced forward.
+    ``steps`` are the children in call order; ``None`` stands for a functional ReLU of a traced
+    forward. ``activation`` is the epilogue's (a name of ``patterns.OP_EPILOGUE_ACTIVATIONS``).
+    ``then_bn_activation``: ``post_bn`` is a BN+activation module whose activation the op lacks; it
+    runs (``post_bn.act``) on the fused result.
     """
 
     conv: str
     pre_bn: str | None
     post_bn: str | None
-    relu: bool
+    activation: str
     steps: tuple[str | None, ...]
+    then_bn_activation: bool = False
 
     @property
     def pattern(self) -> str:
-        return "-".join(["bn-relu"] * (self.pre_bn is not None) + ["conv"] + ["bn"] * (self.post_bn is not None)
-                        + ["relu"] * self.relu)
+        parts = ["bn-relu"] * (self.pre_bn is not None) + ["conv"] + ["bn"] * (self.post_bn is not None)
+        parts += [self.activation] * (self.activation != "none")
+        return "-".join(parts) + ("+act" if self.then_bn_activation else "")
+
+    @property
+    def ends_in_op(self) -> bool:
+        """Whether the fused call's result is the segment's result (so it may be written into a buffer)."""
+        return not self.then_bn_activation
 
     def describe(self) -> str:
         return f"{self.pattern} ({', '.join('F.relu' if s is None else s for s in self.steps)})"
@@ -75,11 +85,16 @@ class Segment:
 @dataclass
 class Plan:
     """What a fast module runs: segments and plain children (names) in order, and the children it was
-    planned for (identity-checked at every call: a replaced child voids the plan)."""
+    planned for (identity-checked at every call: a replaced child voids the plan).
+
+    A plan of a traced forward that is not one chain (:class:`FastGraphMixin`) holds only its
+    segments and ``graph_forward``, the traced forward with each segment's calls replaced by one.
+    """
 
     items: tuple[Segment | str, ...]
     children: tuple[nn.Module, ...]
     concat: bool = False  # traced dense layer: the result is cat([x, chain(x)], 1)
+    graph_forward: Callable | None = field(default=None, compare=False, repr=False)
 
     def current(self, owner: nn.Module) -> bool:
         modules = owner._modules.values()
@@ -88,6 +103,10 @@ class Plan:
     @property
     def segments(self) -> list[Segment]:
         return [item for item in self.items if isinstance(item, Segment)]
+
+    def __getstate__(self):
+        # The generated forward cannot be pickled; the module traces its forward again on first use.
+        return {**self.__dict__, "graph_forward": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,63 +132,82 @@ def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def _kind(module: nn.Module | None) -> str:
-    """Exact classes only: a subclass may change forward in ways a fused segment would not honour."""
+def _describe(module: nn.Module | None) -> tuple[str, object]:
+    """(kind, detail) of one chain step: ("conv", None), ("bn", BatchNormKind), ("act", op name) or
+    ("other", why a BatchNorm2d is not foldable, or None). Exact torch.nn classes only (a subclass may
+    change forward), except BN+activation modules proven by structure (see :mod:`.patterns`)."""
     if module is None:
-        return "relu"  # a functional ReLU of a traced forward
-    return {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.ReLU: "relu"}.get(type(module), "other")
+        return "act", "relu"  # a functional ReLU of a traced forward
+    if type(module) is nn.Conv2d:
+        return "conv", None
+    kind, reason = batch_norm_kind(module)
+    if kind is not None:
+        return "bn", kind
+    name = activation_name(module)
+    return ("act", name) if name is not None else ("other", reason)
 
 
-def plan_chain(names: list[str | None], modules: list[nn.Module | None],
-               bn_may_end: bool) -> tuple[list[Segment | str], list[tuple[str, str]]]:
-    """Split a chain of children into segments and plain steps.
+def plan_chain(names: list[str | None],
+               modules: list[nn.Module | None]) -> tuple[list[Segment | str], list[tuple[str, str]]]:
+    """Split a chain of children (each one's output the next one's only input) into segments and plain steps.
 
-    Returns the items and (child name, reason) for each conv left out of every segment.
-    ``bn_may_end``: a conv -> BN at the very end of the chain is a segment (its output is the
-    module's output, so no activation of this module follows it).
+    Returns the items and (child name, reason) for each conv left out of every segment and for each
+    BatchNorm2d subclass that could not be folded. A conv -> BN followed by an activation the op
+    lacks is a segment; the activation runs after it.
     """
-    kinds = [_kind(m) for m in modules]
-    n = len(kinds)
+    described = [_describe(m) for m in modules]
+    n = len(described)
 
     def kind(i):
-        return kinds[i] if i < n else "end"
+        return described[i][0] if i < n else "end"
+
+    def act(i):
+        return described[i][1] if kind(i) == "act" else None
+
+    def bn(i):
+        return described[i][1] if kind(i) == "bn" else None
 
     items: list[Segment | str] = []
-    notes: list[tuple[str, str]] = []
+    notes = [(names[i], reason) for i, (k, reason) in enumerate(described) if k == "other" and reason]
     i = 0
     while i < n:
         j = i
         pre = None
-        if kind(j) == "bn" and kind(j + 1) == "relu" and kind(j + 2) == "conv":
-            pre, j = j, j + 2
+        if bn(i) and bn(i).act is None and act(i + 1) in OP_PROLOGUE_ACTIVATIONS and kind(i + 2) == "conv":
+            pre, j = i, i + 2
+        elif bn(i) and bn(i).activation in OP_PROLOGUE_ACTIVATIONS and kind(i + 1) == "conv":
+            pre, j = i, i + 1  # a BN+ReLU module
         segment = None
         if kind(j) == "conv":
             conv, reason = modules[j], conv_unsupported_reason(modules[j])
-            post, relu, end = None, False, j + 1
-            if kind(j + 1) == "bn" and (kind(j + 2) == "relu" or (kind(j + 2) == "end" and bn_may_end)):
-                post, relu, end = j + 1, kind(j + 2) == "relu", j + 3 if kind(j + 2) == "relu" else j + 2
+            post, activation, then_activation, end = None, "none", False, j + 1
+            if bn(j + 1):
+                post, end = j + 1, j + 2
+                inner = bn(j + 1).activation
+                if inner is None and act(j + 2) in OP_EPILOGUE_ACTIVATIONS:
+                    activation, end = act(j + 2), j + 3
+                elif inner in OP_EPILOGUE_ACTIVATIONS:
+                    activation = inner
+                elif inner is not None:
+                    then_activation = True
             if reason is None and pre is not None and modules[pre].num_features != conv.in_channels:
                 reason = f"BN {names[pre]} has {modules[pre].num_features} features, conv reads {conv.in_channels}"
             if reason is None and post is not None and modules[post].num_features != conv.out_channels:
                 reason = f"BN {names[post]} has {modules[post].num_features} features, conv writes {conv.out_channels}"
             if reason is None and pre is None and post is None:
-                if kind(j + 1) == "bn":
-                    follower = "the end" if kind(j + 2) == "end" else type(modules[j + 2]).__name__
-                    reason = f"conv -> BN -> {follower}: only a ReLU (or nothing, at the end of a Sequential) fuses"
-                else:
-                    reason = "no BatchNorm2d (+ ReLU) right before or after it"
+                reason = "no BatchNorm2d right before or after it"
             if reason is None:
                 segment = Segment(conv=names[j], pre_bn=None if pre is None else names[pre],
-                                  post_bn=None if post is None else names[post], relu=relu,
-                                  steps=tuple(names[i:end]))
+                                  post_bn=None if post is None else names[post], activation=activation,
+                                  steps=tuple(names[i:end]), then_bn_activation=then_activation)
             elif pre is None:  # with a BN -> ReLU before it, the conv is judged again on its own below
                 notes.append((names[j], reason))
         if segment is not None:
             items.append(segment)
             i = i + len(segment.steps)
-        elif pre is not None:  # BN -> ReLU run as they are; the conv gets its own turn
-            items += [names[i], names[i + 1]]
-            i += 2
+        elif pre is not None:  # the BN (and its ReLU) run as they are; the conv gets its own turn
+            items += names[i:j]
+            i = j
         else:
             items.append(names[i])
             i += 1
@@ -179,17 +217,8 @@ def plan_chain(names: list[str | None], modules: list[nn.Module | None],
 def plan_sequential(module: nn.Sequential) -> tuple[Plan, list[tuple[str, str]]]:
     names = list(module._modules)
     modules = list(module._modules.values())
-    items, notes = plan_chain(names, modules, bn_may_end=True)
+    items, notes = plan_chain(names, modules)
     return Plan(items=tuple(items), children=tuple(modules)), notes
-
-
-def _relu_node(node: torch.fx.Node, previous: torch.fx.Node) -> bool:
-    """A functional ReLU of ``previous`` only (F.relu/torch.relu/relu_, or the tensor methods)."""
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        extra = node.args[1:]
-        return (node.args[:1] == (previous,) and len(extra) <= 1 and all(isinstance(a, bool) for a in extra)
-                and set(node.kwargs) <= {"inplace"})
-    return node.op == "call_method" and node.target in _RELU_METHODS and node.args == (previous,) and not node.kwargs
 
 
 def _is_cat_of(node: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> bool:
@@ -200,53 +229,122 @@ def _is_cat_of(node: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> bool:
     return list(tensors or ()) == [x, y] and dim in (1, -3) and set(node.kwargs) <= {"tensors", "dim"}
 
 
-def plan_traced(module: nn.Module) -> tuple[Plan | None, str]:
-    """(plan, description) when ``module.forward`` is provably one fusable chain of its children,
-    else (None, why not)."""
+def _chain_link(module: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether ``node`` can be a step of a chain: a call of a child on one value, or a functional ReLU."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.op == "call_module":
+        return node.target in module._modules and len(node.args) == 1 and not node.kwargs
+    return is_functional_relu(node, node.args[0])
+
+
+def _chains(module: nn.Module, graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
+    """The maximal runs of chain steps in which each step is the only user of the step before."""
+    runs: list[list[torch.fx.Node]] = []
+    run_ending_at: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if not _chain_link(module, node):
+            continue
+        source = node.args[0]
+        run = run_ending_at.pop(source, None) if len(source.users) == 1 else None
+        if run is None:
+            run = []
+            runs.append(run)
+        run.append(node)
+        run_ending_at[node] = run
+    return runs
+
+
+def _step_name(node: torch.fx.Node) -> str | None:
+    return node.target if node.op == "call_module" else None
+
+
+def _trace_in_eval_mode(module: nn.Module) -> torch.fx.Graph:
+    """The module's original forward in eval mode (the only mode its fused graph runs in), children as leaves."""
+    training, fast_class = module.training, type(module)
+    module.training = False
+    if isinstance(module, _FastModule):  # traced again after unpickling: the forward it was converted from
+        module.__class__ = fast_class._ranet_fast_base
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        return trace_own_forward(module)
+    finally:
+        module.training = training
+        module.__class__ = fast_class
+
+
+def plan_traced(module: nn.Module) -> tuple[type | None, Plan | None, str, list[tuple[str, str]]]:
+    """(mixin, plan, description, notes) for a module whose forward, traced with torch.fx, has fusable
+    chains; (None, None, why not, notes) otherwise. ``notes``: (child, reason) for each conv of a
+    chain that is not fused.
+
+    A forward that is one chain (optionally concatenated after the input) gets :class:`FastChainMixin`,
+    any other :class:`FastGraphMixin`.
+    """
+    try:
+        graph = _trace_in_eval_mode(module)
     except Exception as error:  # any failure to trace means: not provable
-        return None, f"torch.fx cannot trace its forward ({type(error).__name__}: {str(error).splitlines()[0][:100]})"
+        return None, None, f"torch.fx cannot trace its forward ({type(error).__name__}: " \
+                           f"{str(error).splitlines()[0][:100] if str(error) else ''})", []
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1 or placeholders[0].args:
-        return None, "forward does not take exactly one input"
+        return None, None, "forward does not take exactly one input", []
+    plans = []
+    for run in _chains(module, graph):
+        names = [_step_name(node) for node in run]
+        items, notes = plan_chain(names, [None if name is None else module._modules[name] for name in names])
+        plans.append((run, items, notes))
+    notes = [note for _, _, run_notes in plans for note in run_notes]
+    segments = [item for _, items, _ in plans for item in items if isinstance(item, Segment)]
+    ops = " -> ".join(_node_text(n) for n in nodes if n.op not in ("placeholder", "output", "get_attr"))
+    if not segments:
+        return None, None, f"no conv/BN chain that fuses in its forward (graph: {ops[:160]})", notes
     x = placeholders[0]
-    chain, previous = [], x
-    for node in nodes[1:]:
-        if node.op == "call_module" and node.args == (previous,) and not node.kwargs and node.target in module._modules:
-            chain.append(node.target)
-        elif _relu_node(node, previous):
-            chain.append(None)
-        else:
-            break
-        previous = node
-    rest = nodes[1 + len(chain):]
-    concat = len(rest) == 2 and _is_cat_of(rest[0], x, previous) and rest[1].op == "output" \
-        and rest[1].args == (rest[0],)
-    plain = len(rest) == 1 and rest[0].op == "output" and rest[0].args == (previous,)
-    expected_users = 2 if concat else 1
-    if not chain or not (plain or concat) or len(x.users) != expected_users \
-            or any(len(node.users) != 1 for node in nodes[1:1 + len(chain)]):
-        ops = " -> ".join(_node_text(n) for n in nodes if n.op not in ("placeholder", "output"))
-        return None, f"forward is not a plain conv/BN/ReLU chain (graph: {ops[:160]})"
-    modules = [None if name is None else module._modules[name] for name in chain]
-    # The chain's result is the module's output (or goes into the cat only), so a trailing conv -> BN
-    # has no activation of this module after it.
-    items, notes = plan_chain(chain, modules, bn_may_end=True)
-    if notes or not all(isinstance(item, Segment) for item in items):
-        why = "; ".join(f"{name}: {reason}" for name, reason in notes) or "a child outside every conv segment"
-        return None, f"chain {' -> '.join(_node_text_name(n) for n in chain)} does not fuse completely ({why})"
-    plan = Plan(items=tuple(items), children=tuple(module._modules.values()), concat=concat)
-    return plan, ", ".join(s.describe() for s in plan.segments) + (" inside cat([x, ...], 1)" if concat else "")
+    run, items, _ = plans[0]
+    if len(plans) == 1 and nodes[1:1 + len(run)] == run and all(isinstance(item, Segment) for item in items):
+        rest = nodes[1 + len(run):]
+        concat = len(rest) == 2 and _is_cat_of(rest[0], x, run[-1]) and rest[1].op == "output" \
+            and rest[1].args == (rest[0],) and len(x.users) == 2
+        plain = len(rest) == 1 and rest[0].op == "output" and rest[0].args == (run[-1],) and len(x.users) == 1
+        if plain or concat:
+            plan = Plan(items=tuple(items), children=tuple(module._modules.values()), concat=concat)
+            description = ", ".join(s.describe() for s in plan.segments) + (" inside cat([x, ...], 1)" if concat else "")
+            return FastChainMixin, plan, description, notes
+    index = itertools.count()
+    for run, items, _ in plans:
+        _replace_segments(graph, run, items, index)
+    plan = Plan(items=tuple(segments), children=tuple(module._modules.values()), graph_forward=_compile(graph))
+    return FastGraphMixin, plan, "traced forward with " + ", ".join(s.describe() for s in segments), notes
+
+
+def _replace_segments(graph: torch.fx.Graph, run: list[torch.fx.Node], items: list[Segment | str],
+                      index: Iterator[int]) -> None:
+    """Replace the nodes of each segment of ``run`` by one call of the owner's ``_ranet_fast_segment``
+    with the segment's position in the plan (``index`` counts the segments of all runs in order)."""
+    position = 0
+    for item in items:
+        if not isinstance(item, Segment):
+            position += 1
+            continue
+        steps = run[position:position + len(item.steps)]
+        position += len(item.steps)
+        with graph.inserting_before(steps[-1]):
+            fused = graph.call_module("_ranet_fast_segment", (next(index), steps[0].args[0]))
+        steps[-1].replace_all_uses_with(fused)
+        for node in reversed(steps):
+            graph.erase_node(node)
+
+
+def _compile(graph: torch.fx.Graph) -> Callable:
+    """The graph as a Python function of (owner, inputs...), as torch.fx's GraphModule generates it."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<ranet_fast traced forward>", "exec"), namespace)  # noqa: S102 - fx's own codegen
+    return namespace["forward"]
 
 
 def _node_text(node: torch.fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
-
-
-def _node_text_name(name: str | None) -> str:
-    return "F.relu" if name is None else name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,8 +362,8 @@ def has_hooks(module: nn.Module) -> bool:
 
 def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
     modules = owner._modules
-    for name in segment.steps:
-        if name is not None and has_hooks(modules[name]):
+    for name in segment.steps:  # a BN+activation module's drop and act included
+        if name is not None and any(has_hooks(module) for module in modules[name].modules()):
             return False
     for name in (segment.pre_bn, segment.post_bn):
         if name is not None and (modules[name].training or not _bn_foldable(modules[name])):
@@ -287,14 +385,31 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
                                                                          modules[segment.post_bn], conv.bias, x)
     elif conv.bias is not None:
         vectors["epilogue_shift"] = conv.bias
-    y = fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], relu=segment.relu,
-                     out=out, out_offset=offset, **vectors)
+    y = fused_conv2d(x, conv.weight, stride=conv.stride[0], padding=conv.padding[0], out=out, out_offset=offset,
+                     **activation_arguments(segment.activation), **vectors)
     if out is None and y.requires_grad and y._is_view():
         # The CPU kernel's 1x1 path returns a view of its GEMM result; autograd forbids in-place
         # writes to a custom op's view output, and code after a conv often writes in place
         # (``out += identity``, ReLU(inplace=True)). Eager's output allows it, so ours must too.
         y = y.clone()
+    if segment.then_bn_activation:  # the caller passes out= only where ends_in_op
+        y = modules[segment.post_bn].act(y)
     return y
+
+
+def run_steps(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Tensor:
+    """The segment's children one by one, as the original forward calls them."""
+    modules = owner._modules
+    for name in segment.steps:
+        x = torch.relu(x) if name is None else modules[name](x)
+    return x
+
+
+def run_item(owner: nn.Module, item: Segment | str, x: torch.Tensor) -> torch.Tensor:
+    """One plan item: a segment fused where that is exact at this call (else its children), or a plain child."""
+    if not isinstance(item, Segment):
+        return owner._modules[item](x)
+    return run_segment(owner, item, x) if segment_fusable(owner, item, x) else run_steps(owner, item, x)
 
 
 def _must_run_eagerly(owner: nn.Module, x: torch.Tensor) -> bool:
@@ -322,15 +437,9 @@ class FastSequentialMixin(_FastModule):
     def forward(self, input):
         if not isinstance(input, torch.Tensor) or _must_run_eagerly(self, input):
             return super().forward(input)
-        x, modules = input, self._modules
+        x = input
         for item in self._ranet_fast_plan.items:
-            if not isinstance(item, Segment):
-                x = modules[item](x)
-            elif segment_fusable(self, item, x):
-                x = run_segment(self, item, x)
-            else:
-                for name in item.steps:
-                    x = modules[name](x)
+            x = run_item(self, item, x)
         return x
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
@@ -338,22 +447,14 @@ class FastSequentialMixin(_FastModule):
         differentiable."""
         items = self._ranet_fast_plan.items
         last = items[-1] if items else None
-        if isinstance(last, Segment) and isinstance(x, torch.Tensor) and not _must_run_eagerly(self, x):
-            modules = self._modules
+        if isinstance(last, Segment) and last.ends_in_op and isinstance(x, torch.Tensor) \
+                and not _must_run_eagerly(self, x):
             for item in items[:-1]:
-                if not isinstance(item, Segment):
-                    x = modules[item](x)
-                elif segment_fusable(self, item, x):
-                    x = run_segment(self, item, x)
-                else:
-                    for name in item.steps:
-                        x = modules[name](x)
+                x = run_item(self, item, x)
             if segment_fusable(self, last, x):
                 run_segment(self, last, x, out, offset)
                 return
-            for name in last.steps:
-                x = modules[name](x)
-            result = x
+            result = run_steps(self, last, x)
         else:
             result = self(x)
         out.narrow(1, offset, result.shape[1]).copy_(result)
@@ -372,7 +473,7 @@ class FastChainMixin(_FastModule):
         # segment's input: decide once, before anything runs.
         if not all(segment_fusable(self, segment, x) for segment in segments):
             return super().forward(x)
-        if plan.concat and not requires_grad(x, self):
+        if plan.concat and segments[-1].ends_in_op and not requires_grad(x, self):
             return self._concat_in_place(x, segments)
         y = x
         for segment in segments:
@@ -391,6 +492,26 @@ class FastChainMixin(_FastModule):
         out = buffer_like(x, x.shape[1] + conv.out_channels)
         out[:, : x.shape[1]].copy_(x)
         return run_segment(self, segments[-1], y, out, x.shape[1])
+
+
+class FastGraphMixin(_FastModule):
+    """A module whose traced forward contains fusable chains among other operations (a residual add,
+    a squeeze-excite, a pooling): in eval mode it runs the traced forward with each chain as one
+    call (``_ranet_fast_segment``), else its original forward."""
+
+    def forward(self, *args, **kwargs):
+        # The graph was traced in eval mode, so it holds only there (a forward may branch on self.training).
+        if (self.training or len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor)
+                or _must_run_eagerly(self, args[0])):
+            return super().forward(*args, **kwargs)
+        plan = self._ranet_fast_plan
+        if plan.graph_forward is None:  # unpickled: trace again
+            _, plan, _, _ = plan_traced(self)
+            self.__dict__["_ranet_fast_plan"] = plan
+        return plan.graph_forward(self, args[0])
+
+    def _ranet_fast_segment(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return run_item(self, self._ranet_fast_plan.items[index], x)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
