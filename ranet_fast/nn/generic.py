@@ -74,9 +74,10 @@ class Segment:
         return "-".join(parts) + ("+act" if self.then_bn_activation else "")
 
     @property
-    def ends_in_op(self) -> bool:
-        """Whether the fused call's result is the segment's result (so it may be written into a buffer)."""
-        return not self.then_bn_activation
+    def folds(self) -> bool:
+        """conv -> BN [-> act] without a BN before the conv: in eval mode the BN is folded into the conv's
+        weight and bias, and the conv runs as the module would run it (any groups, dilation, padding)."""
+        return self.pre_bn is None and self.post_bn is not None
 
     def describe(self) -> str:
         return f"{self.pattern} ({', '.join('F.relu' if s is None else s for s in self.steps)})"
@@ -179,17 +180,22 @@ def plan_chain(names: list[str | None],
             pre, j = i, i + 1  # a BN+ReLU module
         segment = None
         if kind(j) == "conv":
-            conv, reason = modules[j], conv_unsupported_reason(modules[j])
+            conv = modules[j]
             post, activation, then_activation, end = None, "none", False, j + 1
             if bn(j + 1):
                 post, end = j + 1, j + 2
                 inner = bn(j + 1).activation
-                if inner is None and act(j + 2) in OP_EPILOGUE_ACTIVATIONS:
-                    activation, end = act(j + 2), j + 3
+                skip = end
+                while act(skip) == "none":  # nn.Identity placeholders (timm's drop_block) between BN and act
+                    skip += 1
+                if inner is None and act(skip) in OP_EPILOGUE_ACTIVATIONS:
+                    activation, end = act(skip), skip + 1
                 elif inner in OP_EPILOGUE_ACTIVATIONS:
                     activation = inner
                 elif inner is not None:
                     then_activation = True
+            # Folding a BN after the conv works for any conv; fused_conv2d computes a subset.
+            reason = None if pre is None and post is not None else conv_unsupported_reason(conv)
             if reason is None and pre is not None and modules[pre].num_features != conv.in_channels:
                 reason = f"BN {names[pre]} has {modules[pre].num_features} features, conv reads {conv.in_channels}"
             if reason is None and post is not None and modules[post].num_features != conv.out_channels:
@@ -368,12 +374,66 @@ def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool
     for name in (segment.pre_bn, segment.post_bn):
         if name is not None and (modules[name].training or not _bn_foldable(modules[name])):
             return False
-    return conv_supported(modules[segment.conv], x)
+    conv = modules[segment.conv]
+    if segment.folds:  # F.conv2d with the folded weight: whatever conv the module has, in the weight's dtype
+        return x.dim() == 4 and x.dtype == conv.weight.dtype and x.dtype.is_floating_point
+    return conv_supported(conv, x)
+
+
+def writes_into(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
+    """Whether run_segment may write this segment's result into a buffer's channel slice (out=):
+    fused_conv2d computes the conv and the segment ends with the op's result."""
+    return not segment.then_bn_activation and conv_supported(owner._modules[segment.conv], x)
+
+
+_FOLDED_WEIGHTS = "_ranet_fast_folded_weight"
+
+
+def folded_weight(owner: nn.Module, key: str, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight * scale`` per output channel (computed in scale's dtype, stored in weight's), cached in
+    ``owner`` under ``key`` while the weight (same tensor, same version) and the scale (the same cached
+    tensor of :func:`folded_bn`, which is renewed whenever the BN changes) stay; recomputed each call
+    when the result must carry gradients."""
+    def fold():
+        return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
+        return fold()
+    cache = owner.__dict__.setdefault(_FOLDED_WEIGHTS, {})
+    entry = cache.get(key)
+    if entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2] is scale:
+        return entry[3]
+    with torch.no_grad():
+        folded = fold()
+    cache[key] = (weight, weight._version, scale, folded)
+    return folded
+
+
+def _run_folded(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Tensor:
+    """conv -> eval-mode BN [-> act] as the module's own conv with the BN folded into its weight and bias.
+
+    One convolution with a bias and the activation on its result: no separate BN pass over the
+    output, and the conv keeps its groups, dilation and padding. The folded weight is computed in
+    the accumulation dtype and cached like the BN's scale and shift (:func:`folded_bn`).
+    """
+    modules = owner._modules
+    conv = modules[segment.conv]
+    scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], conv.bias, x)
+    weight = folded_weight(owner, segment.conv, conv.weight, scale)
+    y = conv._conv_forward(x, weight, shift.to(x.dtype))
+    if segment.activation == "relu":
+        y = y.relu_()
+    if segment.then_bn_activation:
+        y = modules[segment.post_bn].act(y)
+    return y
 
 
 def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.Tensor | None = None,
                 offset: int = 0) -> torch.Tensor:
-    """The segment as one fused_conv2d (differentiable without ``out``); the caller checked segment_fusable."""
+    """The segment as one convolution: folded (see :func:`_run_folded`) or one fused_conv2d (with ``out``
+    always, then not differentiable); the caller checked segment_fusable (and writes_into for ``out``)."""
+    if segment.folds and out is None:
+        return _run_folded(owner, segment, x)
     modules = owner._modules
     conv = modules[segment.conv]
     vectors = {}
@@ -447,11 +507,10 @@ class FastSequentialMixin(_FastModule):
         differentiable."""
         items = self._ranet_fast_plan.items
         last = items[-1] if items else None
-        if isinstance(last, Segment) and last.ends_in_op and isinstance(x, torch.Tensor) \
-                and not _must_run_eagerly(self, x):
+        if isinstance(last, Segment) and isinstance(x, torch.Tensor) and not _must_run_eagerly(self, x):
             for item in items[:-1]:
                 x = run_item(self, item, x)
-            if segment_fusable(self, last, x):
+            if segment_fusable(self, last, x) and writes_into(self, last, x):
                 run_segment(self, last, x, out, offset)
                 return
             result = run_steps(self, last, x)
@@ -473,7 +532,7 @@ class FastChainMixin(_FastModule):
         # segment's input: decide once, before anything runs.
         if not all(segment_fusable(self, segment, x) for segment in segments):
             return super().forward(x)
-        if plan.concat and segments[-1].ends_in_op and not requires_grad(x, self):
+        if plan.concat and writes_into(self, segments[-1], x) and not requires_grad(x, self):
             return self._concat_in_place(x, segments)
         y = x
         for segment in segments:
