@@ -1,32 +1,37 @@
-"""Fast conv -> BN -> ReLU and BN -> ReLU -> conv chains in modules ranet_fast did not write.
+"""Fast conv -> BN [-> act] and BN -> ReLU -> conv chains in modules ranet_fast did not write.
 
-:func:`ranet_fast.convert` finds the chains in two places:
+:func:`ranet_fast.convert` finds the chains in three places (what counts as a BN and as an
+activation: :mod:`ranet_fast.nn.patterns`):
 
 * an ``nn.Sequential`` (or a subclass that keeps ``nn.Sequential.forward``): consecutive children
-  Conv2d, BatchNorm2d, ReLU (and BatchNorm2d, ReLU, Conv2d) form a *segment*; the other children
-  run as they are;
-* a module whose ``forward``, traced with ``torch.fx``, is exactly one chain of its own Conv2d,
-  BatchNorm2d and ReLU children (ReLU as a module or as ``F.relu``/``torch.relu``/``.relu()``,
-  in place or not), optionally returned concatenated with the input (``cat([x, chain(x)], 1)``,
-  the DenseNet-style layer). Anything else in the graph, and a failed trace, leaves it alone.
+  conv, BN [, activation] (and BN, ReLU, conv) form a *segment*; the other children run as they are;
+* a module whose ``forward``, traced with ``torch.fx`` (its children as single calls), is exactly one
+  chain of its children, optionally returned concatenated with the input (``cat([x, chain(x)], 1)``,
+  the DenseNet-style layer): :class:`FastChainMixin`;
+* a module whose traced ``forward`` contains chains among other operations (a residual add, a
+  squeeze-excite): :class:`FastGraphMixin` runs, in eval mode, the traced graph with each chain
+  replaced by one call. A failed trace leaves the module alone.
 
-A segment is one ``fused_conv2d`` call: an eval-mode BN before the conv (with its ReLU) is folded
-into the prologue, a BN after it into the epilogue (with the conv's bias), a trailing ReLU is the
-epilogue's. A conv followed by BN and anything but a ReLU is not a segment unless the BN is the
-last child of the ``Sequential`` (``conv-bn``): its output is then the module's output, exactly.
+A chain step's output must go only to the next step. In eval mode a conv -> BN [-> act] (no BN
+before the conv) runs as the conv with the BN folded into its weight and bias, followed by the
+activation (any conv: groups, dilation, padding modes); a chain with a BN -> ReLU before the conv
+is one ``fused_conv2d`` call (BN and ReLU in its prologue, a BN after the conv in its epilogue), as
+is a segment written straight into a buffer's channel slice. An activation the op lacks runs
+after the fused call.
 
 The module's class is changed to a subclass (made once per original class) that overrides only
 ``forward``, so parameters, buffers, state_dict keys, hooks and ``isinstance`` stay as they were.
 A segment runs fused only when it is exactly equivalent at that call: its BNs in eval mode with
-running statistics, the conv one ``fused_conv2d`` computes (see ``common.conv_supported``), no
-autocast, no hooks on the modules the segment would skip, the children still the ones that were
-planned, and outside :func:`ranet_fast.nn.common.official_forward`. Otherwise it runs its children
-(a traced module: its original ``forward``). Train mode is therefore the original computation,
-and a frozen (eval-mode) BN inside a training model is folded differentiably.
+running statistics, the conv one the chosen path computes, no autocast, no hooks on the modules
+the segment would skip, the children still the ones that were planned, and outside
+:func:`ranet_fast.nn.common.official_forward`. Otherwise it runs its children (a traced module in
+train mode: its original ``forward``). Train mode is therefore the original computation, and a
+frozen (eval-mode) BN inside a training model is folded differentiably.
 
-The fx proof is a trace with the module's attributes at conversion time: a ``forward`` that
-branches on a Python attribute which is changed after ``convert`` is not re-checked. Tracing calls
-``forward`` once on proxies, so Python side effects in it (a counter, a print) happen once more.
+The fx proof is a trace in eval mode with the module's attributes at conversion time: a ``forward``
+that branches on a Python attribute which is changed after ``convert`` is not re-checked, and the
+traced graph is what runs (``out += y`` becomes ``out = out + y``). Tracing calls ``forward`` once
+on proxies, so Python side effects in it (a counter, a print) happen once more.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules import module as _module_globals
 
 from ranet_fast.ops import fused_conv2d
