@@ -25,7 +25,7 @@ BENCHMARKS = {
     # The model as a whole.
     "suite": "throughput suite: eager, converted, optimize and torch.compile on RANets (anytime, early exit, train)",
     "early_exit": "real early exit: realised vs FLOPs-predicted speed-up per budget",
-    "convert": "ranet_fast.convert on torchvision models vs eager and torch.compile",
+    "convert": "ranet_fast.convert on torchvision and timm CNNs vs eager (and torch.compile)",
     "roofline": "FLOPs and bytes floors of RANet layers on a given device (no timing)",
     # The GPU check, and the tables published from the results files.
     "gpu_check": "the GPU check: tests, benchmarks and sanitizer stages under one deadline",

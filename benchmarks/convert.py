@@ -1,19 +1,26 @@
-"""ranet_fast.convert on models ranet_fast did not write: converted vs eager vs torch.compile (eval forward).
+"""ranet_fast.convert on models ranet_fast did not write: converted vs eager (vs torch.compile), eval forward.
 
-    python -m benchmarks convert --models resnet18 densenet-small --batch 32 --size 64 --device cpu \
-        --json benchmarks/results/convert-cpu.json
+    python -m benchmarks convert --no-compile --json benchmarks/results/convert-cpu-zoo.json   # the zoo
+    python -m benchmarks convert --models resnet18 densenet-small --batch 32 --size 64
 
-Each model comes from torchvision with random weights and random BN statistics, in eval mode
-without gradients: the eager model, ``ranet_fast.convert`` of a copy, and (unless
-``--no-compile``) ``torch.compile`` of the eager model. The converted model's logits are checked
-against eager's before anything is timed. Each figure is the median over ``--repeats`` rounds; in
-every round each contender is timed once (torch.utils.benchmark's blocked_autorange, which
-synchronises CUDA), in turn, so that slow phases of a shared machine hit every contender alike.
+Each model comes from torchvision or timm (``pretrained=False``: random weights) with random BN
+statistics, in eval mode without gradients: the eager model, ``ranet_fast.convert`` of a copy, and
+(unless ``--no-compile``) ``torch.compile`` of the eager model. The converted model's logits are
+checked against eager's before anything is timed. Each figure is the median over ``--repeats``
+rounds; in every round each contender is timed once (torch.utils.benchmark's blocked_autorange,
+which synchronises CUDA), in turn, so that slow phases of a shared machine hit every contender
+alike. Per model the result has the fused chains (``segments``) and the speed ratio eager /
+converted; the summary the median of those ratios and the smallest.
+
+``ZOO`` is also the model list of tests/test_convert_zoo.py, which checks every model exact.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,7 +31,57 @@ from ranet_fast.nn import convert
 from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, interleaved_medians, provenance,
                      write_json)
 
-MODELS = {
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One CNN of the zoo: where it comes from, its family, how to build it (random weights, 10 classes)."""
+
+    library: str  # "torchvision" or "timm"
+    family: str
+    build: Callable[[], nn.Module]
+    has_batch_norm: bool = True  # without BN there is nothing to fuse (ConvNeXt: LayerNorm)
+
+
+def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm  # a test and benchmark dependency only
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return build
+
+
+_tv = torchvision.models
+ZOO: dict[str, ZooModel] = {
+    "tv_resnet18": ZooModel("torchvision", "ResNet", lambda: _tv.resnet18(num_classes=10)),
+    "tv_resnext50_32x4d": ZooModel("torchvision", "ResNeXt", lambda: _tv.resnext50_32x4d(num_classes=10)),
+    "tv_densenet121": ZooModel("torchvision", "DenseNet", lambda: _tv.densenet121(num_classes=10)),
+    "tv_mobilenet_v2": ZooModel("torchvision", "MobileNetV2", lambda: _tv.mobilenet_v2(num_classes=10)),
+    "tv_mobilenet_v3_small": ZooModel("torchvision", "MobileNetV3", lambda: _tv.mobilenet_v3_small(num_classes=10)),
+    "tv_efficientnet_b0": ZooModel("torchvision", "EfficientNet", lambda: _tv.efficientnet_b0(num_classes=10)),
+    "tv_regnet_y_400mf": ZooModel("torchvision", "RegNet", lambda: _tv.regnet_y_400mf(num_classes=10)),
+    "tv_googlenet": ZooModel("torchvision", "GoogLeNet", lambda: _tv.googlenet(num_classes=10, aux_logits=False,
+                                                                                init_weights=False)),
+    "tv_shufflenet_v2_x0_5": ZooModel("torchvision", "ShuffleNet", lambda: _tv.shufflenet_v2_x0_5(num_classes=10)),
+    "tv_mnasnet0_5": ZooModel("torchvision", "MNASNet", lambda: _tv.mnasnet0_5(num_classes=10)),
+    "timm_resnet18d": ZooModel("timm", "ResNet-D", _timm("resnet18d")),
+    "timm_tinynet_e": ZooModel("timm", "EfficientNet", _timm("tinynet_e")),
+    "timm_mobilenetv3_small_100": ZooModel("timm", "MobileNetV3", _timm("mobilenetv3_small_100")),
+    "timm_densenet121": ZooModel("timm", "DenseNet", _timm("densenet121")),
+    "timm_regnetx_002": ZooModel("timm", "RegNet", _timm("regnetx_002")),
+    "timm_dla34": ZooModel("timm", "DLA", _timm("dla34")),
+    "timm_cspresnet50": ZooModel("timm", "CSPNet", _timm("cspresnet50")),
+    "timm_ghostnet_100": ZooModel("timm", "GhostNet", _timm("ghostnet_100")),
+    "timm_rexnet_100": ZooModel("timm", "ReXNet", _timm("rexnet_100")),
+    "timm_selecsls42b": ZooModel("timm", "SelecSLS", _timm("selecsls42b")),
+    "timm_ese_vovnet19b_dw": ZooModel("timm", "VoVNet", _timm("ese_vovnet19b_dw")),
+    "timm_hrnet_w18_small": ZooModel("timm", "HRNet", _timm("hrnet_w18_small")),
+    "timm_repvgg_a0": ZooModel("timm", "RepVGG", _timm("repvgg_a0")),
+    "timm_lcnet_050": ZooModel("timm", "LCNet", _timm("lcnet_050")),
+    "timm_convnext_atto": ZooModel("timm", "ConvNeXt", _timm("convnext_atto"), has_batch_norm=False),
+}
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    **{name: model.build for name, model in ZOO.items()},
     "vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=1000),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=1000),
     "densenet-small": lambda: torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
@@ -32,6 +89,12 @@ MODELS = {
     "densenet121": lambda: torchvision.models.densenet121(num_classes=1000),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=1000),
 }
+
+
+def fused_segments(counts: dict[str, int]) -> int:
+    """The fused chains among convert's counts (its patterns, e.g. ``conv-bn-relu``; not the counts of
+    modules holding them, ``graph``/``chain``/``concat-chain``, nor those of known classes)."""
+    return sum(n for key, n in counts.items() if "conv" in key and key[0].islower())
 
 
 def build(name: str, device, dtype) -> nn.Module:
@@ -63,13 +126,14 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
                 torch.testing.assert_close(result, reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
         seconds = interleaved_medians({c: (lambda m=m: m(x)) for c, m in models.items()}, repeats, min_run_time)
     return {"model": name, "batch": batch, "size": size, "forward_s": seconds,
+            "speedup": seconds["eager"] / seconds["converted"], "segments": fused_segments(fast.ranet_fast_converted),
             "converted": fast.ranet_fast_converted, "left_alone": len(fast.ranet_fast_report.left_alone)}
 
 
 def main(argv=None) -> dict:
     parser = benchmark_parser(__spec__.name, __doc__)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["resnet18", "densenet-small"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[32])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(ZOO), help="default: the zoo")
+    parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--size", type=int, default=64, help="input height and width")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     add_run_arguments(parser)
@@ -77,7 +141,7 @@ def main(argv=None) -> dict:
 
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     contenders = ["converted", "eager"] + ([] if options.no_compile else ["compile"])
-    print(f"{'model':<20} {'batch':>5} " + " ".join(f"{n:>12}" for n in contenders)
+    print(f"{'model':<28} {'batch':>5} " + " ".join(f"{n:>12}" for n in contenders)
           + "  converted speed-up vs " + ", ".join(contenders[1:]))
     rows = []
     for name in options.models:
@@ -86,10 +150,16 @@ def main(argv=None) -> dict:
                             options.repeats, options.min_run_time)
             rows.append(row)
             seconds = row["forward_s"]
-            print(f"{name:<20} {batch:>5} " + " ".join(f"{seconds[n] * 1e3:>10.2f}ms" for n in contenders) + "  "
+            print(f"{name:<28} {batch:>5} " + " ".join(f"{seconds[n] * 1e3:>10.2f}ms" for n in contenders) + "  "
                   + ", ".join(f"{seconds[n] / seconds['converted']:.2f}x" for n in contenders[1:]), flush=True)
-    result = {**provenance("convert"), "device": str(device), "dtype": options.dtype, "layout": options.layout, "size": options.size,
-              "repeats": options.repeats, "rows": rows}
+    speedups = [row["speedup"] for row in rows]
+    summary = {"models": len(rows), "with_fused_chains": sum(row["segments"] > 0 for row in rows),
+               "median_speedup": statistics.median(speedups), "min_speedup": min(speedups)}
+    print(f"{summary['with_fused_chains']} of {summary['models']} with fused chains; speed-up vs eager: median "
+          f"{summary['median_speedup']:.3f}x, smallest {summary['min_speedup']:.3f}x")
+    result = {**provenance("convert"), "device": str(device), "dtype": options.dtype, "layout": options.layout,
+              "size": options.size, "repeats": options.repeats, "min_run_time": options.min_run_time,
+              "rows": rows, "summary": summary}
     write_json(options.json, result)
     return result
 

@@ -21,7 +21,7 @@ from torchvision.models.inception import BasicConv2d
 import ranet_fast
 from ranet_fast.models import MSDNet, RANet, msdnet_config, ranet_config
 from ranet_fast.models.msdnet import MSDNFirstLayer
-from ranet_fast.nn.generic import FastChainMixin, FastSequentialMixin
+from ranet_fast.nn.generic import FastChainMixin, FastGraphMixin, FastSequentialMixin
 from ranet_fast.nn.msdnet_layers import FastConvDownNormal, FastMSDConvNormal
 from ranet_fast.nn.torchvision_densenet import FastDenseBlock, FastDenseLayer
 from model_testing import randomize_bn
@@ -138,7 +138,7 @@ class PreActDenseLayer(nn.Module):
 
 
 class Residual(nn.Module):
-    """conv -> BN -> ReLU plus the input: not a plain chain, so it must be left alone."""
+    """conv -> BN -> ReLU plus the input: the chain fuses inside the traced forward."""
 
     def __init__(self, c):
         super().__init__()
@@ -149,6 +149,19 @@ class Residual(nn.Module):
         return F.relu(self.bn(self.conv(x))) + x
 
 
+class DataDependent(nn.Module):
+    """A forward that branches on the data: torch.fx cannot trace it, so it must be left alone."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.relu() if y.sum() > 0 else y
+
+
 def handwritten():
     return nn.Sequential(
         ConvBNReLU(3, 8),
@@ -156,6 +169,7 @@ def handwritten():
         PreActDenseLayer(8, 4),
         nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12), nn.ReLU(inplace=True)),
         Residual(12),
+        DataDependent(12),
         nn.Conv2d(12, 6, 3, 2, 1), nn.BatchNorm2d(6),  # conv -> BN at the end of a Sequential
     )
 
@@ -169,20 +183,22 @@ def test_handwritten_patterns_are_fused_and_equal():
     assert isinstance(fast[1], FastChainMixin) and isinstance(fast[1], BasicConv2d)
     assert isinstance(fast[2], FastChainMixin) and fast[2]._ranet_fast_plan.concat
     assert isinstance(fast[3], FastSequentialMixin) and isinstance(fast, FastSequentialMixin)
-    assert type(fast[4]) is Residual
+    assert isinstance(fast[4], FastGraphMixin) and isinstance(fast[4], Residual)
+    assert type(fast[5]) is DataDependent
     report = fast.ranet_fast_report
     assert dict(report.replaced)["3"] == "bn-relu-conv-bn-relu (0, 1, 2, 3, 4)"
-    assert ("", "conv-bn (5, 6)") in report.replaced
-    assert "forward is not a plain conv/BN/ReLU chain" in dict(report.left_alone)["4"]
-    assert fast.ranet_fast_converted == {"chain": 2, "concat-chain": 1, "conv-bn-relu": 2, "bn-relu-conv": 1,
-                                         "bn-relu-conv-bn-relu": 1, "conv-bn": 1}
+    assert dict(report.replaced)["4"] == "traced forward with conv-bn-relu (conv, bn, F.relu)"
+    assert ("", "conv-bn (6, 7)") in report.replaced
+    assert "torch.fx cannot trace its forward" in dict(report.left_alone)["5"]
+    assert fast.ranet_fast_converted == {"chain": 2, "concat-chain": 1, "graph": 1, "conv-bn-relu": 3,
+                                         "bn-relu-conv": 1, "bn-relu-conv-bn-relu": 1, "conv-bn": 1}
     check_state_dict(eager, fast)
     check_equivalent(eager, fast, image())
 
 
 def test_handwritten_fused_paths_skip_the_children_in_eval_mode(monkeypatch):
     """The equality above must come from the fused op: in eval mode no conv module runs where a
-    segment was planned (only the residual block's, left alone)."""
+    segment was planned (only the data-dependent block's, left alone)."""
     eager, fast = eager_and_fast(handwritten())
     fast.eval()
     calls = []
@@ -190,7 +206,7 @@ def test_handwritten_fused_paths_skip_the_children_in_eval_mode(monkeypatch):
         x, self.weight, self.bias))
     with torch.no_grad():
         fast(image())
-    assert calls == [fast[4].conv]
+    assert calls == [fast[5].conv]
 
 
 def test_dense_concat_layer_writes_one_buffer_without_cat(monkeypatch):
@@ -207,29 +223,26 @@ def test_dense_concat_layer_writes_one_buffer_without_cat(monkeypatch):
 
 
 @pytest.mark.parametrize("activation", [nn.SiLU, nn.ReLU6, nn.Hardswish])
-def test_conv_bn_with_another_activation_is_untouched(activation):
+def test_conv_bn_before_an_activation_the_op_lacks_fuses_and_the_activation_runs_after(activation):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), activation(),
                           ConvBNReLU(8, 8, activation=F.silu))
     eager, fast = eager_and_fast(model)
-    assert type(fast) is nn.Sequential and type(fast[3]) is ConvBNReLU
-    assert fast.ranet_fast_converted == {}
-    reasons = dict(fast.ranet_fast_report.left_alone)
-    assert reasons["0"].startswith(f"conv -> BN -> {activation.__name__}: only a ReLU")
-    assert "not a plain conv/BN/ReLU chain (graph: conv -> bn -> silu)" in reasons["3"]
-    eager.eval(), fast.eval()
-    with torch.no_grad():
-        assert torch.equal(fast(image()), eager(image()))
+    assert isinstance(fast, FastSequentialMixin) and isinstance(fast[3], FastGraphMixin)
+    assert fast.ranet_fast_converted == {"conv-bn": 2, "graph": 1}
+    assert dict(fast.ranet_fast_report.replaced)["3"] == "traced forward with conv-bn (conv, bn)"
+    assert not fast.ranet_fast_report.left_alone
+    check_equivalent(eager, fast, image())
 
 
 def test_resnet18():
     eager, fast = eager_and_fast(torchvision.models.resnet18(num_classes=10))
     report = fast.ranet_fast_report
-    # The downsample shortcuts (conv -> BN, the Sequential's output) fuse; a BasicBlock's forward adds
-    # the shortcut, so it is not a plain chain and stays as it is, with the reason.
-    assert [name for name, _ in report.replaced] == ["layer2.0.downsample", "layer3.0.downsample",
-                                                     "layer4.0.downsample"]
-    assert type(fast.layer1[0]) is torchvision.models.resnet.BasicBlock
-    assert "not a plain conv/BN/ReLU chain" in dict(report.left_alone)["layer1.0"]
+    # The stem (conv1 -> bn1 -> relu in the model's own forward), each BasicBlock's two chains
+    # (around the shortcut's add) and the downsample shortcuts (conv -> BN Sequentials) fuse.
+    assert isinstance(fast, FastGraphMixin) and isinstance(fast.layer1[0], FastGraphMixin)
+    assert dict(report.replaced)["layer1.0"] == "traced forward with conv-bn-relu (conv1, bn1, relu), conv-bn (conv2, bn2)"
+    assert fast.ranet_fast_converted == {"graph": 9, "conv-bn-relu": 9, "conv-bn": 11}
+    assert not report.left_alone
     check_state_dict(eager, fast)
     eager.eval(), fast.eval()
     with torch.no_grad():
@@ -288,19 +301,15 @@ def test_densenet_layer_with_dropout_in_train_mode_is_the_original():
     assert torch.equal(fast(x), expected)
 
 
-def test_mobilenet_v3_small_leaves_depthwise_and_hardswish_alone():
+def test_mobilenet_v3_small_folds_depthwise_convs_and_runs_hardswish_after():
     eager, fast = eager_and_fast(torchvision.models.mobilenet_v3_small(num_classes=10))
+    replaced = dict(fast.ranet_fast_report.replaced)
+    assert fast.features[1].block[0][0].groups == 16 and replaced["features.1.block.0"] == "conv-bn-relu (0, 1, 2)"
+    assert replaced["features.0"] == "conv-bn (0, 1)"  # then its Hardswish
     reasons = dict(fast.ranet_fast_report.left_alone)
-    assert reasons["features.1.block.0.0"].startswith("groups=16 (grouped/depthwise)")
-    assert reasons["features.0.0"].startswith("conv -> BN -> Hardswish")
-    for name, module in fast.named_modules():
-        if isinstance(module, nn.Sequential) and any(
-                isinstance(m, nn.Conv2d) and m.groups > 1 for m in module.children()):
-            assert not isinstance(module, FastSequentialMixin), name  # a depthwise conv unit stays eager
-    assert fast.ranet_fast_converted["conv-bn-relu"] > 0 and fast.ranet_fast_converted["conv-bn"] > 0
+    assert reasons["features.1.block.1.fc1"] == "no BatchNorm2d (+ ReLU) pattern around it that convert recognises"
     convs = {id(m) for m in fast.modules() if isinstance(m, nn.Conv2d)}
-    accounted = {id(fast.get_submodule(name)) for name, _ in fast.ranet_fast_report.left_alone
-                 if isinstance(fast.get_submodule(name), nn.Conv2d)}
+    accounted = {id(fast.get_submodule(name)) for name in reasons if isinstance(fast.get_submodule(name), nn.Conv2d)}
     assert len(accounted) + sum(fast.ranet_fast_converted.values()) == len(convs)  # every conv: fused or explained
     check_state_dict(eager, fast)
     eager.eval(), fast.eval()
@@ -386,9 +395,9 @@ def test_converting_twice_changes_nothing():
 def test_verbose_prints_the_report(capsys):
     ranet_fast.convert(handwritten(), verbose=True)
     printed = capsys.readouterr().out
-    assert printed.startswith("ranet_fast.convert: 5 replaced, 1 left alone")
+    assert printed.startswith("ranet_fast.convert: 6 replaced, 1 left alone")
     assert "replaced    2: cat([x, bn-relu-conv (bn, relu, conv)], 1)" in printed
-    assert "left alone  4: Residual: forward is not a plain" in printed
+    assert "left alone  5: DataDependent: torch.fx cannot trace its forward" in printed
 
 
 def test_pickle_round_trip():

@@ -27,7 +27,7 @@ from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal,
 
 from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
-from .generic import FastChainMixin, FastSequentialMixin, install, plan_sequential, plan_traced, uninstall
+from .generic import FastChainMixin, FastGraphMixin, FastSequentialMixin, install, plan_sequential, plan_traced, uninstall
 from .msdnet_layers import FastConvDownNormal, FastMSDConvNormal
 
 # Official class -> fast subclass. A fast class only overrides forward, so a module is converted
@@ -96,8 +96,9 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 
 
 def _has_conv_and_bn_children(module: nn.Module) -> bool:
-    kinds = {type(child) for child in module.children()}
-    return nn.Conv2d in kinds and nn.BatchNorm2d in kinds
+    children = list(module.children())
+    return (any(type(child) is nn.Conv2d for child in children)
+            and any(isinstance(child, nn.BatchNorm2d) for child in children))
 
 
 def _record_plan(module: nn.Module, name: str, report: ConvertReport, covered: set[int]) -> None:
@@ -106,6 +107,9 @@ def _record_plan(module: nn.Module, name: str, report: ConvertReport, covered: s
         pattern = ", ".join(s.describe() for s in plan.segments)
         report.replaced.append((name, f"cat([x, {pattern}], 1)" if plan.concat else pattern))
         report.counts["concat-chain" if plan.concat else "chain"] += 1
+    elif isinstance(module, FastGraphMixin):
+        report.replaced.append((name, "traced forward with " + ", ".join(s.describe() for s in plan.segments)))
+        report.counts["graph"] += 1
     for segment in plan.segments:
         if isinstance(module, FastSequentialMixin):
             report.replaced.append((name, segment.describe()))
@@ -135,16 +139,17 @@ def _visit(module: nn.Module, name: str, known: _Known, report: ConvertReport, c
         elif isinstance(module, FastSequentialMixin):
             uninstall(module)
         report.left_alone += [(_join(name, child), reason) for child, reason in notes]
-    elif isinstance(module, FastChainMixin):  # converted before: report it as it is
+    elif isinstance(module, (FastChainMixin, FastGraphMixin)):  # converted before: report it as it is
         _record_plan(module, name, report, covered)
     elif fast is None and _has_conv_and_bn_children(module) and not isinstance(module, (nn.ModuleList,
                                                                                       nn.ModuleDict)):
-        plan, description = plan_traced(module)
+        mixin, plan, description, notes = plan_traced(module)
         if plan is None:
             report.left_alone.append((name, f"{type(module).__name__}: {description}"))
         else:
-            install(module, FastChainMixin, plan)
+            install(module, mixin, plan)
             _record_plan(module, name, report, covered)
+        report.left_alone += [(_join(name, child), reason) for child, reason in notes]
     owned = known.owned.get(type(module), ())
     for child_name, child in module.named_children():
         if child_name in owned:

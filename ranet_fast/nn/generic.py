@@ -1,43 +1,52 @@
-"""Fast conv -> BN -> ReLU and BN -> ReLU -> conv chains in modules ranet_fast did not write.
+"""Fast conv -> BN [-> act] and BN -> ReLU -> conv chains in modules ranet_fast did not write.
 
-:func:`ranet_fast.convert` finds the chains in two places:
+:func:`ranet_fast.convert` finds the chains in three places (what counts as a BN and as an
+activation: :mod:`ranet_fast.nn.patterns`):
 
 * an ``nn.Sequential`` (or a subclass that keeps ``nn.Sequential.forward``): consecutive children
-  Conv2d, BatchNorm2d, ReLU (and BatchNorm2d, ReLU, Conv2d) form a *segment*; the other children
-  run as they are;
-* a module whose ``forward``, traced with ``torch.fx``, is exactly one chain of its own Conv2d,
-  BatchNorm2d and ReLU children (ReLU as a module or as ``F.relu``/``torch.relu``/``.relu()``,
-  in place or not), optionally returned concatenated with the input (``cat([x, chain(x)], 1)``,
-  the DenseNet-style layer). Anything else in the graph, and a failed trace, leaves it alone.
+  conv, BN [, activation] (and BN, ReLU, conv) form a *segment*; the other children run as they are;
+* a module whose ``forward``, traced with ``torch.fx`` (its children as single calls), is exactly one
+  chain of its children, optionally returned concatenated with the input (``cat([x, chain(x)], 1)``,
+  the DenseNet-style layer): :class:`FastChainMixin`;
+* a module whose traced ``forward`` contains chains among other operations (a residual add, a
+  squeeze-excite): :class:`FastGraphMixin` runs, in eval mode, the traced graph with each chain
+  replaced by one call. A failed trace leaves the module alone.
 
-A segment is one ``fused_conv2d`` call: an eval-mode BN before the conv (with its ReLU) is folded
-into the prologue, a BN after it into the epilogue (with the conv's bias), a trailing ReLU is the
-epilogue's. A conv followed by BN and anything but a ReLU is not a segment unless the BN is the
-last child of the ``Sequential`` (``conv-bn``): its output is then the module's output, exactly.
+A chain step's output must go only to the next step. In eval mode a conv -> BN [-> act] (no BN
+before the conv) runs as the conv with the BN folded into its weight and bias, followed by the
+activation (any conv: groups, dilation, padding modes); a chain with a BN -> ReLU before the conv
+is one ``fused_conv2d`` call (BN and ReLU in its prologue, a BN after the conv in its epilogue), as
+is a segment written straight into a buffer's channel slice. An activation the op lacks runs
+after the fused call.
 
 The module's class is changed to a subclass (made once per original class) that overrides only
 ``forward``, so parameters, buffers, state_dict keys, hooks and ``isinstance`` stay as they were.
 A segment runs fused only when it is exactly equivalent at that call: its BNs in eval mode with
-running statistics, the conv one ``fused_conv2d`` computes (see ``common.conv_supported``; under
-autocast in the autocast dtype, on an input already in it), no hooks on the modules the segment would skip, the children still the ones that were
-planned, and outside :func:`ranet_fast.nn.common.official_forward`. Otherwise it runs its children
-(a traced module: its original ``forward``). Train mode is therefore the original computation,
-and a frozen (eval-mode) BN inside a training model is folded differentiably.
+running statistics, the conv one the chosen path computes (under autocast: an input already in the
+autocast dtype, the conv computed in it as eager's is), no hooks on the modules the segment would
+skip, the children still the ones that were planned, and outside
+:func:`ranet_fast.nn.common.official_forward`. Otherwise it runs its children (a traced module in
+train mode: its original ``forward``). Train mode is therefore the original computation, and a
+frozen (eval-mode) BN inside a training model is folded differentiably. Where fusing applies, the
+module's forward is one candidate of the measured dispatch (:func:`ranet_fast.nn.common.run_faster_path`)
+and its original forward the other, so a fused module runs whichever this device runs faster.
 
-The fx proof is a trace with the module's attributes at conversion time: a ``forward`` that
-branches on a Python attribute which is changed after ``convert`` is not re-checked. Tracing calls
-``forward`` once on proxies, so Python side effects in it (a counter, a print) happen once more.
+The fx proof is a trace in eval mode with the module's attributes at conversion time: a ``forward``
+that branches on a Python attribute which is changed after ``convert`` is not re-checked, and the
+traced graph is what runs (``out += y`` becomes ``out = out + y``). Tracing calls ``forward`` once
+on proxies, so Python side effects in it (a counter, a print) happen once more.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules import module as _module_globals
 
 from ranet_fast.ops import fused_conv2d
@@ -46,29 +55,39 @@ from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
 from .dense import _bn_foldable, folded_bn
+from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_arguments, activation_name,
+                       batch_norm_kind, is_functional_relu, trace_own_forward)
 from .precision import autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
-
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One fused_conv2d over children of the owning module: [pre_bn -> ReLU ->] conv [-> post_bn [-> ReLU]].
+    """One fused_conv2d over children of the owning module: [pre_bn -> ReLU ->] conv [-> post_bn [-> act]].
 
-    ``steps`` are the children in call order; ``None`` stands for a functional ReLU of a traced forward.
+    ``steps`` are the children in call order; ``None`` stands for a functional ReLU of a traced
+    forward. ``activation`` is the epilogue's (a name of ``patterns.OP_EPILOGUE_ACTIVATIONS``).
+    ``then_bn_activation``: ``post_bn`` is a BN+activation module whose activation the op lacks; it
+    runs (``post_bn.act``) on the fused result.
     """
 
     conv: str
     pre_bn: str | None
     post_bn: str | None
-    relu: bool
+    activation: str
     steps: tuple[str | None, ...]
+    then_bn_activation: bool = False
 
     @property
     def pattern(self) -> str:
-        return "-".join(["bn-relu"] * (self.pre_bn is not None) + ["conv"] + ["bn"] * (self.post_bn is not None)
-                        + ["relu"] * self.relu)
+        parts = ["bn-relu"] * (self.pre_bn is not None) + ["conv"] + ["bn"] * (self.post_bn is not None)
+        parts += [self.activation] * (self.activation != "none")
+        return "-".join(parts) + ("+act" if self.then_bn_activation else "")
+
+    @property
+    def folds(self) -> bool:
+        """conv -> BN [-> act] without a BN before the conv: in eval mode the BN is folded into the conv's
+        weight and bias, and the conv runs as the module would run it (any groups, dilation, padding)."""
+        return self.pre_bn is None and self.post_bn is not None
 
     def describe(self) -> str:
         return f"{self.pattern} ({', '.join('F.relu' if s is None else s for s in self.steps)})"
@@ -77,11 +96,16 @@ class Segment:
 @dataclass
 class Plan:
     """What a fast module runs: segments and plain children (names) in order, and the children it was
-    planned for (identity-checked at every call: a replaced child voids the plan)."""
+    planned for (identity-checked at every call: a replaced child voids the plan).
+
+    A plan of a traced forward that is not one chain (:class:`FastGraphMixin`) holds only its
+    segments and ``graph_forward``, the traced forward with each segment's calls replaced by one.
+    """
 
     items: tuple[Segment | str, ...]
     children: tuple[nn.Module, ...]
     concat: bool = False  # traced dense layer: the result is cat([x, chain(x)], 1)
+    graph_forward: Callable | None = field(default=None, compare=False, repr=False)
 
     def current(self, owner: nn.Module) -> bool:
         modules = owner._modules.values()
@@ -90,6 +114,10 @@ class Plan:
     @property
     def segments(self) -> list[Segment]:
         return [item for item in self.items if isinstance(item, Segment)]
+
+    def __getstate__(self):
+        # The generated forward cannot be pickled; the module traces its forward again on first use.
+        return {**self.__dict__, "graph_forward": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,63 +143,87 @@ def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def _kind(module: nn.Module | None) -> str:
-    """Exact classes only: a subclass may change forward in ways a fused segment would not honour."""
+def _describe(module: nn.Module | None) -> tuple[str, object]:
+    """(kind, detail) of one chain step: ("conv", None), ("bn", BatchNormKind), ("act", op name) or
+    ("other", why a BatchNorm2d is not foldable, or None). Exact torch.nn classes only (a subclass may
+    change forward), except BN+activation modules proven by structure (see :mod:`.patterns`)."""
     if module is None:
-        return "relu"  # a functional ReLU of a traced forward
-    return {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.ReLU: "relu"}.get(type(module), "other")
+        return "act", "relu"  # a functional ReLU of a traced forward
+    if type(module) is nn.Conv2d:
+        return "conv", None
+    kind, reason = batch_norm_kind(module)
+    if kind is not None:
+        return "bn", kind
+    name = activation_name(module)
+    return ("act", name) if name is not None else ("other", reason)
 
 
-def plan_chain(names: list[str | None], modules: list[nn.Module | None],
-               bn_may_end: bool) -> tuple[list[Segment | str], list[tuple[str, str]]]:
-    """Split a chain of children into segments and plain steps.
+def plan_chain(names: list[str | None],
+               modules: list[nn.Module | None]) -> tuple[list[Segment | str], list[tuple[str, str]]]:
+    """Split a chain of children (each one's output the next one's only input) into segments and plain steps.
 
-    Returns the items and (child name, reason) for each conv left out of every segment.
-    ``bn_may_end``: a conv -> BN at the very end of the chain is a segment (its output is the
-    module's output, so no activation of this module follows it).
+    Returns the items and (child name, reason) for each conv left out of every segment and for each
+    BatchNorm2d subclass that could not be folded. A conv -> BN followed by an activation the op
+    lacks is a segment; the activation runs after it.
     """
-    kinds = [_kind(m) for m in modules]
-    n = len(kinds)
+    described = [_describe(m) for m in modules]
+    n = len(described)
 
     def kind(i):
-        return kinds[i] if i < n else "end"
+        return described[i][0] if i < n else "end"
+
+    def act(i):
+        return described[i][1] if kind(i) == "act" else None
+
+    def bn(i):
+        return described[i][1] if kind(i) == "bn" else None
 
     items: list[Segment | str] = []
-    notes: list[tuple[str, str]] = []
+    notes = [(names[i], reason) for i, (k, reason) in enumerate(described) if k == "other" and reason]
     i = 0
     while i < n:
         j = i
         pre = None
-        if kind(j) == "bn" and kind(j + 1) == "relu" and kind(j + 2) == "conv":
-            pre, j = j, j + 2
+        if bn(i) and bn(i).act is None and act(i + 1) in OP_PROLOGUE_ACTIVATIONS and kind(i + 2) == "conv":
+            pre, j = i, i + 2
+        elif bn(i) and bn(i).activation in OP_PROLOGUE_ACTIVATIONS and kind(i + 1) == "conv":
+            pre, j = i, i + 1  # a BN+ReLU module
         segment = None
         if kind(j) == "conv":
-            conv, reason = modules[j], conv_unsupported_reason(modules[j])
-            post, relu, end = None, False, j + 1
-            if kind(j + 1) == "bn" and (kind(j + 2) == "relu" or (kind(j + 2) == "end" and bn_may_end)):
-                post, relu, end = j + 1, kind(j + 2) == "relu", j + 3 if kind(j + 2) == "relu" else j + 2
+            conv = modules[j]
+            post, activation, then_activation, end = None, "none", False, j + 1
+            if bn(j + 1):
+                post, end = j + 1, j + 2
+                inner = bn(j + 1).activation
+                skip = end
+                while act(skip) == "none":  # nn.Identity placeholders (timm's drop_block) between BN and act
+                    skip += 1
+                if inner is None and act(skip) in OP_EPILOGUE_ACTIVATIONS:
+                    activation, end = act(skip), skip + 1
+                elif inner in OP_EPILOGUE_ACTIVATIONS:
+                    activation = inner
+                elif inner is not None:
+                    then_activation = True
+            # Folding a BN after the conv works for any conv; fused_conv2d computes a subset.
+            reason = None if pre is None and post is not None else conv_unsupported_reason(conv)
             if reason is None and pre is not None and modules[pre].num_features != conv.in_channels:
                 reason = f"BN {names[pre]} has {modules[pre].num_features} features, conv reads {conv.in_channels}"
             if reason is None and post is not None and modules[post].num_features != conv.out_channels:
                 reason = f"BN {names[post]} has {modules[post].num_features} features, conv writes {conv.out_channels}"
             if reason is None and pre is None and post is None:
-                if kind(j + 1) == "bn":
-                    follower = "the end" if kind(j + 2) == "end" else type(modules[j + 2]).__name__
-                    reason = f"conv -> BN -> {follower}: only a ReLU (or nothing, at the end of a Sequential) fuses"
-                else:
-                    reason = "no BatchNorm2d (+ ReLU) right before or after it"
+                reason = "no BatchNorm2d right before or after it"
             if reason is None:
                 segment = Segment(conv=names[j], pre_bn=None if pre is None else names[pre],
-                                  post_bn=None if post is None else names[post], relu=relu,
-                                  steps=tuple(names[i:end]))
+                                  post_bn=None if post is None else names[post], activation=activation,
+                                  steps=tuple(names[i:end]), then_bn_activation=then_activation)
             elif pre is None:  # with a BN -> ReLU before it, the conv is judged again on its own below
                 notes.append((names[j], reason))
         if segment is not None:
             items.append(segment)
             i = i + len(segment.steps)
-        elif pre is not None:  # BN -> ReLU run as they are; the conv gets its own turn
-            items += [names[i], names[i + 1]]
-            i += 2
+        elif pre is not None:  # the BN (and its ReLU) run as they are; the conv gets its own turn
+            items += names[i:j]
+            i = j
         else:
             items.append(names[i])
             i += 1
@@ -181,17 +233,8 @@ def plan_chain(names: list[str | None], modules: list[nn.Module | None],
 def plan_sequential(module: nn.Sequential) -> tuple[Plan, list[tuple[str, str]]]:
     names = list(module._modules)
     modules = list(module._modules.values())
-    items, notes = plan_chain(names, modules, bn_may_end=True)
+    items, notes = plan_chain(names, modules)
     return Plan(items=tuple(items), children=tuple(modules)), notes
-
-
-def _relu_node(node: torch.fx.Node, previous: torch.fx.Node) -> bool:
-    """A functional ReLU of ``previous`` only (F.relu/torch.relu/relu_, or the tensor methods)."""
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        extra = node.args[1:]
-        return (node.args[:1] == (previous,) and len(extra) <= 1 and all(isinstance(a, bool) for a in extra)
-                and set(node.kwargs) <= {"inplace"})
-    return node.op == "call_method" and node.target in _RELU_METHODS and node.args == (previous,) and not node.kwargs
 
 
 def _is_cat_of(node: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> bool:
@@ -202,53 +245,122 @@ def _is_cat_of(node: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> bool:
     return list(tensors or ()) == [x, y] and dim in (1, -3) and set(node.kwargs) <= {"tensors", "dim"}
 
 
-def plan_traced(module: nn.Module) -> tuple[Plan | None, str]:
-    """(plan, description) when ``module.forward`` is provably one fusable chain of its children,
-    else (None, why not)."""
+def _chain_link(module: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether ``node`` can be a step of a chain: a call of a child on one value, or a functional ReLU."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    if node.op == "call_module":
+        return node.target in module._modules and len(node.args) == 1 and not node.kwargs
+    return is_functional_relu(node, node.args[0])
+
+
+def _chains(module: nn.Module, graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
+    """The maximal runs of chain steps in which each step is the only user of the step before."""
+    runs: list[list[torch.fx.Node]] = []
+    run_ending_at: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if not _chain_link(module, node):
+            continue
+        source = node.args[0]
+        run = run_ending_at.pop(source, None) if len(source.users) == 1 else None
+        if run is None:
+            run = []
+            runs.append(run)
+        run.append(node)
+        run_ending_at[node] = run
+    return runs
+
+
+def _step_name(node: torch.fx.Node) -> str | None:
+    return node.target if node.op == "call_module" else None
+
+
+def _trace_in_eval_mode(module: nn.Module) -> torch.fx.Graph:
+    """The module's original forward in eval mode (the only mode its fused graph runs in), children as leaves."""
+    training, fast_class = module.training, type(module)
+    module.training = False
+    if isinstance(module, _FastModule):  # traced again after unpickling: the forward it was converted from
+        module.__class__ = fast_class._ranet_fast_base
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        return trace_own_forward(module)
+    finally:
+        module.training = training
+        module.__class__ = fast_class
+
+
+def plan_traced(module: nn.Module) -> tuple[type | None, Plan | None, str, list[tuple[str, str]]]:
+    """(mixin, plan, description, notes) for a module whose forward, traced with torch.fx, has fusable
+    chains; (None, None, why not, notes) otherwise. ``notes``: (child, reason) for each conv of a
+    chain that is not fused.
+
+    A forward that is one chain (optionally concatenated after the input) gets :class:`FastChainMixin`,
+    any other :class:`FastGraphMixin`.
+    """
+    try:
+        graph = _trace_in_eval_mode(module)
     except Exception as error:  # any failure to trace means: not provable
-        return None, f"torch.fx cannot trace its forward ({type(error).__name__}: {str(error).splitlines()[0][:100]})"
+        return None, None, f"torch.fx cannot trace its forward ({type(error).__name__}: " \
+                           f"{str(error).splitlines()[0][:100] if str(error) else ''})", []
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1 or placeholders[0].args:
-        return None, "forward does not take exactly one input"
+        return None, None, "forward does not take exactly one input", []
+    plans = []
+    for run in _chains(module, graph):
+        names = [_step_name(node) for node in run]
+        items, notes = plan_chain(names, [None if name is None else module._modules[name] for name in names])
+        plans.append((run, items, notes))
+    notes = [note for _, _, run_notes in plans for note in run_notes]
+    segments = [item for _, items, _ in plans for item in items if isinstance(item, Segment)]
+    ops = " -> ".join(_node_text(n) for n in nodes if n.op not in ("placeholder", "output", "get_attr"))
+    if not segments:
+        return None, None, f"no conv/BN chain that fuses in its forward (graph: {ops[:160]})", notes
     x = placeholders[0]
-    chain, previous = [], x
-    for node in nodes[1:]:
-        if node.op == "call_module" and node.args == (previous,) and not node.kwargs and node.target in module._modules:
-            chain.append(node.target)
-        elif _relu_node(node, previous):
-            chain.append(None)
-        else:
-            break
-        previous = node
-    rest = nodes[1 + len(chain):]
-    concat = len(rest) == 2 and _is_cat_of(rest[0], x, previous) and rest[1].op == "output" \
-        and rest[1].args == (rest[0],)
-    plain = len(rest) == 1 and rest[0].op == "output" and rest[0].args == (previous,)
-    expected_users = 2 if concat else 1
-    if not chain or not (plain or concat) or len(x.users) != expected_users \
-            or any(len(node.users) != 1 for node in nodes[1:1 + len(chain)]):
-        ops = " -> ".join(_node_text(n) for n in nodes if n.op not in ("placeholder", "output"))
-        return None, f"forward is not a plain conv/BN/ReLU chain (graph: {ops[:160]})"
-    modules = [None if name is None else module._modules[name] for name in chain]
-    # The chain's result is the module's output (or goes into the cat only), so a trailing conv -> BN
-    # has no activation of this module after it.
-    items, notes = plan_chain(chain, modules, bn_may_end=True)
-    if notes or not all(isinstance(item, Segment) for item in items):
-        why = "; ".join(f"{name}: {reason}" for name, reason in notes) or "a child outside every conv segment"
-        return None, f"chain {' -> '.join(_node_text_name(n) for n in chain)} does not fuse completely ({why})"
-    plan = Plan(items=tuple(items), children=tuple(module._modules.values()), concat=concat)
-    return plan, ", ".join(s.describe() for s in plan.segments) + (" inside cat([x, ...], 1)" if concat else "")
+    run, items, _ = plans[0]
+    if len(plans) == 1 and nodes[1:1 + len(run)] == run and all(isinstance(item, Segment) for item in items):
+        rest = nodes[1 + len(run):]
+        concat = len(rest) == 2 and _is_cat_of(rest[0], x, run[-1]) and rest[1].op == "output" \
+            and rest[1].args == (rest[0],) and len(x.users) == 2
+        plain = len(rest) == 1 and rest[0].op == "output" and rest[0].args == (run[-1],) and len(x.users) == 1
+        if plain or concat:
+            plan = Plan(items=tuple(items), children=tuple(module._modules.values()), concat=concat)
+            description = ", ".join(s.describe() for s in plan.segments) + (" inside cat([x, ...], 1)" if concat else "")
+            return FastChainMixin, plan, description, notes
+    index = itertools.count()
+    for run, items, _ in plans:
+        _replace_segments(graph, run, items, index)
+    plan = Plan(items=tuple(segments), children=tuple(module._modules.values()), graph_forward=_compile(graph))
+    return FastGraphMixin, plan, "traced forward with " + ", ".join(s.describe() for s in segments), notes
+
+
+def _replace_segments(graph: torch.fx.Graph, run: list[torch.fx.Node], items: list[Segment | str],
+                      index: Iterator[int]) -> None:
+    """Replace the nodes of each segment of ``run`` by one call of the owner's ``_ranet_fast_segment``
+    with the segment's position in the plan (``index`` counts the segments of all runs in order)."""
+    position = 0
+    for item in items:
+        if not isinstance(item, Segment):
+            position += 1
+            continue
+        steps = run[position:position + len(item.steps)]
+        position += len(item.steps)
+        with graph.inserting_before(steps[-1]):
+            fused = graph.call_module("_ranet_fast_segment", (next(index), steps[0].args[0]))
+        steps[-1].replace_all_uses_with(fused)
+        for node in reversed(steps):
+            graph.erase_node(node)
+
+
+def _compile(graph: torch.fx.Graph) -> Callable:
+    """The graph as a Python function of (owner, inputs...), as torch.fx's GraphModule generates it."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<ranet_fast traced forward>", "exec"), namespace)  # noqa: S102 - fx's own codegen
+    return namespace["forward"]
 
 
 def _node_text(node: torch.fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
-
-
-def _node_text_name(name: str | None) -> str:
-    return "F.relu" if name is None else name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,18 +378,72 @@ def has_hooks(module: nn.Module) -> bool:
 
 def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
     modules = owner._modules
-    for name in segment.steps:
-        if name is not None and has_hooks(modules[name]):
+    for name in segment.steps:  # a BN+activation module's drop and act included
+        if name is not None and any(has_hooks(module) for module in modules[name].modules()):
             return False
     for name in (segment.pre_bn, segment.post_bn):
         if name is not None and (modules[name].training or not _bn_foldable(modules[name])):
             return False
-    return conv_supported(modules[segment.conv], x)
+    conv = modules[segment.conv]
+    if segment.folds:  # F.conv2d with the folded weight: whatever conv the module has, in the weight's dtype
+        return x.dim() == 4 and x.dtype == conv.weight.dtype and x.dtype.is_floating_point
+    return conv_supported(conv, x)
+
+
+def writes_into(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
+    """Whether run_segment may write this segment's result into a buffer's channel slice (out=):
+    fused_conv2d computes the conv and the segment ends with the op's result."""
+    return not segment.then_bn_activation and conv_supported(owner._modules[segment.conv], x)
+
+
+_FOLDED_WEIGHTS = "_ranet_fast_folded_weight"
+
+
+def folded_weight(owner: nn.Module, key: str, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight * scale`` per output channel (computed in scale's dtype, stored in weight's), cached in
+    ``owner`` under ``key`` while the weight (same tensor, same version) and the scale (the same cached
+    tensor of :func:`folded_bn`, which is renewed whenever the BN changes) stay; recomputed each call
+    when the result must carry gradients."""
+    def fold():
+        return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
+        return fold()
+    cache = owner.__dict__.setdefault(_FOLDED_WEIGHTS, {})
+    entry = cache.get(key)
+    if entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2] is scale:
+        return entry[3]
+    with torch.no_grad():
+        folded = fold()
+    cache[key] = (weight, weight._version, scale, folded)
+    return folded
+
+
+def _run_folded(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Tensor:
+    """conv -> eval-mode BN [-> act] as the module's own conv with the BN folded into its weight and bias.
+
+    One convolution with a bias and the activation on its result: no separate BN pass over the
+    output, and the conv keeps its groups, dilation and padding. The folded weight is computed in
+    the accumulation dtype and cached like the BN's scale and shift (:func:`folded_bn`).
+    """
+    modules = owner._modules
+    conv = modules[segment.conv]
+    scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], conv.bias, x)
+    weight = folded_weight(owner, segment.conv, conv.weight, scale)
+    y = conv._conv_forward(x, weight, shift.to(x.dtype))
+    if segment.activation == "relu":
+        y = y.relu_()
+    if segment.then_bn_activation:
+        y = modules[segment.post_bn].act(y)
+    return y
 
 
 def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.Tensor | None = None,
                 offset: int = 0) -> torch.Tensor:
-    """The segment as one fused_conv2d (differentiable without ``out``); the caller checked segment_fusable."""
+    """The segment as one convolution: folded (see :func:`_run_folded`) or one fused_conv2d (with ``out``
+    always, then not differentiable); the caller checked segment_fusable (and writes_into for ``out``)."""
+    if segment.folds and out is None:
+        return _run_folded(owner, segment, x)
     modules = owner._modules
     conv = modules[segment.conv]
     vectors = {}
@@ -291,14 +457,31 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
         vectors["epilogue_shift"] = conv.bias
     x = x.to(conv_dtype(x, conv.weight))  # under autocast, the cast eager's conv makes
     with autocast_off(x):
-        y = fused_conv2d(x, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0],
-                         activation="relu" if segment.relu else "none", out=out, out_offset=offset, **vectors)
+        y = fused_conv2d(x, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0], out=out,
+                         out_offset=offset, **activation_arguments(segment.activation), **vectors)
     if out is None and y.requires_grad and y._is_view():
         # The CPU kernel's 1x1 path returns a view of its GEMM result; autograd forbids in-place
         # writes to a custom op's view output, and code after a conv often writes in place
         # (``out += identity``, ReLU(inplace=True)). Eager's output allows it, so ours must too.
         y = y.clone()
+    if segment.then_bn_activation:  # the caller passes out= only where ends_in_op
+        y = modules[segment.post_bn].act(y)
     return y
+
+
+def run_steps(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Tensor:
+    """The segment's children one by one, as the original forward calls them."""
+    modules = owner._modules
+    for name in segment.steps:
+        x = torch.relu(x) if name is None else modules[name](x)
+    return x
+
+
+def run_item(owner: nn.Module, item: Segment | str, x: torch.Tensor) -> torch.Tensor:
+    """One plan item: a segment fused where that is exact at this call (else its children), or a plain child."""
+    if not isinstance(item, Segment):
+        return owner._modules[item](x)
+    return run_segment(owner, item, x) if segment_fusable(owner, item, x) else run_steps(owner, item, x)
 
 
 def _must_run_eagerly(owner: nn.Module, x: torch.Tensor) -> bool:
@@ -333,15 +516,8 @@ class FastSequentialMixin(_FastModule):
                                functools.partial(super().forward, input))
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = self._modules
         for item in self._ranet_fast_plan.items:
-            if not isinstance(item, Segment):
-                x = modules[item](x)
-            elif segment_fusable(self, item, x):
-                x = run_segment(self, item, x)
-            else:
-                for name in item.steps:
-                    x = modules[name](x)
+            x = run_item(self, item, x)
         return x
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
@@ -350,21 +526,13 @@ class FastSequentialMixin(_FastModule):
         items = self._ranet_fast_plan.items
         last = items[-1] if items else None
         if isinstance(last, Segment) and isinstance(x, torch.Tensor) and not _must_run_eagerly(self, x):
-            modules = self._modules
             for item in items[:-1]:
-                if not isinstance(item, Segment):
-                    x = modules[item](x)
-                elif segment_fusable(self, item, x):
-                    x = run_segment(self, item, x)
-                else:
-                    for name in item.steps:
-                        x = modules[name](x)
-            if segment_fusable(self, last, x) and out.dtype == conv_dtype(x, self._modules[last.conv].weight):
+                x = run_item(self, item, x)
+            if (segment_fusable(self, last, x) and writes_into(self, last, x)
+                    and out.dtype == conv_dtype(x, self._modules[last.conv].weight)):
                 run_segment(self, last, x, out, offset)
                 return
-            for name in last.steps:
-                x = modules[name](x)
-            result = x
+            result = run_steps(self, last, x)
         else:
             result = self(x)
         out.narrow(1, offset, result.shape[1]).copy_(result)
@@ -387,7 +555,7 @@ class FastChainMixin(_FastModule):
                                functools.partial(super().forward, x))
 
     def _fused_chain(self, x: torch.Tensor, plan: Plan, segments: list[Segment]) -> torch.Tensor:
-        if plan.concat and not requires_grad(x, self):
+        if plan.concat and writes_into(self, segments[-1], x) and not requires_grad(x, self):
             return self._concat_in_place(x, segments)
         y = x
         for segment in segments:
@@ -406,6 +574,27 @@ class FastChainMixin(_FastModule):
         out = buffer_like(x, x.shape[1] + conv.out_channels)
         out[:, : x.shape[1]].copy_(x)
         return run_segment(self, segments[-1], y, out, x.shape[1])
+
+
+class FastGraphMixin(_FastModule):
+    """A module whose traced forward contains fusable chains among other operations (a residual add,
+    a squeeze-excite, a pooling): in eval mode it runs the traced forward with each chain as one
+    call (``_ranet_fast_segment``), else its original forward."""
+
+    def forward(self, *args, **kwargs):
+        # The graph was traced in eval mode, so it holds only there (a forward may branch on self.training).
+        if (self.training or len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor)
+                or _must_run_eagerly(self, args[0])):
+            return super().forward(*args, **kwargs)
+        plan = self._ranet_fast_plan
+        if plan.graph_forward is None:  # unpickled: trace again
+            _, plan, _, _ = plan_traced(self)
+            self.__dict__["_ranet_fast_plan"] = plan
+        return run_faster_path(self, (args[0],), functools.partial(plan.graph_forward, self, args[0]),
+                               functools.partial(super().forward, args[0]))
+
+    def _ranet_fast_segment(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return run_item(self, self._ranet_fast_plan.items[index], x)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}

@@ -30,9 +30,9 @@ from .generic import Segment, conv_unsupported_reason, has_hooks, run_segment, s
 _CHILDREN = {"norm1": nn.BatchNorm2d, "relu1": nn.ReLU, "conv1": nn.Conv2d, "norm2": nn.BatchNorm2d,
              "relu2": nn.ReLU, "conv2": nn.Conv2d}
 # norm1 -> relu1 -> conv1 -> norm2 -> relu2 as one call, then conv2.
-_BOTTLENECK = Segment(conv="conv1", pre_bn="norm1", post_bn="norm2", relu=True,
+_BOTTLENECK = Segment(conv="conv1", pre_bn="norm1", post_bn="norm2", activation="relu",
                       steps=("norm1", "relu1", "conv1", "norm2", "relu2"))
-_SPATIAL = Segment(conv="conv2", pre_bn=None, post_bn=None, relu=False, steps=("conv2",))
+_SPATIAL = Segment(conv="conv2", pre_bn=None, post_bn=None, activation="none", steps=("conv2",))
 
 
 def dense_layer_unsupported_reason(layer: _DenseLayer) -> str | None:
