@@ -37,6 +37,11 @@ DEMO_FLAGS = [
 ]
 
 
+def demo_model_args():
+    """The argparse namespace of the demo's model (for building it without training, e.g. to time it)."""
+    return parse_args(DEMO_FLAGS)
+
+
 def exits_by_difficulty(args, results: dict) -> str:
     """Mean exit (1-based) of easy and hard test images at the budget whose expected FLOPs are
     closest to half of the full network's."""
