@@ -10,7 +10,9 @@ the network really stops computing for the samples that have left: after every e
 3. reads the number that continue (the one device-to-host synchronisation per exit) and
 4. compacts every tensor the rest of the network still needs with one ``gather_rows`` launch.
 
-A stage nobody leaves at costs no copy; once nobody is left, no later stage runs.
+A stage nobody leaves at costs no copy; once nobody is left, no later stage runs. With
+``host_syncs="once"`` (CUDA) the engine instead decides every exit on the device and runs every
+stage on the whole batch, reading the exit counts back once at the end.
 
 The staged-model interface
 --------------------------
