@@ -6,6 +6,7 @@ must pick the same exit and return the same logits for every sample while comput
 only for the samples still running.
 """
 
+import importlib
 import math
 
 import pytest
@@ -17,8 +18,11 @@ import ranet_fast
 from ranet_fast.inference import (assign_exits, calibrate_thresholds, early_exit, exit_confidence,
                                   exit_probabilities, find_thresholds)
 from ranet_fast.models import RANet, ranet_config
+from cuda_testing import requires_cuda_gpu
 from model_testing import assert_matches_simulation, calibrated, confidences, images, randomize_eval_bn
 
+# The engine's module (ranet_fast.inference.early_exit names the function there).
+early_exit_module = importlib.import_module("ranet_fast.inference.early_exit")
 SMALL = dict(nChannels=4, growthRate=4, step=2)  # C-1/C-3 layouts, narrow and shallow: fast on CPU
 
 
@@ -261,3 +265,84 @@ class TestCalibration:
         assert calibration.exit_counts == torch.bincount(planned, minlength=model.num_exits).tolist()
         slack = int(near.sum()) * (flops[-1] - flops[0]) / 80
         assert abs(result.flops_per_image - calibration.expected_flops) <= slack + 1e-6
+
+
+# host_syncs="once": every exit decided on the device. early_exit offers it for CUDA only; its
+# engine runs on any device, so its decisions are checked here on the CPU in float64.
+
+@pytest.mark.parametrize("p", [0.05, 1.0, 1.95])
+def test_deciding_on_the_device_gives_the_per_exit_engines_exits_and_logits(p):
+    model = build()
+    x = images(37, seed=20)
+    thresholds = calibrated(model, p)
+    per_exit = early_exit(model, x, thresholds)
+    levels = early_exit_module._check_thresholds(thresholds, model.num_exits)
+    logits, exit_index, exit_counts, stage_batch_sizes = early_exit_module._run_deciding_on_device(
+        model, x, levels, "max_softmax")
+    assert torch.equal(exit_index, per_exit.exit_index)
+    assert exit_counts == per_exit.exit_counts
+    assert stage_batch_sizes == [37] * model.num_exits  # nothing is compacted
+    # Every sample's logits are its own, from its exit (the batch differs, so the last bits may).
+    torch.testing.assert_close(logits, per_exit.logits, rtol=1e-10, atol=1e-12)
+    assert logits.shape == (37, 10) and logits.is_contiguous()
+
+
+def test_host_syncs_once_is_refused_off_cuda_and_unknown_modes_always():
+    model = build()
+    x = images(3, seed=21)
+    with pytest.raises(ValueError, match="host_syncs='once' is for CUDA inputs"):
+        early_exit(model, x, [0.5] * 6, host_syncs="once")
+    with pytest.raises(ValueError, match="host_syncs must be one of"):
+        early_exit(model, x, [0.5] * 6, host_syncs="never")
+
+
+@requires_cuda_gpu
+def test_host_syncs_once_on_cuda_equals_the_per_exit_engine():
+    model = build().cuda()
+    x = images(41, seed=22).cuda()
+    thresholds = calibrated(model, 1.0)
+    per_exit = early_exit(model, x, thresholds)
+    once = early_exit(model, x, thresholds, host_syncs="once")
+    assert torch.equal(once.exit_index, per_exit.exit_index)
+    assert once.exit_counts == per_exit.exit_counts
+    torch.testing.assert_close(once.logits, per_exit.logits, rtol=1e-10, atol=1e-12)
+    flops = ranet_fast.count_flops(build(), 32)
+    assert once.flops == pytest.approx(41 * flops[-1], rel=1e-12)  # every stage ran on the whole batch
+
+
+def test_prefix_views_of_one_buffer_are_copied_once_and_stay_views_of_one_copy():
+    """A converted dense block's per-layer outputs are prefix views of its buffer: the compaction
+    copies the buffer once and gives back views of the copy, with the rows selected."""
+    buffer = torch.randn(6, 10, 3, 3, dtype=torch.float64)
+    narrow = torch.randn(6, 4, dtype=torch.float64)
+    state = {"h": buffer, "outputs": [buffer[:, :4], buffer[:, :7], buffer], "other": (narrow, narrow)}
+    copied = []
+
+    def gather(tensors, index, check_index):
+        copied.extend(tensors)
+        return [t.index_select(0, index) for t in tensors]
+
+    keep = torch.tensor([4, 0, 5])
+    positions = torch.arange(6)
+    new_state, new_positions = early_exit_module._compact(state, keep, positions, gather)
+    assert len(copied) == 3 and copied[0] is buffer  # the buffer, the narrow tensor, the positions
+    assert torch.equal(new_positions, keep)
+    assert torch.equal(new_state["h"], buffer[keep])
+    for view, original in zip(new_state["outputs"], state["outputs"]):
+        assert torch.equal(view, original[keep])
+        assert view.untyped_storage().data_ptr() == new_state["h"].untyped_storage().data_ptr()
+    assert new_state["other"][0] is new_state["other"][1] and torch.equal(new_state["other"][0], narrow[keep])
+
+
+def test_a_view_wider_than_its_copy_is_worth_is_copied_alone():
+    """One narrow slice of a wide buffer that is not in the state: only the slice is copied."""
+    buffer = torch.randn(5, 12, 2, 2, dtype=torch.float64)
+    copied = []
+
+    def gather(tensors, index, check_index):
+        copied.extend(tensors)
+        return [t.index_select(0, index).contiguous() for t in tensors]
+
+    new_state, _ = early_exit_module._compact([buffer[:, 2:3]], torch.tensor([1, 3]), torch.arange(5), gather)
+    assert copied[0].shape == (5, 1, 2, 2)
+    assert torch.equal(new_state[0], buffer[[1, 3], 2:3])
