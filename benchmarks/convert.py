@@ -5,9 +5,13 @@
 
 Each model comes from torchvision or timm (``pretrained=False``: random weights) with random BN
 statistics, in eval mode without gradients: the eager model, ``ranet_fast.convert`` of a copy, and
-(unless ``--no-compile``) ``torch.compile`` of the eager model. The converted model's logits are
-checked against eager's before anything is timed. Each figure is the median over ``--repeats``
-rounds; in every round each contender is timed once (torch.utils.benchmark's blocked_autorange,
+(unless ``--no-compile``) ``torch.compile`` of the eager model. ``convert`` gets the benchmark's
+input as its example (``report=True, example_inputs=(x,)``), so the measured dispatch (tuning on)
+decides per fast module, fused or original, before the timing starts, in a dispatch cache
+directory of the run's own (fresh measurements, nothing from earlier runs); each row counts the
+chains by outcome (fused, original because fusion did not pay, no fused form, left alone). The
+converted model's logits are checked against eager's before anything is timed. Each figure is
+the median over ``--repeats`` rounds; in every round each contender is timed once (torch.utils.benchmark's blocked_autorange,
 which synchronises CUDA), in turn, so that slow phases of a shared machine hit every contender
 alike. Per model the result has the fused chains (``segments``) and the speed ratio eager /
 converted; the summary the median of those ratios and the smallest.
@@ -18,7 +22,9 @@ converted; the summary the median of those ratios and the smallest.
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +32,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from ranet_fast import dispatch
 from ranet_fast.nn import convert
 
 from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, interleaved_medians, provenance,
@@ -112,8 +119,13 @@ def build(name: str, device, dtype) -> nn.Module:
 
 def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, min_run_time):
     eager = build(name, device, dtype)
-    fast = convert(copy.deepcopy(eager))
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=MEMORY_FORMATS[layout])
+    with torch.no_grad():
+        fast, report = convert(copy.deepcopy(eager), report=True, example_inputs=(x,))
+    outcomes = {}
+    for status in report.chains():
+        label = status.outcome if status.category is None else f"{status.outcome} ({status.category})"
+        outcomes[label] = outcomes.get(label, 0) + 1
     models = {"converted": fast, "eager": eager}
     if compile_model:
         models["compile"] = torch.compile(eager, dynamic=False)
@@ -127,7 +139,7 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
         seconds = interleaved_medians({c: (lambda m=m: m(x)) for c, m in models.items()}, repeats, min_run_time)
     return {"model": name, "batch": batch, "size": size, "forward_s": seconds,
             "speedup": seconds["eager"] / seconds["converted"], "segments": fused_segments(fast.ranet_fast_converted),
-            "converted": fast.ranet_fast_converted, "left_alone": len(fast.ranet_fast_report.left_alone)}
+            "converted": fast.ranet_fast_converted, "left_alone": len(report.left_alone), "chain_outcomes": outcomes}
 
 
 def main(argv=None) -> dict:
@@ -138,6 +150,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     add_run_arguments(parser)
     options = parser.parse_args(argv)
+    os.environ[dispatch.CACHE_DIR_ENV_VAR] = tempfile.mkdtemp(prefix="ranet_fast-convert-bench-")
+    dispatch.forget_choices()
 
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     contenders = ["converted", "eager"] + ([] if options.no_compile else ["compile"])
@@ -146,8 +160,9 @@ def main(argv=None) -> dict:
     rows = []
     for name in options.models:
         for batch in options.batch:
-            row = run_model(name, batch, options.size, device, dtype, options.layout, not options.no_compile,
-                            options.repeats, options.min_run_time)
+            with dispatch.tuning(True):
+                row = run_model(name, batch, options.size, device, dtype, options.layout, not options.no_compile,
+                                options.repeats, options.min_run_time)
             rows.append(row)
             seconds = row["forward_s"]
             print(f"{name:<28} {batch:>5} " + " ".join(f"{seconds[n] * 1e3:>10.2f}ms" for n in contenders) + "  "

@@ -66,6 +66,8 @@ MAX_CALLS_PER_SAMPLE = 100
 
 # (kind, key) -> the measured (or loaded) choice. The hot path is one lookup here.
 _choices: dict[tuple, str] = {}
+# (kind, key) -> median seconds per candidate, for the choices measured in this process (reports).
+_timings: dict[tuple, dict[str, float]] = {}
 # (kind, key) that had no disk entry while tuning was off: not looked up on disk again per call.
 _not_on_disk: set[tuple] = set()
 # device name -> {repr((kind, key)): choice} as in its disk file (loaded on first need).
@@ -139,9 +141,16 @@ def recording():
         _recorders.remove(record)
 
 
+def measured_seconds(kind: str, key: tuple) -> dict[str, float] | None:
+    """Median seconds per call of each candidate, if this process measured the choice for
+    ``(kind, key)`` (a choice read from the disk cache has none)."""
+    return _timings.get((kind, key))
+
+
 def forget_choices() -> None:
     """Drops every choice held in memory (the disk files stay; they are read again when needed)."""
     _choices.clear()
+    _timings.clear()
     _not_on_disk.clear()
     _disk.clear()
 
@@ -341,6 +350,7 @@ def _pick_slowly(entry: tuple, candidates: Mapping[str, Callable[[], object]], d
                 choice = default
             else:
                 choice = _choices[entry] = min(seconds, key=seconds.__getitem__)
+                _timings[entry] = seconds
                 _not_on_disk.discard(entry)
                 _store(name, repr(entry), choice)
     if _recorders:

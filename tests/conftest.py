@@ -146,3 +146,18 @@ def float32_without_tf32():
     cuda_testing.exact_float32)."""
     with exact_float32():
         yield
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """The measured dispatch on (the suite runs with it off), an empty cache directory, and no choice
+    in memory before or after the test."""
+    from ranet_fast import _extension, dispatch
+
+    monkeypatch.setenv(dispatch.TUNING_ENV_VAR, "1")
+    monkeypatch.setenv(dispatch.CACHE_DIR_ENV_VAR, str(tmp_path))
+    monkeypatch.delenv(dispatch.LAYERS_ENV_VAR, raising=False)
+    monkeypatch.delenv(_extension.BACKEND_ENV_VAR, raising=False)
+    dispatch.forget_choices()
+    yield tmp_path
+    dispatch.forget_choices()

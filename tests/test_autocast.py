@@ -266,7 +266,8 @@ def test_conv_dtype_follows_eager_autocast():
 
 def test_converted_sequential_under_autocast_fuses_inputs_in_the_autocast_dtype(monkeypatch):
     """convert's generic segments: an input already in the autocast dtype runs fused (both
-    segments, outputs like eager autocast's); a float32 input runs the children eagerly."""
+    segments, each one folded convolution in the autocast dtype, outputs like eager autocast's); a
+    float32 input runs the children eagerly."""
     from ranet_fast.nn import generic
 
     torch.manual_seed(4)
@@ -277,8 +278,8 @@ def test_converted_sequential_under_autocast_fuses_inputs_in_the_autocast_dtype(
     fast = convert(copy.deepcopy(eager))
     x = torch.randn(3, 5, 7, 7)
     calls = []
-    original = generic.fused_conv2d
-    monkeypatch.setattr(generic, "fused_conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = generic.run_segment
+    monkeypatch.setattr(generic, "run_segment", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours, theirs = fast(x.bfloat16()), eager(x.bfloat16())
         assert len(calls) == 2 and ours.dtype == theirs.dtype == torch.bfloat16

@@ -222,15 +222,36 @@ def test_dense_concat_layer_writes_one_buffer_without_cat(monkeypatch):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("activation", [nn.SiLU, nn.ReLU6, nn.Hardswish])
-def test_conv_bn_before_an_activation_the_op_lacks_fuses_and_the_activation_runs_after(activation):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), activation(),
-                          ConvBNReLU(8, 8, activation=F.silu))
+ACTIVATION_MODULES = {"silu": nn.SiLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "gelu": nn.GELU,
+                      "leaky_relu": lambda: nn.LeakyReLU(0.2)}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATION_MODULES))
+def test_every_activation_of_the_op_fuses_before_and_after_the_conv(name):
+    """conv -> BN -> act (folded) and BN -> act -> conv -> BN -> act (one fused_conv2d with the
+    activation in its prologue and epilogue) for each activation module the op computes; a
+    functional activation other than ReLU in a traced forward is not recognised and runs after."""
+    act = ACTIVATION_MODULES[name]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), act(),
+                          nn.BatchNorm2d(8), act(), nn.Conv2d(8, 6, 3, 2, 1, bias=False), nn.BatchNorm2d(6), act(),
+                          ConvBNReLU(6, 8, activation=F.silu))
     eager, fast = eager_and_fast(model)
-    assert isinstance(fast, FastSequentialMixin) and isinstance(fast[3], FastGraphMixin)
-    assert fast.ranet_fast_converted == {"conv-bn": 2, "graph": 1}
-    assert dict(fast.ranet_fast_report.replaced)["3"] == "traced forward with conv-bn (conv, bn)"
+    assert isinstance(fast, FastSequentialMixin) and isinstance(fast[8], FastGraphMixin)
+    assert fast.ranet_fast_converted == {f"conv-bn-{name}": 1, f"bn-{name}-conv-bn-{name}": 1, "conv-bn": 1,
+                                         "graph": 1}
+    assert dict(fast.ranet_fast_report.replaced)["8"] == "traced forward with conv-bn (conv, bn)"
     assert not fast.ranet_fast_report.left_alone
+    check_equivalent(eager, fast, image())
+
+
+def test_leaky_relus_with_two_slopes_leave_the_second_one_after_the_fused_call():
+    """fused_conv2d has one negative_slope: BN -> LeakyReLU(0.1) -> conv -> BN -> LeakyReLU(0.3) fuses
+    up to the second BN and runs the second LeakyReLU as it is."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(0.1), nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8),
+                          nn.LeakyReLU(0.3))
+    eager, fast = eager_and_fast(model)
+    assert fast.ranet_fast_converted == {"bn-leaky_relu-conv-bn": 1}
+    assert fast._ranet_fast_plan.items[-1] == "4"
     check_equivalent(eager, fast, image())
 
 
@@ -301,11 +322,11 @@ def test_densenet_layer_with_dropout_in_train_mode_is_the_original():
     assert torch.equal(fast(x), expected)
 
 
-def test_mobilenet_v3_small_folds_depthwise_convs_and_runs_hardswish_after():
+def test_mobilenet_v3_small_folds_depthwise_convs_and_its_hardswish():
     eager, fast = eager_and_fast(torchvision.models.mobilenet_v3_small(num_classes=10))
     replaced = dict(fast.ranet_fast_report.replaced)
     assert fast.features[1].block[0][0].groups == 16 and replaced["features.1.block.0"] == "conv-bn-relu (0, 1, 2)"
-    assert replaced["features.0"] == "conv-bn (0, 1)"  # then its Hardswish
+    assert replaced["features.0"] == "conv-bn-hardswish (0, 1, 2)"
     reasons = dict(fast.ranet_fast_report.left_alone)
     assert reasons["features.1.block.1.fc1"] == "no BatchNorm2d (+ ReLU) pattern around it that convert recognises"
     convs = {id(m) for m in fast.modules() if isinstance(m, nn.Conv2d)}
@@ -439,3 +460,65 @@ def test_replacing_a_child_after_convert_voids_the_plan():
     fast[3][2].load_state_dict(eager[3][2].state_dict())
     with torch.no_grad():
         assert_close(fast(image()), eager(image()), torch.float64, "output after replacing a child")
+
+
+# The report: per candidate chain, fused or not and why ----------------------------------------------
+
+
+def report_model():
+    """A folded conv -> BN -> SiLU, a fused BN -> ReLU -> conv, and a dilated conv after a BN before
+    it (a pattern the op does not compute: left alone)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.SiLU(),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.MaxPool2d(1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, 1, 2, dilation=2))
+
+
+@pytest.mark.parametrize("faster", ["fused", "eager"])
+def test_report_says_which_path_won_and_the_model_runs_it(tuned, monkeypatch, faster):
+    """With the dispatch measuring the ``faster`` path faster (timings forced), convert's example call
+    makes the choice, the report names it with the timings (fused, or original because fusion did
+    not pay), the model then runs that path, and outputs stay exact; the unsupported conv is
+    reported left alone with its reason."""
+    from ranet_fast import dispatch
+    from ranet_fast.nn import generic
+
+    seconds = {"fused": 2e-3, "eager": 1e-3} if faster == "eager" else {"fused": 1e-3, "eager": 2e-3}
+    monkeypatch.setattr(dispatch, "measure", lambda candidates, device: dict(seconds))
+    eager = report_model().double().eval()
+    randomize_bn(eager, 0)
+    x = image()
+    with torch.no_grad():
+        fast, report = ranet_fast.convert(copy.deepcopy(eager), report=True, example_inputs=(x,))
+    statuses = {(s.module, s.pattern): s for s in report.chains()}
+    chains = [s for s in statuses.values() if s.outcome != "left alone"]
+    assert [s.pattern for s in chains] == ["conv-bn-silu (0, 1, 2)", "bn-relu-conv (3, 4, 5)"]
+    for status in chains:
+        if faster == "fused":
+            assert (status.outcome, status.category) == ("fused", None)
+            assert "fused 1000 us, original 2000 us" in status.reason
+        else:
+            assert (status.outcome, status.category) == ("original", "did not pay")
+            assert "fusion did not pay (fused 2000 us, original 1000 us)" in status.reason
+    left = [s for s in statuses.values() if s.outcome == "left alone"]
+    assert [(s.module, s.category) for s in left] == [("9", "unsupported")] and "dilat" in left[0].reason
+    assert "fusion did not pay" in str(report) if faster == "eager" else "[fused:" in str(report)
+    calls = []
+    original = generic.run_segment
+    monkeypatch.setattr(generic, "run_segment", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        assert_close(fast(x), eager(x), torch.float64, "output")
+    assert len(calls) == (2 if faster == "fused" else 0)
+
+
+def test_report_before_any_call_and_for_a_call_without_a_fused_form(tuned):
+    """Before the first call the report says so; after a train-mode call (BatchNorm in train mode:
+    nothing folds) it says the original forward ran and why, and names the call."""
+    eager = report_model().double()
+    fast, report = ranet_fast.convert(copy.deepcopy(eager), report=True)
+    chains = [s for s in report.chains() if s.outcome != "left alone"]
+    assert [s.outcome for s in chains] == ["not run", "not run"]
+    x = image()
+    assert_close(fast(x), eager(x), torch.float64, "train-mode output")
+    for status in (s for s in report.chains() if s.outcome != "left alone"):
+        assert (status.outcome, status.category) == ("original", "no fused form")
+        assert status.reason == "train, input [2, 3, 32, 32] float64: original, no fused form for this call"

@@ -8,8 +8,8 @@ capture (a cached choice or the static default then applies); timing never write
 buffers, and a timed train-mode layer updates BatchNorm statistics, gradients and the random
 state exactly as an untimed call.
 
-The suite runs with tuning off (tests/conftest.py); the ``tuned`` fixture turns it on, with an
-empty cache directory of the test's own.
+The suite runs with tuning off (tests/conftest.py); conftest's ``tuned`` fixture turns it on,
+with an empty cache directory of the test's own.
 """
 
 import contextlib
@@ -29,18 +29,6 @@ from model_testing import randomize_bn
 
 CPU = torch.device("cpu")
 needs_extension = pytest.mark.skipif(not _extension.extension_loaded(), reason="ranet_fast._C is not built")
-
-
-@pytest.fixture
-def tuned(monkeypatch, tmp_path):
-    """Tuning on, an empty cache directory, and no choice in memory before or after the test."""
-    monkeypatch.setenv(dispatch.TUNING_ENV_VAR, "1")
-    monkeypatch.setenv(dispatch.CACHE_DIR_ENV_VAR, str(tmp_path))
-    monkeypatch.delenv(dispatch.LAYERS_ENV_VAR, raising=False)
-    monkeypatch.delenv(_extension.BACKEND_ENV_VAR, raising=False)
-    dispatch.forget_choices()
-    yield tmp_path
-    dispatch.forget_choices()
 
 
 class Counting:

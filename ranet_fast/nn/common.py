@@ -69,6 +69,24 @@ def buffer_like(x: torch.Tensor, channels: int, size: tuple[int, int] | None = N
 # --------------------------------------------------------------------------------------------------
 
 _SIGNATURE_ATTRIBUTE = "_ranet_fast_signature"
+# Per fast module: dispatch key -> the path it took ("fused", "eager"), or input shapes -> "inapplicable"
+# where no fused forward applied to the call; what ``convert``'s report reads.
+_PATHS_ATTRIBUTE = "_ranet_fast_paths"
+
+
+def taken_paths(module: nn.Module) -> dict[tuple, str]:
+    """What ``module`` ran per kind of call since it was created or converted: keys are the dispatch
+    keys of :func:`run_faster_path` (values "fused" or "eager", the measured or cached choice) and,
+    for calls no fused forward applied to, ``("inapplicable", training, input shapes and dtypes)``.
+    Calls under a forced path or inside ``torch.compile`` are not recorded."""
+    return module.__dict__.get(_PATHS_ATTRIBUTE, {})
+
+
+def _remember(module: nn.Module, key: tuple, path: str) -> None:
+    paths = module.__dict__.get(_PATHS_ATTRIBUTE)
+    if paths is None:
+        paths = module.__dict__[_PATHS_ATTRIBUTE] = {}
+    paths[key] = path
 
 
 def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: Callable[[], object] | None,
@@ -95,6 +113,9 @@ def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: 
     follows updates them exactly once, as an untimed call would.
     """
     if fused is None:
+        if not torch.compiler.is_compiling():
+            _remember(module, ("inapplicable", module.training, tuple([(t.shape, t.dtype) for t in inputs])),
+                      "inapplicable")
         return eager()
     forced = dispatch.forced_layer_path()
     if forced is not None:
@@ -113,6 +134,7 @@ def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: 
                   "eager": _timed(eager, module, inputs, grad_enabled)}
     choice = dispatch.pick("layer", key, candidates, default="fused",
                            timing_guard=lambda: _leaves_no_trace(module))
+    _remember(module, key, choice)
     return fused() if choice == "fused" else eager()
 
 
@@ -145,13 +167,22 @@ def _leaves_no_trace(module: nn.Module):
     if any(has_hooks(m) for m in module.modules()):  # timing would run the hooks again and again
         yield False
         return
+    with preserved_state(module):
+        yield True
+
+
+@contextlib.contextmanager
+def preserved_state(module: nn.Module):
+    """Restores, on exit, the BatchNorm running statistics (and ``num_batches_tracked``) of every
+    submodule of ``module`` and the random-number state, without bumping the buffers' versions: what
+    runs inside leaves no trace a later call could see."""
     buffers = [buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                for buffer in (m.running_mean, m.running_var, m.num_batches_tracked) if buffer is not None]
     saved = [buffer.clone() for buffer in buffers]
     cpu_random = torch.get_rng_state()
     cuda_random = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        yield True
+        yield
     finally:
         for buffer, value in zip(buffers, saved):
             # .data: an autograd graph of an earlier call that saved the buffer stays valid.

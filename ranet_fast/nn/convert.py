@@ -10,8 +10,12 @@ Three kinds of replacement, none of which changes parameters, buffers, state_dic
 3. Nothing else: what cannot be proven equivalent is left alone, and the report says why.
 
 Every fast module runs fused only where that is the same computation (eval-mode BN folded into the
-conv, a conv ``fused_conv2d`` computes, no hooks it would skip, no autocast) and falls back to
-the original forward otherwise, so train mode is the original computation.
+conv, a conv ``fused_conv2d`` computes, no hooks it would skip, under autocast an input in the
+autocast dtype) and falls back to the original forward otherwise, so train mode is the original
+computation. Where it may fuse, it asks the measured dispatch (:mod:`ranet_fast.dispatch`, kind
+"layer") at its first call per input shape whether the fused or the original forward is faster on
+this device, and runs that one: a converted model is never slower than the original beyond the
+timing's noise. The report (:meth:`ConvertReport.chains`) says per candidate chain which won.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ranet_fast import dispatch
+
 from ranet_fast.models import msdnet
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal, _BlockUpNormal
 
+from .common import preserved_state, taken_paths
 from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
 from .generic import FastChainMixin, FastGraphMixin, FastSequentialMixin, install, plan_sequential, plan_traced, uninstall
@@ -48,22 +55,96 @@ FAST_CLASSES: dict[type, type] = {
 _OWNED_CHILDREN: dict[type, tuple[str, ...]] = {FastConvBasic: ("net",), FastConvBN: ("net",)}
 
 
+@dataclass(frozen=True)
+class ChainStatus:
+    """One candidate chain of :meth:`ConvertReport.chains`: the module (qualified name, "" the model),
+    the pattern it matched (or its class), the outcome and why.
+
+    ``outcome``: "fused" (every call so far ran the fused forward), "original" (none did), "mixed"
+    (depends on the call: mode or input shape), "not run" (a fast module not called on its own yet:
+    the dispatch decides at its first call per input shape; a layer inside a fused block is never
+    called on its own) or "left alone" (convert found no pattern it can run exactly).
+    ``category`` for "original" and "left alone": "did not pay" (the dispatch measured the original
+    faster), "no fused form" (for that call: train-mode BatchNorm, the input's dtype or rank),
+    "unsupported" (the pattern or conv is not one convert runs fused).
+    """
+
+    module: str
+    pattern: str
+    outcome: str
+    category: str | None
+    reason: str
+
+
+def _describe_call(key: tuple) -> str:
+    if key[0] == "inapplicable":
+        _, training, inputs = key
+        mode = "train" if training else "eval"
+        return f"{mode}, input " + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in inputs)
+    _, _, training, grad_enabled, _, inputs = key
+    mode = ("train" if training else "eval") + (" with grad" if grad_enabled else "")
+    return f"{mode}, input " + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, _, dtype, _ in inputs)
+
+
+def _timing(key: tuple) -> str:
+    seconds = dispatch.measured_seconds("layer", key)
+    if seconds is None:
+        return "choice from the dispatch's disk cache or its static default"
+    return f"fused {seconds['fused'] * 1e6:.0f} us, original {seconds['eager'] * 1e6:.0f} us"
+
+
+def chain_status(name: str, pattern: str, module: nn.Module) -> ChainStatus:
+    """What the fast ``module`` ran so far (:func:`ranet_fast.nn.common.taken_paths`), and why."""
+    paths = taken_paths(module)
+    if not paths:
+        return ChainStatus(name, pattern, "not run", None,
+                           "not called on its own yet; the dispatch picks fused or original at the first call per input")
+    why = []
+    for key, path in paths.items():
+        if path == "inapplicable":
+            why.append(f"{_describe_call(key)}: original, no fused form for this call")
+        else:
+            why.append(f"{_describe_call(key)}: {'fused' if path == 'fused' else 'original, fusion did not pay'}"
+                       f" ({_timing(key)})")
+    outcomes = set(paths.values())
+    if outcomes == {"fused"}:
+        return ChainStatus(name, pattern, "fused", None, "; ".join(why))
+    if "fused" in outcomes:
+        return ChainStatus(name, pattern, "mixed", None, "; ".join(why))
+    category = "did not pay" if "eager" in outcomes else "no fused form"
+    return ChainStatus(name, pattern, "original", category, "; ".join(why))
+
+
 @dataclass
 class ConvertReport:
     """What :func:`convert` found: each fast module with its pattern, and what it left alone and why.
 
-    Names are qualified module names ("" is the model itself). The report describes the model, not
-    one call: converting again finds the same fast modules and reports them the same way.
+    Names are qualified module names ("" is the model itself). ``replaced`` and ``left_alone``
+    describe the model, not one call: converting again finds the same fast modules and reports
+    them the same way. :meth:`chains` adds what each fast module ran since: fused, or the original
+    forward because fusion did not pay on this device or did not apply to the input.
     """
 
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (module, pattern)
     left_alone: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
     counts: Counter = field(default_factory=Counter)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)  # replaced name -> module
+
+    def chains(self) -> list[ChainStatus]:
+        """Per candidate chain, fused or not and why, as of now (the dispatch decides at each fast
+        module's first call per input shape; ``convert(..., example_inputs=...)`` makes that call)."""
+        statuses = [chain_status(name, pattern, self.modules[name]) for name, pattern in self.replaced]
+        statuses += [ChainStatus(name, "", "left alone", "unsupported", reason) for name, reason in self.left_alone]
+        return statuses
 
     def __str__(self) -> str:
         lines = [f"ranet_fast.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
-        lines += [f"  replaced    {name or '(model)'}: {pattern}" for name, pattern in self.replaced]
-        lines += [f"  left alone  {name or '(model)'}: {reason}" for name, reason in self.left_alone]
+        for status in self.chains():
+            name = status.module or "(model)"
+            if status.outcome == "left alone":
+                lines.append(f"  left alone  {name}: {status.reason}")
+            else:
+                lines.append(f"  replaced    {name}: {status.pattern} [{status.outcome}: {status.reason}]")
         return "\n".join(lines)
 
 
@@ -106,13 +187,16 @@ def _record_plan(module: nn.Module, name: str, report: ConvertReport, covered: s
     if isinstance(module, FastChainMixin):
         pattern = ", ".join(s.describe() for s in plan.segments)
         report.replaced.append((name, f"cat([x, {pattern}], 1)" if plan.concat else pattern))
+        report.modules[name] = module
         report.counts["concat-chain" if plan.concat else "chain"] += 1
     elif isinstance(module, FastGraphMixin):
         report.replaced.append((name, "traced forward with " + ", ".join(s.describe() for s in plan.segments)))
+        report.modules[name] = module
         report.counts["graph"] += 1
     for segment in plan.segments:
         if isinstance(module, FastSequentialMixin):
             report.replaced.append((name, segment.describe()))
+            report.modules[name] = module
         report.counts[segment.pattern] += 1
         covered.add(id(module._modules[segment.conv]))
 
@@ -128,6 +212,7 @@ def _visit(module: nn.Module, name: str, known: _Known, report: ConvertReport, c
             report.left_alone.append((name, f"{type(module).__name__}: {reason}"))
     if type(module) in known.classes.values():
         report.replaced.append((name, type(module).__name__))
+        report.modules[name] = module
         report.counts[type(module).__name__] += 1
     elif isinstance(module, FastSequentialMixin) or _is_plain_sequential(module):
         # Planned afresh each time: the same children give the same plan (converting twice changes
@@ -158,26 +243,39 @@ def _visit(module: nn.Module, name: str, known: _Known, report: ConvertReport, c
             _visit(child, _join(name, child_name), known, report, covered)
 
 
-def convert(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Replace, in place, every module ranet_fast can run faster with the same results; return ``model``.
+def convert(model: nn.Module, verbose: bool = False, report: bool = False, example_inputs: tuple | None = None):
+    """Replace, in place, every module ranet_fast can run faster with the same results; return ``model``
+    (with ``report``: ``(model, report)``).
 
     Works in train or eval mode (a fast module decides per call) and converting twice changes
     nothing. ``model.ranet_fast_converted`` keeps the counts by fast class (known classes) or fused
-    pattern (e.g. ``conv-bn-relu``, ``bn-relu-conv``); ``model.ranet_fast_report``, a
+    pattern (e.g. ``conv-bn-relu``, ``bn-silu-conv``); ``model.ranet_fast_report``, a
     :class:`ConvertReport`, lists each replaced module with its pattern and each examined module or
-    conv left alone with the reason; ``verbose`` prints it.
+    conv left alone with the reason, and (:meth:`ConvertReport.chains`) per candidate chain whether
+    it ran fused or the original forward and why; ``verbose`` prints it.
+
+    ``example_inputs``: one call ``model(*example_inputs)`` after converting, in the model's mode
+    and the caller's grad mode, so that the dispatch measures fused against original for those
+    shapes now (not at the first real call) and the report says which won. The call leaves no
+    trace: BatchNorm running statistics and the random-number state are restored after it.
     """
-    report, covered = ConvertReport(), set()
-    _visit(model, "", _known_classes(), report, covered)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError(f"convert: example_inputs must be a tuple of the model's positional inputs, "
+                        f"got {type(example_inputs).__name__}")
+    found, covered = ConvertReport(), set()
+    _visit(model, "", _known_classes(), found, covered)
     # Every conv that runs unfused is accounted for: by its own entry, its parent's (a module left
     # alone) or, for one nothing examined, this one.
-    explained = {name for name, _ in report.left_alone}
+    explained = {name for name, _ in found.left_alone}
     for name, module in model.named_modules():
         if (isinstance(module, nn.Conv2d) and id(module) not in covered
                 and not {name, name.rpartition(".")[0]} & explained):
-            report.left_alone.append((name, "no BatchNorm2d (+ ReLU) pattern around it that convert recognises"))
-    model.ranet_fast_converted = dict(report.counts)
-    model.ranet_fast_report = report
+            found.left_alone.append((name, "no BatchNorm2d (+ ReLU) pattern around it that convert recognises"))
+    model.ranet_fast_converted = dict(found.counts)
+    model.ranet_fast_report = found
+    if example_inputs is not None:
+        with preserved_state(model):
+            model(*example_inputs)
     if verbose:
-        print(report)
-    return model
+        print(found)
+    return (model, found) if report else model

@@ -50,24 +50,26 @@ import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
 from ranet_fast.ops import fused_conv2d
-from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES
+from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES, activate, activation_code
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
 from .dense import _bn_foldable, folded_bn
-from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_arguments, activation_name,
-                       batch_norm_kind, is_functional_relu, trace_own_forward)
+from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_name, batch_norm_kind,
+                       is_functional_relu, negative_slope, trace_own_forward)
 from .precision import autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One fused_conv2d over children of the owning module: [pre_bn -> ReLU ->] conv [-> post_bn [-> act]].
+    """One fused_conv2d over children of the owning module: [pre_bn -> act ->] conv [-> post_bn [-> act]].
 
     ``steps`` are the children in call order; ``None`` stands for a functional ReLU of a traced
-    forward. ``activation`` is the epilogue's (a name of ``patterns.OP_EPILOGUE_ACTIVATIONS``).
-    ``then_bn_activation``: ``post_bn`` is a BN+activation module whose activation the op lacks; it
-    runs (``post_bn.act``) on the fused result.
+    forward. ``activation`` is the epilogue's (a name of ``patterns.OP_EPILOGUE_ACTIVATIONS``),
+    ``prologue_activation`` the one after ``pre_bn``; ``negative_slope`` the LeakyReLU slope of
+    either (one per call).
+    ``then_bn_activation``: ``post_bn`` is a BN+activation module whose activation this call cannot
+    compute (a LeakyReLU slope other than the prologue's); it runs (``post_bn.act``) on the fused result.
     """
 
     conv: str
@@ -76,10 +78,13 @@ class Segment:
     activation: str
     steps: tuple[str | None, ...]
     then_bn_activation: bool = False
+    prologue_activation: str = "relu"
+    negative_slope: float = 0.01
 
     @property
     def pattern(self) -> str:
-        parts = ["bn-relu"] * (self.pre_bn is not None) + ["conv"] + ["bn"] * (self.post_bn is not None)
+        parts = [f"bn-{self.prologue_activation}".removesuffix("-none")] * (self.pre_bn is not None)
+        parts += ["conv"] + ["bn"] * (self.post_bn is not None)
         parts += [self.activation] * (self.activation != "none")
         return "-".join(parts) + ("+act" if self.then_bn_activation else "")
 
@@ -172,6 +177,9 @@ def plan_chain(names: list[str | None],
     def kind(i):
         return described[i][0] if i < n else "end"
 
+    def module(i):
+        return modules[i] if i < n else None
+
     def act(i):
         return described[i][1] if kind(i) == "act" else None
 
@@ -183,11 +191,11 @@ def plan_chain(names: list[str | None],
     i = 0
     while i < n:
         j = i
-        pre = None
+        pre, pre_activation, slope = None, "relu", None
         if bn(i) and bn(i).act is None and act(i + 1) in OP_PROLOGUE_ACTIVATIONS and kind(i + 2) == "conv":
-            pre, j = i, i + 2
+            pre, pre_activation, slope, j = i, act(i + 1), negative_slope(module(i + 1)), i + 2
         elif bn(i) and bn(i).activation in OP_PROLOGUE_ACTIVATIONS and kind(i + 1) == "conv":
-            pre, j = i, i + 1  # a BN+ReLU module
+            pre, pre_activation, slope, j = i, bn(i).activation, negative_slope(bn(i).act), i + 1  # a BN+act module
         segment = None
         if kind(j) == "conv":
             conv = modules[j]
@@ -198,10 +206,15 @@ def plan_chain(names: list[str | None],
                 skip = end
                 while act(skip) == "none":  # nn.Identity placeholders (timm's drop_block) between BN and act
                     skip += 1
-                if inner is None and act(skip) in OP_EPILOGUE_ACTIVATIONS:
+                # The op's one slope must serve both activations.
+                outer_slope = negative_slope(module(skip)) if inner is None else negative_slope(bn(j + 1).act)
+                slope_fits = slope is None or outer_slope is None or slope == outer_slope
+                if inner is None and act(skip) in OP_EPILOGUE_ACTIVATIONS and slope_fits:
                     activation, end = act(skip), skip + 1
-                elif inner in OP_EPILOGUE_ACTIVATIONS:
+                    slope = slope if outer_slope is None else outer_slope
+                elif inner in OP_EPILOGUE_ACTIVATIONS and slope_fits:
                     activation = inner
+                    slope = slope if outer_slope is None else outer_slope
                 elif inner is not None:
                     then_activation = True
             # Folding a BN after the conv works for any conv; fused_conv2d computes a subset.
@@ -215,7 +228,8 @@ def plan_chain(names: list[str | None],
             if reason is None:
                 segment = Segment(conv=names[j], pre_bn=None if pre is None else names[pre],
                                   post_bn=None if post is None else names[post], activation=activation,
-                                  steps=tuple(names[i:end]), then_bn_activation=then_activation)
+                                  steps=tuple(names[i:end]), then_bn_activation=then_activation,
+                                  prologue_activation=pre_activation, negative_slope=0.01 if slope is None else slope)
             elif pre is None:  # with a BN -> ReLU before it, the conv is judged again on its own below
                 notes.append((names[j], reason))
         if segment is not None:
@@ -385,8 +399,8 @@ def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool
         if name is not None and (modules[name].training or not _bn_foldable(modules[name])):
             return False
     conv = modules[segment.conv]
-    if segment.folds:  # F.conv2d with the folded weight: whatever conv the module has, in the weight's dtype
-        return x.dim() == 4 and x.dtype == conv.weight.dtype and x.dtype.is_floating_point
+    if segment.folds:  # the module's conv with the folded weight: whatever conv it has, in the dtype eager's runs in
+        return x.dim() == 4 and x.dtype.is_floating_point and conv_dtype(x, conv.weight) == x.dtype
     return conv_supported(conv, x)
 
 
@@ -399,19 +413,21 @@ def writes_into(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
 _FOLDED_WEIGHTS = "_ranet_fast_folded_weight"
 
 
-def folded_weight(owner: nn.Module, key: str, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``weight * scale`` per output channel (computed in scale's dtype, stored in weight's), cached in
-    ``owner`` under ``key`` while the weight (same tensor, same version) and the scale (the same cached
-    tensor of :func:`folded_bn`, which is renewed whenever the BN changes) stay; recomputed each call
-    when the result must carry gradients."""
+def folded_weight(owner: nn.Module, key: str, weight: torch.Tensor, scale: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale`` per output channel (computed in scale's dtype, stored in ``dtype``: the
+    weight's, or the autocast dtype), cached in ``owner`` under ``key`` while the weight (same tensor,
+    same version), the scale (the same cached tensor of :func:`folded_bn`, which is renewed whenever
+    the BN changes) and the dtype stay; recomputed each call when the result must carry gradients."""
     def fold():
-        return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+        return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
 
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
         return fold()
     cache = owner.__dict__.setdefault(_FOLDED_WEIGHTS, {})
     entry = cache.get(key)
-    if entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2] is scale:
+    if (entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2] is scale
+            and entry[3].dtype == dtype):
         return entry[3]
     with torch.no_grad():
         folded = fold()
@@ -429,10 +445,12 @@ def _run_folded(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Te
     modules = owner._modules
     conv = modules[segment.conv]
     scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], conv.bias, x)
-    weight = folded_weight(owner, segment.conv, conv.weight, scale)
-    y = conv._conv_forward(x, weight, shift.to(x.dtype))
-    if segment.activation == "relu":
-        y = y.relu_()
+    # Under autocast x is already in the autocast dtype (segment_fusable); the weight is folded in
+    # float32 and rounded once, where eager's conv would round the unfolded one.
+    weight = folded_weight(owner, segment.conv, conv.weight, scale, x.dtype)
+    with autocast_off(x):
+        y = conv._conv_forward(x, weight, shift.to(x.dtype))
+    y = activate(y, activation_code(segment.activation), segment.negative_slope)
     if segment.then_bn_activation:
         y = modules[segment.post_bn].act(y)
     return y
@@ -458,7 +476,9 @@ def run_segment(owner: nn.Module, segment: Segment, x: torch.Tensor, out: torch.
     x = x.to(conv_dtype(x, conv.weight))  # under autocast, the cast eager's conv makes
     with autocast_off(x):
         y = fused_conv2d(x, conv_weight(conv, x.dtype), stride=conv.stride[0], padding=conv.padding[0], out=out,
-                         out_offset=offset, **activation_arguments(segment.activation), **vectors)
+                         out_offset=offset, activation=segment.activation,
+                         prologue_activation=segment.prologue_activation, negative_slope=segment.negative_slope,
+                         **vectors)
     if out is None and y.requires_grad and y._is_view():
         # The CPU kernel's 1x1 path returns a view of its GEMM result; autograd forbids in-place
         # writes to a custom op's view output, and code after a conv often writes in place

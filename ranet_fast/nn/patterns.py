@@ -1,9 +1,10 @@
 """The building blocks :func:`ranet_fast.convert` recognises, by structure rather than by class name.
 
 * **Activations**: one table from activation module to the name ``fused_conv2d`` would use for it
-  (:data:`ACTIVATION_NAMES`); which of those the op computes today is :data:`OP_EPILOGUE_ACTIVATIONS`
-  (after the conv) and :data:`OP_PROLOGUE_ACTIVATIONS` (between the folded BN and the conv).
-  An activation the op lacks runs as it is, after the fused conv -> BN.
+  (:data:`ACTIVATION_NAMES`), every one of which the op computes after the conv
+  (:data:`OP_EPILOGUE_ACTIVATIONS`) and between the folded BN and the conv
+  (:data:`OP_PROLOGUE_ACTIVATIONS`). One conv call has one LeakyReLU slope: where the prologue's and
+  the epilogue's differ, the epilogue's activation runs as it is, after the fused conv -> BN.
 * **BatchNorm**: ``nn.BatchNorm2d`` itself, and a *BN+activation module*: a ``BatchNorm2d``
   subclass whose children are exactly ``drop`` (``nn.Identity``) and ``act`` (an activation of
   the table) and whose forward, traced with ``torch.fx``, is ``act(drop(F.batch_norm(x, running
@@ -21,6 +22,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ranet_fast.ops.fused_conv2d import ACTIVATIONS
+
 # Activation module -> the op's name for it. A class absent here is not an activation to convert
 # (a subclass may compute something else: exact classes only).
 ACTIVATION_NAMES: dict[type, str] = {
@@ -32,9 +35,9 @@ ACTIVATION_NAMES: dict[type, str] = {
     nn.Hardswish: "hardswish",
     nn.LeakyReLU: "leaky_relu",
 }
-# What fused_conv2d computes today: its epilogue applies ReLU or nothing, its prologue always ReLU.
-OP_EPILOGUE_ACTIVATIONS = ("none", "relu")
-OP_PROLOGUE_ACTIVATIONS = ("relu",)
+# What fused_conv2d computes: the same activations before (prologue) and after (epilogue) the conv.
+OP_EPILOGUE_ACTIVATIONS = ACTIVATIONS
+OP_PROLOGUE_ACTIVATIONS = ACTIVATIONS
 
 # Functional ReLU in a traced forward: F.relu/torch.relu/relu_ or the tensor methods.
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -49,9 +52,9 @@ def activation_name(module: nn.Module) -> str | None:
     return name
 
 
-def activation_arguments(name: str) -> dict:
-    """fused_conv2d's keyword arguments for the epilogue activation ``name`` (one of OP_EPILOGUE_ACTIVATIONS)."""
-    return {"relu": name == "relu"}
+def negative_slope(module: nn.Module | None) -> float | None:
+    """A LeakyReLU's slope (the one activation with a parameter), else None."""
+    return module.negative_slope if type(module) is nn.LeakyReLU else None
 
 
 class _ChildrenAreLeaves(torch.fx.Tracer):
