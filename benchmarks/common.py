@@ -82,13 +82,16 @@ def benchmark_parser(module_name: str, docstring: str) -> argparse.ArgumentParse
 def interleaved_medians(contenders: dict, repeats: int, min_run_time: float) -> dict:
     """Median seconds per call of each contender over ``repeats`` rounds, each round timing all in turn.
 
-    Interleaving the contenders makes a slow spell of a shared machine hit every one of them alike.
+    Interleaving the contenders makes a slow spell of a shared machine hit every one of them alike;
+    every other round runs them in reverse order, so that none always comes first (after another
+    contender has filled the caches with its own data) or last.
     Each measurement is torch.utils.benchmark's blocked_autorange (which synchronises CUDA).
     """
     timers = {name: tbench.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in contenders.items()}
     samples: dict = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, timer in timers.items():
+    for round_index in range(repeats):
+        order = list(timers.items())
+        for name, timer in order if round_index % 2 == 0 else reversed(order):
             samples[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -1,6 +1,6 @@
 """ranet_fast.convert on models ranet_fast did not write: converted vs eager (vs torch.compile), eval forward.
 
-    python -m benchmarks convert --no-compile --json benchmarks/results/convert-cpu-zoo.json   # the zoo
+    python -m benchmarks convert --no-compile --repeats 9 --json benchmarks/results/convert-cpu-zoo.json   # the zoo
     python -m benchmarks convert --models resnet18 densenet-small --batch 32 --size 64
 
 Each model comes from torchvision or timm (``pretrained=False``: random weights) with random BN

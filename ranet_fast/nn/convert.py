@@ -51,6 +51,9 @@ FAST_CLASSES: dict[type, type] = {
     msdnet.ConvDownNormal: FastConvDownNormal,
 }
 
+# Fast class -> the class convert replaced (torchvision's DenseNet classes are added when in use).
+_ORIGINAL_CLASSES: dict[type, type] = {fast: original for original, fast in FAST_CLASSES.items()}
+
 # Children whose computation a fast class does itself (fused), so they are not examined on their own.
 _OWNED_CHILDREN: dict[type, tuple[str, ...]] = {FastConvBasic: ("net",), FastConvBN: ("net",)}
 
@@ -112,6 +115,8 @@ def chain_status(name: str, pattern: str, module: nn.Module) -> ChainStatus:
     if "fused" in outcomes:
         return ChainStatus(name, pattern, "mixed", None, "; ".join(why))
     category = "did not pay" if "eager" in outcomes else "no fused form"
+    if type(module) not in _ORIGINAL_CLASSES and "_ranet_fast_plan" not in module.__dict__:
+        why.append("the original module was kept")
     return ChainStatus(name, pattern, "original", category, "; ".join(why))
 
 
@@ -163,6 +168,7 @@ def _known_classes() -> _Known:
         from . import torchvision_densenet
 
         known.classes.update(torchvision_densenet.FAST_CLASSES)
+        _ORIGINAL_CLASSES.update({fast: original for original, fast in torchvision_densenet.FAST_CLASSES.items()})
         known.checks.update(torchvision_densenet.UNSUPPORTED_REASON)
         known.owned.update(torchvision_densenet.OWNED_CHILDREN)
     return known
@@ -243,6 +249,14 @@ def _visit(module: nn.Module, name: str, known: _Known, report: ConvertReport, c
             _visit(child, _join(name, child_name), known, report, covered)
 
 
+def _restore_original_class(module: nn.Module) -> None:
+    """``module`` as it was before convert (its original forward, nothing decided per call)."""
+    if isinstance(module, (FastSequentialMixin, FastChainMixin, FastGraphMixin)):
+        uninstall(module)
+    else:
+        module.__class__ = _ORIGINAL_CLASSES[type(module)]
+
+
 def convert(model: nn.Module, verbose: bool = False, report: bool = False, example_inputs: tuple | None = None):
     """Replace, in place, every module ranet_fast can run faster with the same results; return ``model``
     (with ``report``: ``(model, report)``).
@@ -256,8 +270,10 @@ def convert(model: nn.Module, verbose: bool = False, report: bool = False, examp
 
     ``example_inputs``: one call ``model(*example_inputs)`` after converting, in the model's mode
     and the caller's grad mode, so that the dispatch measures fused against original for those
-    shapes now (not at the first real call) and the report says which won. The call leaves no
-    trace: BatchNorm running statistics and the random-number state are restored after it.
+    shapes now (not at the first real call) and the report says which won. Every fast module whose
+    original forward won at every call it measured gets its original class back (no per-call
+    decision left to pay for); it stays in the report as "original", "did not pay". The call leaves
+    no trace: BatchNorm running statistics and the random-number state are restored after it.
     """
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"convert: example_inputs must be a tuple of the model's positional inputs, "
@@ -276,6 +292,9 @@ def convert(model: nn.Module, verbose: bool = False, report: bool = False, examp
     if example_inputs is not None:
         with preserved_state(model):
             model(*example_inputs)
+        for module in found.modules.values():
+            if set(taken_paths(module).values()) == {"eager"}:
+                _restore_original_class(module)
     if verbose:
         print(found)
     return (model, found) if report else model
