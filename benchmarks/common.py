@@ -79,8 +79,8 @@ def benchmark_parser(module_name: str, docstring: str) -> argparse.ArgumentParse
                                    description=docstring, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def interleaved_medians(contenders: dict, repeats: int, min_run_time: float) -> dict:
-    """Median seconds per call of each contender over ``repeats`` rounds, each round timing all in turn.
+def interleaved_samples(contenders: dict, repeats: int, min_run_time: float) -> dict:
+    """Seconds per call of each contender in each of ``repeats`` rounds, each round timing all in turn.
 
     Interleaving the contenders makes a slow spell of a shared machine hit every one of them alike;
     every other round runs them in reverse order, so that none always comes first (after another
@@ -93,7 +93,22 @@ def interleaved_medians(contenders: dict, repeats: int, min_run_time: float) -> 
         order = list(timers.items())
         for name, timer in order if round_index % 2 == 0 else reversed(order):
             samples[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved_medians(contenders: dict, repeats: int, min_run_time: float) -> dict:
+    """Median seconds per call of each contender over the rounds of :func:`interleaved_samples`."""
+    return {name: statistics.median(values)
+            for name, values in interleaved_samples(contenders, repeats, min_run_time).items()}
+
+
+def paired_ratio(samples: dict, numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator``'s time over ``denominator``'s in the same round.
+
+    Pairing by round cancels what a round shares (a slow spell of the machine), which the ratio of
+    two separate medians does not.
+    """
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator], strict=True))
 
 
 def backends_here(device: torch.device, triton_module: str | None = None) -> list[str]:

@@ -10,11 +10,14 @@ input as its example (``report=True, example_inputs=(x,)``), so the measured dis
 decides per fast module, fused or original, before the timing starts, in a dispatch cache
 directory of the run's own (fresh measurements, nothing from earlier runs); each row counts the
 chains by outcome (fused, original because fusion did not pay, no fused form, left alone). The
-converted model's logits are checked against eager's before anything is timed. Each figure is
-the median over ``--repeats`` rounds; in every round each contender is timed once (torch.utils.benchmark's blocked_autorange,
+converted model's logits are checked against eager's before anything is timed. In every one of
+``--repeats`` rounds each contender is timed once (torch.utils.benchmark's blocked_autorange,
 which synchronises CUDA), in turn, so that slow phases of a shared machine hit every contender
-alike. Per model the result has the fused chains (``segments``) and the speed ratio eager /
-converted; the summary the median of those ratios and the smallest.
+alike; times are medians over rounds, and the speed ratio eager / converted is the median over
+rounds of that round's ratio. An A/A control, a copy of the eager model made as the converted one
+is, is timed beside them: its ratio to eager (``control_ratio``) is the noise of this machine on
+this model. Per model the result has the fused chains (``segments``), the speed ratio and the
+control; the summary the median and smallest speed ratio and the control's range.
 
 ``ZOO`` is also the model list of tests/test_convert_zoo.py, which checks every model exact.
 """
@@ -35,7 +38,7 @@ import torchvision
 from ranet_fast import dispatch
 from ranet_fast.nn import convert
 
-from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, interleaved_medians, provenance,
+from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, interleaved_samples, paired_ratio, provenance,
                      write_json)
 
 
@@ -126,7 +129,9 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
     for status in report.chains():
         label = status.outcome if status.category is None else f"{status.outcome} ({status.category})"
         outcomes[label] = outcomes.get(label, 0) + 1
-    models = {"converted": fast, "eager": eager}
+    # The A/A control: a copy of the eager model, made as the converted one is, timed beside it.
+    # Its ratio to eager is what the machine alone does to a ratio (memory placement, drift).
+    models = {"converted": fast, "eager": eager, "eager copy": copy.deepcopy(eager)}
     if compile_model:
         models["compile"] = torch.compile(eager, dynamic=False)
     with torch.no_grad():
@@ -136,9 +141,11 @@ def run_model(name, batch, size, device, dtype, layout, compile_model, repeats, 
             if contender == "converted":  # a wrong result would make the timing meaningless
                 tolerance = 1e-3 if dtype == torch.float32 else 5e-2
                 torch.testing.assert_close(result, reference, rtol=tolerance, atol=tolerance * reference.abs().max().item())
-        seconds = interleaved_medians({c: (lambda m=m: m(x)) for c, m in models.items()}, repeats, min_run_time)
+        samples = interleaved_samples({c: (lambda m=m: m(x)) for c, m in models.items()}, repeats, min_run_time)
+    seconds = {contender: statistics.median(values) for contender, values in samples.items()}
     return {"model": name, "batch": batch, "size": size, "forward_s": seconds,
-            "speedup": seconds["eager"] / seconds["converted"], "segments": fused_segments(fast.ranet_fast_converted),
+            "speedup": paired_ratio(samples, "eager", "converted"),
+            "control_ratio": paired_ratio(samples, "eager", "eager copy"), "segments": fused_segments(fast.ranet_fast_converted),
             "converted": fast.ranet_fast_converted, "left_alone": len(report.left_alone), "chain_outcomes": outcomes}
 
 
@@ -154,7 +161,7 @@ def main(argv=None) -> dict:
     dispatch.forget_choices()
 
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
-    contenders = ["converted", "eager"] + ([] if options.no_compile else ["compile"])
+    contenders = ["converted", "eager", "eager copy"] + ([] if options.no_compile else ["compile"])
     print(f"{'model':<28} {'batch':>5} " + " ".join(f"{n:>12}" for n in contenders)
           + "  converted speed-up vs " + ", ".join(contenders[1:]))
     rows = []
@@ -168,10 +175,13 @@ def main(argv=None) -> dict:
             print(f"{name:<28} {batch:>5} " + " ".join(f"{seconds[n] * 1e3:>10.2f}ms" for n in contenders) + "  "
                   + ", ".join(f"{seconds[n] / seconds['converted']:.2f}x" for n in contenders[1:]), flush=True)
     speedups = [row["speedup"] for row in rows]
+    controls = [row["control_ratio"] for row in rows]
     summary = {"models": len(rows), "with_fused_chains": sum(row["segments"] > 0 for row in rows),
-               "median_speedup": statistics.median(speedups), "min_speedup": min(speedups)}
+               "median_speedup": statistics.median(speedups), "min_speedup": min(speedups),
+               "control_min": min(controls), "control_max": max(controls)}
     print(f"{summary['with_fused_chains']} of {summary['models']} with fused chains; speed-up vs eager: median "
-          f"{summary['median_speedup']:.3f}x, smallest {summary['min_speedup']:.3f}x")
+          f"{summary['median_speedup']:.3f}x, smallest {summary['min_speedup']:.3f}x; A/A control (eager vs a copy "
+          f"of it) {summary['control_min']:.3f}x to {summary['control_max']:.3f}x")
     result = {**provenance("convert"), "device": str(device), "dtype": options.dtype, "layout": options.layout,
               "size": options.size, "repeats": options.repeats, "min_run_time": options.min_run_time,
               "rows": rows, "summary": summary}

@@ -74,6 +74,9 @@ _not_on_disk: set[tuple] = set()
 _disk: dict[str, dict[str, str]] = {}
 _tuning_override: bool | None = None
 _recorders: list[list[tuple[str, tuple, str]]] = []
+# Bumped whenever the choices in memory are dropped: a caller that keeps pick's answers for itself
+# (a fast layer, per module) keeps them while this stays the same.
+_generation = 0
 
 
 LAYERS_ENV_VAR = "RANET_FAST_LAYERS"
@@ -147,8 +150,26 @@ def measured_seconds(kind: str, key: tuple) -> dict[str, float] | None:
     return _timings.get((kind, key))
 
 
+def generation() -> int:
+    """Changes whenever :func:`forget_choices` drops the choices held in memory."""
+    return _generation
+
+
+def is_recording() -> bool:
+    """Whether a :func:`recording` context wants every pick reported (a caller's own memo of the
+    choices must then go through ``pick``)."""
+    return bool(_recorders)
+
+
+def decided(kind: str, key: tuple) -> bool:
+    """Whether ``pick`` holds a choice for ``(kind, key)`` (measured or read from disk), not a default."""
+    return (kind, key) in _choices
+
+
 def forget_choices() -> None:
     """Drops every choice held in memory (the disk files stay; they are read again when needed)."""
+    global _generation
+    _generation += 1
     _choices.clear()
     _timings.clear()
     _not_on_disk.clear()
@@ -301,7 +322,8 @@ def measure(candidates: Mapping[str, Callable[[], object]], device: torch.device
 
 
 def pick(kind: str, key: tuple, candidates: Mapping[str, Callable[[], object]], *, default: str,
-         timing_guard: Callable[[], contextlib.AbstractContextManager[bool]] | None = None) -> str:
+         timing_guard: Callable[[], contextlib.AbstractContextManager[bool]] | None = None,
+         prefer: tuple[str, float] | None = None) -> str:
     """The name of the fastest of ``candidates`` for ``(kind, key)``, measured on first use.
 
     ``candidates`` maps names to thunks that each run one equivalent implementation once (a caller
@@ -309,7 +331,9 @@ def pick(kind: str, key: tuple, candidates: Mapping[str, Callable[[], object]], 
     when nothing may be measured (see the module docstring). ``timing_guard()``, if given, is
     entered around a measurement only: it undoes the candidates' side effects on exit (e.g. BatchNorm
     running statistics) and yields whether timing is allowed at all (False: ``default``, not
-    remembered).
+    remembered). ``prefer=(name, margin)``: another candidate wins only where it is faster than
+    ``name`` by more than the fraction ``margin`` of ``name``'s time (a cost the timing does not
+    see, or a win within the noise of one measurement, then goes to ``name``).
     """
     entry = (kind, key)
     choice = _choices.get(entry)
@@ -317,7 +341,7 @@ def pick(kind: str, key: tuple, candidates: Mapping[str, Callable[[], object]], 
         if _recorders:
             _record(kind, key, choice)
         return choice
-    return _pick_slowly(entry, candidates, default, timing_guard)
+    return _pick_slowly(entry, candidates, default, timing_guard, prefer)
 
 
 def _record(kind: str, key: tuple, choice: str) -> None:
@@ -325,7 +349,17 @@ def _record(kind: str, key: tuple, choice: str) -> None:
         record.append((kind, key, choice))
 
 
-def _pick_slowly(entry: tuple, candidates: Mapping[str, Callable[[], object]], default: str, timing_guard) -> str:
+def _fastest(seconds: dict[str, float], prefer: tuple[str, float] | None) -> str:
+    fastest = min(seconds, key=seconds.__getitem__)
+    if prefer is not None:
+        name, margin = prefer
+        if seconds[fastest] >= seconds[name] * (1 - margin):
+            return name
+    return fastest
+
+
+def _pick_slowly(entry: tuple, candidates: Mapping[str, Callable[[], object]], default: str, timing_guard,
+                 prefer: tuple[str, float] | None) -> str:
     if default not in candidates:
         raise ValueError(f"dispatch default {default!r} is not one of the candidates {sorted(candidates)}")
     kind, key = entry
@@ -349,7 +383,7 @@ def _pick_slowly(entry: tuple, candidates: Mapping[str, Callable[[], object]], d
             if seconds is None:
                 choice = default
             else:
-                choice = _choices[entry] = min(seconds, key=seconds.__getitem__)
+                choice = _choices[entry] = _fastest(seconds, prefer)
                 _timings[entry] = seconds
                 _not_on_disk.discard(entry)
                 _store(name, repr(entry), choice)

@@ -22,6 +22,7 @@ import torch
 
 import ranet_fast
 from ranet_fast import _extension, dispatch
+from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.ranet import ConvBasic, ConvNormal
 from ranet_fast.ops import _registry, exit_confidence, fused_conv2d, fused_conv2d_reference
 from cuda_testing import requires_cuda_gpu
@@ -400,3 +401,24 @@ def test_dispatch_benchmark_runs_and_writes_json(tmp_path):
         assert row["path"] in ("fused", "eager") and row["ratio"] == row["seconds"]["eager"] / row["seconds"]["auto"]
     saved = json.loads(path.read_text())
     assert saved["complete"] and saved["device_name"] == dispatch.device_name(CPU) and saved["torch_threads"]
+
+
+def test_timing_nested_layers_of_a_whole_train_step_leaves_the_step_intact(tuned):
+    """A converted RANet's first train step with tuning on, every fast layer measured inside its
+    parent's timing: a fusion block's inputs are successive outputs of one dense block, so timing
+    its backward runs through the step's own graph between them, which the step's backward needs
+    afterwards. Loss, gradients and BN running statistics equal the eager model's (float64)."""
+    torch.manual_seed(3)
+    eager = RANet(ranet_config("cifar-c1", nChannels=8, growthRate=4, step=2)).double()
+    randomize_bn(eager)
+    fast = ranet_fast.convert(copy.deepcopy(eager))
+    eager.train(), fast.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for model in (eager, fast):
+        sum(logits.square().mean() for logits in model(x)).backward()
+    assert {"FastBlockUpNormal", "FastConvUpNormal"} <= {key[0] for kind, key in dispatch._choices if kind == "layer"}
+    fast_parameters, fast_buffers = dict(fast.named_parameters()), dict(fast.named_buffers())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(fast_parameters[name].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for name, b in eager.named_buffers():
+        torch.testing.assert_close(fast_buffers[name], b, rtol=1e-9, atol=1e-12, msg=name)

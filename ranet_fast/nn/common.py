@@ -36,6 +36,19 @@ def official_forward_active() -> bool:
     return _official_forward
 
 
+def tensor_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)`` for a parameter or buffer, read from the module's own dicts: the hot
+    paths of the fast layers read a few per call, and nn.Module's ``__getattr__`` costs about a
+    microsecond each. A name in neither dict (a parametrization's property) goes through getattr."""
+    parameters = module._parameters
+    if name in parameters:
+        return parameters[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
 def requires_grad(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
@@ -52,7 +65,7 @@ def conv_supported(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and x.dim() == 4
-        and conv_dtype(x, conv.weight) in SUPPORTED_DTYPES
+        and conv_dtype(x, tensor_of(conv, "weight")) in SUPPORTED_DTYPES
     )
 
 
@@ -72,6 +85,14 @@ _SIGNATURE_ATTRIBUTE = "_ranet_fast_signature"
 # Per fast module: dispatch key -> the path it took ("fused", "eager"), or input shapes -> "inapplicable"
 # where no fused forward applied to the call; what ``convert``'s report reads.
 _PATHS_ATTRIBUTE = "_ranet_fast_paths"
+# The fused forward runs only where it beat the original by more than this fraction of the
+# original's time: the timing sees neither the fast module's own per-call cost (a few microseconds
+# of checks, which a module whose original forward won does not pay: convert gives it its class
+# back) nor the noise of one measurement (a few percent on a shared CPU), and a module that fuses
+# for a smaller win can make the whole model slower.
+FUSED_MUST_WIN_BY = 0.03
+# Per fast module: its call (mode, grad mode, autocast, device, inputs) -> (dispatch generation, choice).
+_MEMO_ATTRIBUTE = "_ranet_fast_choices"
 
 
 def taken_paths(module: nn.Module) -> dict[tuple, str]:
@@ -90,52 +111,85 @@ def _remember(module: nn.Module, key: tuple, path: str) -> None:
 
 
 def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: Callable[[], object] | None,
-                    eager: Callable[[], object]):
+                    eager: Callable[[], object], applicable: Callable[[], bool] | None = None):
     """``fused()`` or ``eager()`` (the same computation), whichever ``ranet_fast.dispatch`` measured
-    faster for this module and these inputs; ``fused`` None: no fused forward applies to this call.
+    faster for this module and these inputs; ``fused`` None, or ``applicable()`` False: no fused
+    forward applies to this call. ``applicable`` is asked only where the fused forward may run (a
+    module whose original forward won skips the check).
 
     ``RANET_FAST_LAYERS`` / ``dispatch.layer_path()`` force either; the static default is the
     fused forward (also under torch.compile, which traces it). The key: the module's class and
     structure (a hash of its ``repr``, which names every submodule with its shapes, strides,
     paddings and BN settings; computed once per module, so a submodule replaced later keeps the
     old hash: that can cost speed, never correctness, since both paths compute the same), train
-    or eval mode, whether grad mode is on, and each input's shape, strides, dtype and
-    ``requires_grad``, and the device.
+    or eval mode, whether grad mode is on, the autocast dtype (None outside autocast), each input's
+    shape, strides, dtype and ``requires_grad``, and the device. Each module keeps the answers it got
+    for its own calls (until ``dispatch.forget_choices``), so that a call after the first costs one
+    dictionary lookup, not the key's hash.
 
     What is timed: with gradients needed (grad mode on and an input or parameter requiring grad,
     i.e. a training step), forward and backward, by ``torch.autograd.grad`` of the outputs (with
     ones as their gradients) with respect to those inputs and parameters, which returns the
-    gradients instead of accumulating them into ``.grad``; otherwise the forward alone. Timing
+    gradients instead of accumulating them into ``.grad``; otherwise the forward alone. The fused
+    forward is timed with the checks each of its calls makes (the key, ``applicable``), and must
+    beat the original by ``FUSED_MUST_WIN_BY``: a module whose original forward won pays none of
+    this once ``convert(..., example_inputs=...)`` has given it its class back. Timing
     happens only on a module's first call per key, never while hooks could observe it (then the
     default runs, untimed), and leaves no trace: BatchNorm running statistics (and
     ``num_batches_tracked``) of every submodule and the random-number state (dropout) are saved
     before and restored after it, without bumping their version counters, so the call that
     follows updates them exactly once, as an untimed call would.
     """
-    if fused is None:
-        if not torch.compiler.is_compiling():
+    forced = dispatch.forced_layer_path()
+    if forced == "eager":
+        return eager()
+    compiling = torch.compiler.is_compiling()
+    if forced is None and not compiling:
+        call = _call_key(module, inputs)
+        memo = module.__dict__.get(_MEMO_ATTRIBUTE)
+        if memo is not None and not dispatch.is_recording():
+            known = memo.get(call)
+            if known is not None and known[0] == dispatch.generation():
+                if known[1] == "eager":
+                    return eager()
+                if fused is not None and (applicable is None or applicable()):
+                    return fused()
+    if fused is None or (applicable is not None and not applicable()):
+        if not compiling:
             _remember(module, ("inapplicable", module.training, tuple([(t.shape, t.dtype) for t in inputs])),
                       "inapplicable")
         return eager()
-    forced = dispatch.forced_layer_path()
-    if forced is not None:
-        return fused() if forced == "fused" else eager()
-    if torch.compiler.is_compiling():
+    if forced is not None or compiling:
         return fused()
     signature = module.__dict__.get(_SIGNATURE_ATTRIBUTE)
     if signature is None:
         signature = hashlib.sha256(repr(module).encode()).hexdigest()[:16]
         module.__dict__[_SIGNATURE_ATTRIBUTE] = signature
-    grad_enabled = torch.is_grad_enabled()
-    first = inputs[0]
-    key = (type(module).__name__, signature, module.training, grad_enabled, first.device,
-           tuple([(t.shape, t.stride(), t.dtype, t.requires_grad) for t in inputs]))
-    candidates = {"fused": _timed(fused, module, inputs, grad_enabled),
+    key = (type(module).__name__, signature) + call
+
+    def fused_as_called():  # what every later call of the fused path costs: its checks, then the forward
+        _call_key(module, inputs)
+        if applicable is not None:
+            applicable()
+        return fused()
+
+    grad_enabled = call[1]
+    candidates = {"fused": _timed(fused_as_called, module, inputs, grad_enabled),
                   "eager": _timed(eager, module, inputs, grad_enabled)}
     choice = dispatch.pick("layer", key, candidates, default="fused",
-                           timing_guard=lambda: _leaves_no_trace(module))
+                           timing_guard=lambda: _leaves_no_trace(module), prefer=("eager", FUSED_MUST_WIN_BY))
     _remember(module, key, choice)
+    if dispatch.decided("layer", key):
+        module.__dict__.setdefault(_MEMO_ATTRIBUTE, {})[call] = (dispatch.generation(), choice)
     return fused() if choice == "fused" else eager()
+
+
+def _call_key(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """What a module's choice depends on besides the module: mode, grad mode, autocast dtype, device, inputs."""
+    device = inputs[0].device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return (module.training, torch.is_grad_enabled(), autocast, device,
+            tuple([(t.shape, t.stride(), t.dtype, t.requires_grad) for t in inputs]))
 
 
 def _output_tensors(output) -> list[torch.Tensor]:
@@ -153,7 +207,11 @@ def _timed(path: Callable[[], object], module: nn.Module, inputs: tuple[torch.Te
         outputs = [t for t in _output_tensors(path()) if t.requires_grad]
         wrt = [t for t in inputs if t.requires_grad] + [p for p in module.parameters() if p.requires_grad]
         if outputs and wrt:
-            torch.autograd.grad(outputs, wrt, grad_outputs=[torch.ones_like(t) for t in outputs], allow_unused=True)
+            # retain_graph: where one input was computed from another (a fusion block's inputs are
+            # a dense block's successive outputs), the backward runs through the caller's graph
+            # between them, which the caller's own backward needs afterwards.
+            torch.autograd.grad(outputs, wrt, grad_outputs=[torch.ones_like(t) for t in outputs], allow_unused=True,
+                                retain_graph=True)
 
     return forward_and_backward if grad_enabled else path
 

@@ -84,8 +84,9 @@ def _describe_call(key: tuple) -> str:
         _, training, inputs = key
         mode = "train" if training else "eval"
         return f"{mode}, input " + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in inputs)
-    _, _, training, grad_enabled, _, inputs = key
-    mode = ("train" if training else "eval") + (" with grad" if grad_enabled else "")
+    _, _, training, grad_enabled, autocast, _, inputs = key
+    mode = (("train" if training else "eval") + (" with grad" if grad_enabled else "")
+            + (f" under autocast {str(autocast).removeprefix('torch.')}" if autocast is not None else ""))
     return f"{mode}, input " + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, _, dtype, _ in inputs)
 
 

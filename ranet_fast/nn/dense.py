@@ -40,13 +40,13 @@ from ranet_fast.ops import fused_conv2d
 from ranet_fast.ops.fused_conv2d import accumulation_dtype
 
 from . import train_mode
-from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
+from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path, tensor_of
 from .precision import autocast_off, conv_dtype, conv_weight
 
 _CACHE_ATTRIBUTE = "_ranet_fast_folded_bn"
 def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
     # Without running statistics BN normalises by batch statistics even in eval mode.
-    return bn.running_mean is not None and bn.running_var is not None
+    return tensor_of(bn, "running_mean") is not None and tensor_of(bn, "running_var") is not None
 
 
 def _fold_tensors(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None, dtype: torch.dtype):
@@ -74,14 +74,15 @@ def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.T
     the folding into the graph instead.
     """
     dtype = accumulation_dtype(x.dtype)
-    parameters = tuple(t for t in (bn.weight, bn.bias, conv_bias) if t is not None)
+    parameters = tuple([t for t in (tensor_of(bn, "weight"), tensor_of(bn, "bias"), conv_bias) if t is not None])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parameters)):
         return _fold_tensors(bn, conv_bias, dtype)
     # A train-mode BN forward updates the running statistics inside the batch-norm kernel without
     # bumping their version counters, but it also increments num_batches_tracked with add_, which does.
-    sources = parameters + tuple(t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None)
+    sources = parameters + tuple([t for t in (tensor_of(bn, "running_mean"), tensor_of(bn, "running_var"),
+                                              tensor_of(bn, "num_batches_tracked")) if t is not None])
     stamp = (
-        tuple((t.data_ptr(), t._version) for t in sources), bn.eps, dtype, x.device, torch.is_inference_mode_enabled()
+        tuple([(t.data_ptr(), t._version) for t in sources]), bn.eps, dtype, x.device, torch.is_inference_mode_enabled()
     )
     cache = owner.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
     entry = cache.get(key)

@@ -53,11 +53,11 @@ from ranet_fast.ops import fused_conv2d
 from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES, activate, activation_code
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
-from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path
+from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path, tensor_of
 from .dense import _bn_foldable, folded_bn
 from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_name, batch_norm_kind,
                        is_functional_relu, negative_slope, trace_own_forward)
-from .precision import autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
+from .precision import autocast_active, autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -390,17 +390,34 @@ def has_hooks(module: nn.Module) -> bool:
                 or _module_globals._global_backward_pre_hooks)
 
 
+def _hooks_within(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has hooks of its own (global ones are checked apart)."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
+        return True
+    return any(_hooks_within(child) for child in module._modules.values() if child is not None)
+
+
+def _global_hooks() -> bool:
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+                or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+
+
 def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
+    # Called at every fused call: checks only what can change between calls, walking the
+    # segment's modules directly rather than through the modules() generator.
+    if _global_hooks():
+        return False
     modules = owner._modules
     for name in segment.steps:  # a BN+activation module's drop and act included
-        if name is not None and any(has_hooks(module) for module in modules[name].modules()):
+        if name is not None and _hooks_within(modules[name]):
             return False
     for name in (segment.pre_bn, segment.post_bn):
         if name is not None and (modules[name].training or not _bn_foldable(modules[name])):
             return False
     conv = modules[segment.conv]
     if segment.folds:  # the module's conv with the folded weight: whatever conv it has, in the dtype eager's runs in
-        return x.dim() == 4 and x.dtype.is_floating_point and conv_dtype(x, conv.weight) == x.dtype
+        return x.dim() == 4 and x.dtype.is_floating_point and conv_dtype(x, tensor_of(conv, "weight")) == x.dtype
     return conv_supported(conv, x)
 
 
@@ -444,12 +461,16 @@ def _run_folded(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Te
     """
     modules = owner._modules
     conv = modules[segment.conv]
-    scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], conv.bias, x)
+    scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], tensor_of(conv, "bias"), x)
     # Under autocast x is already in the autocast dtype (segment_fusable); the weight is folded in
     # float32 and rounded once, where eager's conv would round the unfolded one.
-    weight = folded_weight(owner, segment.conv, conv.weight, scale, x.dtype)
-    with autocast_off(x):
-        y = conv._conv_forward(x, weight, shift.to(x.dtype))
+    weight = folded_weight(owner, segment.conv, tensor_of(conv, "weight"), scale, x.dtype)
+    bias = shift if shift.dtype == x.dtype else shift.to(x.dtype)
+    if autocast_active(x):
+        with autocast_off(x):
+            y = conv._conv_forward(x, weight, bias)
+    else:  # the common case, without entering a context per call
+        y = conv._conv_forward(x, weight, bias)
     y = activate(y, activation_code(segment.activation), segment.negative_slope)
     if segment.then_bn_activation:
         y = modules[segment.post_bn].act(y)
@@ -530,14 +551,25 @@ class FastSequentialMixin(_FastModule):
     def forward(self, input):
         if not isinstance(input, torch.Tensor) or _must_run_eagerly(self, input):
             return super().forward(input)
-        # Segments keep the input's dtype and rank: one fusable now means one fuses in the chain.
-        fusing = any(segment_fusable(self, item, input) for item in self._ranet_fast_plan.segments)
-        return run_faster_path(self, (input,), functools.partial(self._fused_forward, input) if fusing else None,
-                               functools.partial(super().forward, input))
+        # Segments keep the input's dtype and rank, so each segment's check on the input holds for
+        # its own input in the chain: checked once (in plan order), where the fused forward may run.
+        fusable: list[bool] = []
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        def applicable() -> bool:
+            fusable[:] = [segment_fusable(self, segment, input) for segment in self._ranet_fast_plan.segments]
+            return any(fusable)
+
+        return run_faster_path(self, (input,), functools.partial(self._fused_forward, input, fusable),
+                               functools.partial(super().forward, input), applicable)
+
+    def _fused_forward(self, x: torch.Tensor, fusable: list[bool]) -> torch.Tensor:
+        modules = self._modules
+        flags = iter(fusable)
         for item in self._ranet_fast_plan.items:
-            x = run_item(self, item, x)
+            if not isinstance(item, Segment):
+                x = modules[item](x)
+            else:
+                x = run_segment(self, item, x) if next(flags) else run_steps(self, item, x)
         return x
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, offset: int) -> None:
@@ -569,10 +601,9 @@ class FastChainMixin(_FastModule):
         segments = plan.segments
         # Fused segments keep the input's dtype and rank, so what holds for x holds for every
         # segment's input: decide once, before anything runs.
-        if not all(segment_fusable(self, segment, x) for segment in segments):
-            return super().forward(x)
         return run_faster_path(self, (x,), functools.partial(self._fused_chain, x, plan, segments),
-                               functools.partial(super().forward, x))
+                               functools.partial(super().forward, x),
+                               lambda: all(segment_fusable(self, segment, x) for segment in segments))
 
     def _fused_chain(self, x: torch.Tensor, plan: Plan, segments: list[Segment]) -> torch.Tensor:
         if plan.concat and writes_into(self, segments[-1], x) and not requires_grad(x, self):
