@@ -116,6 +116,25 @@ def render_early_exit_cpu(results: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_demo_early_exit(results: str) -> str:
+    """The demo's real early exit beside its simulation, on the same test images (ranet_fast.demo)."""
+    name = "demo-early_exit-cpu.json"
+    record = _load(results, name)
+    lines = [f"The demo's trained model, {record['images']} synthetic test images in one batch, the thresholds of "
+             f"its simulated budget table; times are medians of {record['repeats']} interleaved runs against "
+             "the plain forward of the batch.", "",
+             "| budget p | top-1 % simulated | top-1 % real | images at another exit | MFLOPs/image | "
+             "FLOPs-predicted speed-up | realised speed-up | realised / predicted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for budget in record["budgets"]:
+        lines.append(f"| {budget['p']:.2f} | {budget['simulated_top1']:.2f} | {budget['real_top1']:.2f} | "
+                     f"{budget['images_exiting_elsewhere']} | {budget['real_flops_per_image'] / 1e6:.2f} | "
+                     f"{budget['predicted_speedup']:.2f}x | {budget['realised_speedup']:.2f}x | "
+                     f"{budget['realised_over_predicted']:.2f} |")
+    lines += ["", "Source: " + _source_line(name, record) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def render_gpu(results: str) -> str:
     """What the GPU check (scripts/gpu_check.sh) measured, call by call."""
     return gpu_report.render(gpu_report.load_runs(os.path.join(results, "gpu")))
@@ -124,6 +143,7 @@ def render_gpu(results: str) -> str:
 FIGURES = {
     "suite-cpu": Figure(("suite-cpu-c1-fp32-train-path.json",), render_suite_cpu),
     "early-exit-cpu": Figure(("early_exit-cpu-cifar.json", "early_exit-cpu-imagenet.json"), render_early_exit_cpu),
+    "demo-early-exit": Figure(("demo-early_exit-cpu.json",), render_demo_early_exit),
     "gpu": Figure(("gpu/gpu_check-*.json",), render_gpu),
 }
 
