@@ -13,11 +13,12 @@ required grad in the model require it here). Layers of the same class, structure
 
 Per layer, with an empty dispatch cache (``--cache-dir``, a fresh temporary directory by default)
 and tuning on: one call lets the dispatch measure and choose (``path``: fused or eager; ``ops``: the
-backend each op of the chosen path took, with how many calls), then ``interleaved_medians`` times the
+backend each op of the chosen path took, with how many calls), then ``interleaved_samples`` times the
 layer as dispatched (``auto``, all of its cost, the dispatch's lookups included) against the same
 layer forced to its original forward (``eager``: ``ranet_fast.dispatch.layer_path("eager")``, which
-every nested fast layer obeys too, so it is the official computation). ``ratio`` is eager seconds
-over auto seconds (above 1: the dispatched layer is faster). Before timing, the two results are
+every nested fast layer obeys too, so it is the official computation). ``seconds`` are medians over
+the rounds; ``ratio`` is the median over rounds of that round's eager seconds over auto seconds
+(above 1: the dispatched layer is faster). Before timing, the two results are
 compared (a fast wrong answer is no result).
 
 The must-hold: no layer's ratio below 0.95 (chosen never slower than eager beyond noise); the summary
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
 
 import torch
@@ -38,7 +40,7 @@ from ranet_fast.models import RANet, ranet_config
 from ranet_fast.models.configs import IMAGE_SIZES
 
 from .common import (DTYPES, MEMORY_FORMATS, add_run_arguments, benchmark_parser, geometric_mean, git_commit,
-                     interleaved_medians, provenance, write_json)
+                     interleaved_samples, paired_ratio, provenance, write_json)
 
 WORKLOADS = ("eval-forward", "train-step")
 MUST_HOLD_RATIO = 0.95
@@ -117,12 +119,13 @@ def time_layer(name, module, args, train: bool, options) -> dict:
     for kind, key, choice in record:
         if kind == "op":
             ops[f"{key[0]}:{choice}"] = ops.get(f"{key[0]}:{choice}", 0) + 1
-    seconds = interleaved_medians({"auto": lambda: _call(module, args, train, "auto"),
+    samples = interleaved_samples({"auto": lambda: _call(module, args, train, "auto"),
                                    "eager": lambda: _call(module, args, train, "eager")},
                                   options.repeats, options.min_run_time)
     return {"layer": name, "class": type(module).__name__, "path": _own_choice(record, module), "ops": ops,
-            "input_shapes": [list(t.shape) for t in _tensors(args)], "seconds": seconds,
-            "ratio": seconds["eager"] / seconds["auto"]}
+            "input_shapes": [list(t.shape) for t in _tensors(args)],
+            "seconds": {contender: statistics.median(values) for contender, values in samples.items()},
+            "ratio": paired_ratio(samples, "eager", "auto")}
 
 
 def _key(module, args, train: bool) -> tuple:

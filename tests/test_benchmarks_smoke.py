@@ -83,9 +83,23 @@ def test_convert_benchmark_runs_and_writes_json(tmp_path):
     result = convert.main(["--models", "densenet-small", "--batch", "2", "--size", "32", "--device", "cpu",
                            "--no-compile", "--repeats", "1", "--min-run-time", "0.001", "--json", str(path)])
     (row,) = result["rows"]
-    assert set(row["forward_s"]) == {"converted", "eager"} and row["converted"]["FastDenseBlock"] == 2
+    seconds = row["forward_s"]
+    assert set(seconds) == {"converted", "eager", "eager copy"} and row["converted"]["FastDenseBlock"] == 2
+    # One round: each ratio is that round's.
+    assert row["speedup"] == seconds["eager"] / seconds["converted"]
+    assert row["control_ratio"] == seconds["eager"] / seconds["eager copy"]
+    assert result["summary"]["control_min"] == result["summary"]["control_max"] == row["control_ratio"]
     saved = json.loads(path.read_text())
     assert saved["benchmark"] == "convert" and saved["device"] == "cpu" and saved["environment"]["torch"]
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    from benchmarks.common import paired_ratio
+
+    # Rounds of different speed: per round a takes 2, 1.5 and 2 times b's time; the ratio of the
+    # two medians (3 / 2) would mix rounds.
+    samples = {"a": [1.0, 3.0, 6.0], "b": [0.5, 2.0, 3.0]}
+    assert paired_ratio(samples, "a", "b") == 2.0
 
 
 # Not named "benchmark": pytest-benchmark, where installed, owns a fixture of that name.
