@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import ranet_fast
 from ranet_fast import _extension, dispatch
@@ -422,3 +423,59 @@ def test_timing_nested_layers_of_a_whole_train_step_leaves_the_step_intact(tuned
         torch.testing.assert_close(fast_parameters[name].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     for name, b in eager.named_buffers():
         torch.testing.assert_close(fast_buffers[name], b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _layer_timing(monkeypatch, fused_over_eager: float, timed: list):
+    """dispatch.measure answering, for a layer's paths, fused = ``fused_over_eager`` x eager seconds."""
+    measure = dispatch.measure
+
+    def fake(candidates, device):
+        if "fused" not in candidates:
+            return measure(candidates, device)
+        timed.append(1)
+        return {"fused": 1e-3 * fused_over_eager, "eager": 1e-3}
+
+    monkeypatch.setattr(dispatch, "measure", fake)
+
+
+@pytest.mark.parametrize("fused_over_eager, expected", [(0.99, "eager"), (0.9, "fused")])
+def test_fused_path_must_win_by_a_margin(tuned, monkeypatch, ops_called, fused_over_eager, expected):
+    timed = []
+    _layer_timing(monkeypatch, fused_over_eager, timed)
+    layer = _converted(ConvBasic(4, 6)).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+        ops_called.clear()
+        layer(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert timed == [1] and ("fused_conv2d" in ops_called) == (expected == "fused")
+    assert [choice for (kind, _), choice in dispatch._choices.items() if kind == "layer"] == [expected]
+
+
+def test_a_modules_kept_choice_lasts_until_the_dispatch_forgets(tuned, monkeypatch):
+    _layer_timing(monkeypatch, 0.5, [])
+    asked = []
+    pick = dispatch.pick
+    monkeypatch.setattr(dispatch, "pick", lambda kind, *args, **kwargs: asked.append(kind) or pick(kind, *args, **kwargs))
+    layer = _converted(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())).eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # the module's own record of its choice: the dispatch is not asked
+        assert asked.count("layer") == 1
+        dispatch.forget_choices()
+        layer(x)
+    assert asked.count("layer") == 2
+
+
+def test_a_hook_added_after_the_fused_choice_runs_the_original_forward(tuned, monkeypatch):
+    _layer_timing(monkeypatch, 0.5, [])
+    eager = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).double().eval()
+    randomize_bn(eager, 0)
+    layer = ranet_fast.convert(copy.deepcopy(eager))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    seen = []
+    with torch.no_grad():
+        layer(x)
+        layer[1].register_forward_hook(lambda *args: seen.append(1))
+        torch.testing.assert_close(layer(x), eager(x), rtol=1e-12, atol=1e-12)
+    assert seen == [1]

@@ -382,25 +382,24 @@ def _node_text(node: torch.fx.Node) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling the module runs hooks (its own or global ones) that a fused call would skip."""
+def _own_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _module_globals._global_forward_hooks
-                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
-                or _module_globals._global_backward_pre_hooks)
-
-
-def _hooks_within(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule has hooks of its own (global ones are checked apart)."""
-    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-            or module._backward_pre_hooks):
-        return True
-    return any(_hooks_within(child) for child in module._modules.values() if child is not None)
+                or module._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
     return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
                 or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or global ones) that a fused call would skip."""
+    return _global_hooks() or _own_hooks(module)
+
+
+def _hooks_within(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has hooks of its own (global ones are checked apart)."""
+    return _own_hooks(module) or any(_hooks_within(child) for child in module._modules.values() if child is not None)
 
 
 def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
