@@ -71,13 +71,13 @@ def test_a_tampered_results_file_fails_the_check_naming_page_table_and_file(tmp_
 
 def test_a_results_file_without_its_thread_count_is_refused(tmp_path, capsys):
     _copy_results(tmp_path, [name for figure in figures.FIGURES.values() for name in figure.files if "*" not in name])
-    path = tmp_path / "early_exit-cpu-cifar.json"
+    path = tmp_path / "early_exit-cpu.json"
     record = json.loads(path.read_text())
     del record["torch_threads"]
     path.write_text(json.dumps(record))
 
     assert figures.main(["--check", "--results", str(tmp_path)]) == 1
-    assert "early_exit-cpu-cifar.json (figure early-exit-cpu) lacks torch_threads" in capsys.readouterr().err
+    assert "early_exit-cpu.json (figure early-exit-cpu) lacks torch_threads" in capsys.readouterr().err
 
 
 def test_provenance_requires_date_commit_versions_and_device():
