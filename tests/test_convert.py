@@ -513,6 +513,67 @@ def test_report_says_which_path_won_and_the_model_runs_it(tuned, monkeypatch, fa
     assert (type(fast) is nn.Sequential) == (faster == "eager")
 
 
+@pytest.mark.parametrize("model_faster", ["fused", "eager"])
+def test_the_whole_model_keeps_its_fusions_only_where_they_win_in_place(tuned, monkeypatch, model_faster):
+    """Every chain measured faster fused alone; the example call of the whole model then decides:
+    where the chosen fusions do not win by the margin in place, every fast module gets its original
+    class back and the report says why, with both times; where they win, they stay."""
+    from ranet_fast import dispatch
+    import importlib
+
+    convert_module = importlib.import_module("ranet_fast.nn.convert")  # the module, not the function it exports
+
+    monkeypatch.setattr(dispatch, "measure", lambda candidates, device: {"fused": 1e-3, "eager": 2e-3})
+    whole = {"fused": 4e-3, "eager": 3e-3} if model_faster == "eager" else {"fused": 3e-3, "eager": 4e-3}
+    measured = []
+    monkeypatch.setattr(convert_module, "measure_chosen_against_original",
+                        lambda model, inputs: measured.append((model, inputs)) or dict(whole))
+    eager = report_model().double().eval()
+    randomize_bn(eager, 0)
+    x = image()
+    with torch.no_grad():
+        fast, report = ranet_fast.convert(copy.deepcopy(eager), report=True, example_inputs=(x,))
+    assert measured == [(fast, (x,))]
+    assert report.model_seconds == whole
+    chains = [s for s in report.chains() if s.outcome != "left alone"]
+    assert len(chains) == 2
+    if model_faster == "eager":
+        assert report.reverted_by_model_check == [""]  # the model itself holds both chains
+        for status in chains:
+            assert (status.outcome, status.category) == ("original", "did not pay")
+            assert status.reason.endswith("the whole model was not faster with its chosen fusions (example call: "
+                                          "4 ms, original 3 ms): the original module was kept")
+        assert type(fast) is nn.Sequential
+        assert "whole model, example call: 4 ms with the chosen fusions, 3 ms original (original modules kept)" \
+            in str(report)
+    else:
+        assert report.reverted_by_model_check == []
+        assert [s.outcome for s in chains] == ["fused", "fused"]
+        assert type(fast) is not nn.Sequential
+        assert "(fused modules kept)" in str(report)
+    with torch.no_grad():
+        assert_close(fast(x), eager(x), torch.float64, "output")
+
+
+def test_the_whole_model_timing_leaves_no_trace_and_is_skipped_without_tuning(tuned):
+    """measure_chosen_against_original times a training step (forward and backward) of a converted
+    model both ways without changing its BN running statistics or leaving gradients; with tuning
+    off it measures nothing."""
+    from ranet_fast import dispatch
+    from ranet_fast.nn.common import measure_chosen_against_original
+
+    fast = ranet_fast.convert(report_model().double().train())
+    x = image()
+    before = copy.deepcopy(fast.state_dict())
+    seconds = measure_chosen_against_original(fast, (x,))
+    assert set(seconds) == {"fused", "eager"} and all(value > 0 for value in seconds.values())
+    for name, value in fast.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in fast.parameters())
+    with dispatch.tuning(False):
+        assert measure_chosen_against_original(fast, (x,)) is None
+
+
 def test_report_before_any_call_and_for_a_call_without_a_fused_form(tuned):
     """Before the first call the report says so; after a train-mode call (BatchNorm in train mode:
     nothing folds) it says the original forward ran and why, and names the call."""

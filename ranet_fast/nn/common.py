@@ -184,6 +184,36 @@ def run_faster_path(module: nn.Module, inputs: tuple[torch.Tensor, ...], fused: 
     return fused() if choice == "fused" else eager()
 
 
+def measure_chosen_against_original(module: nn.Module, inputs: tuple) -> dict[str, float] | None:
+    """Median seconds of ``module(*inputs)`` as its fast layers now run it (each on its chosen path:
+    "fused") and with every one forced to its original forward ("eager"), timed as
+    :func:`run_faster_path` times one layer (the forward, and with gradients needed its backward
+    too) and leaving no trace; None where nothing may be timed (tuning off, hooks on a submodule).
+
+    Per-layer choices are each measured alone; this is their sum in place, where a layer's output
+    feeds the next and its cost is not quite what it was alone. The forced original carries the
+    fast layers' per-call checks, a few microseconds each, which the caller's margin absorbs."""
+    if not dispatch.tuning_enabled():
+        return None
+    tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
+    parameter = next(module.parameters(), None)
+    device = tensors[0].device if tensors else parameter.device if parameter is not None else torch.device("cpu")
+    grad_enabled = torch.is_grad_enabled()
+
+    def as_chosen():
+        return module(*inputs)
+
+    def as_original():
+        with dispatch.layer_path("eager"):
+            return module(*inputs)
+
+    with _leaves_no_trace(module) as allowed:
+        if not allowed:
+            return None
+        return dispatch.measure({"fused": _timed(as_chosen, module, tensors, grad_enabled),
+                                 "eager": _timed(as_original, module, tensors, grad_enabled)}, device)
+
+
 def _call_key(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
     """What a module's choice depends on besides the module: mode, grad mode, autocast dtype, device, inputs."""
     device = inputs[0].device

@@ -31,7 +31,7 @@ from ranet_fast import dispatch
 from ranet_fast.models import msdnet
 from ranet_fast.models.ranet import ConvBasic, ConvBN, ConvNormal, ConvUpNormal, _BlockNormal, _BlockUpNormal
 
-from .common import preserved_state, taken_paths
+from .common import FUSED_MUST_WIN_BY, measure_chosen_against_original, preserved_state, taken_paths
 from .dense import FastBlockNormal, FastConvBasic, FastConvBN, FastConvNormal
 from .fusion import FastBlockUpNormal, FastConvUpNormal
 from .generic import FastChainMixin, FastGraphMixin, FastSequentialMixin, install, plan_sequential, plan_traced, uninstall
@@ -135,16 +135,32 @@ class ConvertReport:
     left_alone: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
     counts: Counter = field(default_factory=Counter)
     modules: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)  # replaced name -> module
+    # convert(..., example_inputs=...)'s whole-model check: median seconds of the example call with
+    # the chosen paths ("fused") and with the original forwards ("eager"); None if it did not run.
+    model_seconds: dict[str, float] | None = None
+    # The modules that chose to fuse but were given their original class back because the whole
+    # model was not faster with them.
+    reverted_by_model_check: list[str] = field(default_factory=list)
 
     def chains(self) -> list[ChainStatus]:
         """Per candidate chain, fused or not and why, as of now (the dispatch decides at each fast
         module's first call per input shape; ``convert(..., example_inputs=...)`` makes that call)."""
         statuses = [chain_status(name, pattern, self.modules[name]) for name, pattern in self.replaced]
+        if self.reverted_by_model_check:
+            fused, original = (self.model_seconds[path] * 1e3 for path in ("fused", "eager"))
+            why = (f"the whole model was not faster with its chosen fusions (example call: {fused:.3g} ms, "
+                   f"original {original:.3g} ms): the original module was kept")
+            statuses = [ChainStatus(s.module, s.pattern, "original", "did not pay", f"{s.reason}; {why}")
+                        if s.module in self.reverted_by_model_check else s for s in statuses]
         statuses += [ChainStatus(name, "", "left alone", "unsupported", reason) for name, reason in self.left_alone]
         return statuses
 
     def __str__(self) -> str:
         lines = [f"ranet_fast.convert: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
+        if self.model_seconds is not None:
+            verdict = "original modules kept" if self.reverted_by_model_check else "fused modules kept"
+            lines.append(f"  whole model, example call: {self.model_seconds['fused'] * 1e3:.3g} ms with the chosen "
+                         f"fusions, {self.model_seconds['eager'] * 1e3:.3g} ms original ({verdict})")
         for status in self.chains():
             name = status.module or "(model)"
             if status.outcome == "left alone":
@@ -258,6 +274,30 @@ def _restore_original_class(module: nn.Module) -> None:
         module.__class__ = _ORIGINAL_CLASSES[type(module)]
 
 
+def _is_fast(module: nn.Module) -> bool:
+    return type(module) in _ORIGINAL_CLASSES or "_ranet_fast_plan" in module.__dict__
+
+
+def _check_the_whole_model(model: nn.Module, example_inputs: tuple, report: ConvertReport) -> None:
+    """Each fast module chose fused or original alone; in place, a layer's output feeds the next and
+    the sum of the choices can still lose. Times the example call as chosen against the original
+    forwards and, unless the chosen fusions win by ``FUSED_MUST_WIN_BY``, gives every fast module
+    that would fuse its original class back: a converted model is never slower than the original
+    on the example's shapes, beyond the timing's noise."""
+    fusing = [name for name, module in report.modules.items()
+              if _is_fast(module) and "fused" in taken_paths(module).values()]
+    if not fusing:
+        return
+    report.model_seconds = measure_chosen_against_original(model, example_inputs)
+    if report.model_seconds is None:
+        return
+    if report.model_seconds["fused"] < report.model_seconds["eager"] * (1 - FUSED_MUST_WIN_BY):
+        return
+    for name in fusing:
+        _restore_original_class(report.modules[name])
+    report.reverted_by_model_check = fusing
+
+
 def convert(model: nn.Module, verbose: bool = False, report: bool = False, example_inputs: tuple | None = None):
     """Replace, in place, every module ranet_fast can run faster with the same results; return ``model``
     (with ``report``: ``(model, report)``).
@@ -273,8 +313,11 @@ def convert(model: nn.Module, verbose: bool = False, report: bool = False, examp
     and the caller's grad mode, so that the dispatch measures fused against original for those
     shapes now (not at the first real call) and the report says which won. Every fast module whose
     original forward won at every call it measured gets its original class back (no per-call
-    decision left to pay for); it stays in the report as "original", "did not pay". The call leaves
-    no trace: BatchNorm running statistics and the random-number state are restored after it.
+    decision left to pay for); it stays in the report as "original", "did not pay". Then the whole
+    model is timed on the example as chosen against its original forwards, and unless the chosen
+    fusions win by ``FUSED_MUST_WIN_BY`` every fast module gets its original class back (the report
+    says so, with the two times). The calls leave no trace: BatchNorm running statistics and the
+    random-number state are restored after them.
     """
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"convert: example_inputs must be a tuple of the model's positional inputs, "
@@ -296,6 +339,7 @@ def convert(model: nn.Module, verbose: bool = False, report: bool = False, examp
         for module in found.modules.values():
             if set(taken_paths(module).values()) == {"eager"}:
                 _restore_original_class(module)
+        _check_the_whole_model(model, example_inputs, found)
     if verbose:
         print(found)
     return (model, found) if report else model
