@@ -97,6 +97,11 @@ def _timing(key: tuple) -> str:
     return f"fused {seconds['fused'] * 1e6:.0f} us, original {seconds['eager'] * 1e6:.0f} us"
 
 
+def _is_fast(module: nn.Module) -> bool:
+    """Whether ``module`` still has a fast class (convert may have given it its original one back)."""
+    return type(module) in _ORIGINAL_CLASSES or "_ranet_fast_plan" in module.__dict__
+
+
 def chain_status(name: str, pattern: str, module: nn.Module) -> ChainStatus:
     """What the fast ``module`` ran so far (:func:`ranet_fast.nn.common.taken_paths`), and why."""
     paths = taken_paths(module)
@@ -116,7 +121,7 @@ def chain_status(name: str, pattern: str, module: nn.Module) -> ChainStatus:
     if "fused" in outcomes:
         return ChainStatus(name, pattern, "mixed", None, "; ".join(why))
     category = "did not pay" if "eager" in outcomes else "no fused form"
-    if type(module) not in _ORIGINAL_CLASSES and "_ranet_fast_plan" not in module.__dict__:
+    if not _is_fast(module):
         why.append("the original module was kept")
     return ChainStatus(name, pattern, "original", category, "; ".join(why))
 
@@ -272,10 +277,6 @@ def _restore_original_class(module: nn.Module) -> None:
         uninstall(module)
     else:
         module.__class__ = _ORIGINAL_CLASSES[type(module)]
-
-
-def _is_fast(module: nn.Module) -> bool:
-    return type(module) in _ORIGINAL_CLASSES or "_ranet_fast_plan" in module.__dict__
 
 
 def _check_the_whole_model(model: nn.Module, example_inputs: tuple, report: ConvertReport) -> None:
