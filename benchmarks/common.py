@@ -119,7 +119,8 @@ def backends_here(device: torch.device, triton_module: str | None = None) -> lis
     return [name for name in _extension.BACKENDS if _extension.backend_status(name, device, triton_module)[0]]
 
 
-def run_logits_op(benchmark: str, docstring: str, argv, triton_module: str, op_case, add_arguments=None) -> dict:
+def run_logits_op(benchmark: str, docstring: str, argv, triton_module: str, op_case, add_arguments=None,
+                  contenders=None) -> dict:
     """The main() of an exit op's benchmark: every backend that runs here against the op's reference.
 
     Inputs are random [N, C] logits for each N of --rows (the samples still running at an exit)
@@ -127,7 +128,9 @@ def run_logits_op(benchmark: str, docstring: str, argv, triton_module: str, op_c
     the confidences spread over (0, 1) for every C. ``op_case(logits, options)`` returns
     ``(call, check)``: ``call(backend)`` runs the op once and returns its outputs, ``check(got,
     expected)`` raises when a backend's outputs differ from the reference backend's: a fast wrong
-    answer is no result. ``add_arguments(parser)`` adds the benchmark's own options.
+    answer is no result. ``add_arguments(parser)`` adds the benchmark's own options;
+    ``contenders(backends, options)``, where given, names what is timed instead of the backends (each
+    name one that ``call`` accepts; "reference" among them).
     """
     parser = benchmark_parser(benchmark, docstring)
     parser.add_argument("--rows", nargs="+", type=int, default=[64, 1024, 16384], help="N, samples at the exit")
@@ -138,6 +141,8 @@ def run_logits_op(benchmark: str, docstring: str, argv, triton_module: str, op_c
     options = parser.parse_args(argv)
     device, dtype = torch.device(options.device), DTYPES[options.dtype]
     backends = backends_here(device, triton_module)
+    if contenders is not None:
+        backends = contenders(backends, options)
     print(f"{'N':>6} {'C':>5} " + " ".join(f"{name:>12}" for name in backends) + "  speed-up vs reference")
     rows = []
     for num_rows in options.rows:

@@ -7,6 +7,11 @@ legitimately round across a threshold it nearly touches. Every call is also
 checked for self-consistency at any threshold: order must be the stable
 partition of the op's own ``confidence >= threshold``.
 
+The scatter form (exit_partition_scatter: the decision and the write of the
+leaving rows in one pass) is checked on every backend against that backend's
+own exit_partition followed by a plain-Python scatter (the definition), into
+poisoned results, and its decisions against the float64 reference.
+
 The Triton kernels run on CPU tensors under the Triton interpreter in a
 subprocess (see tests/test_exit_confidence.py for why).
 """
@@ -20,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ranet_fast import _extension
-from ranet_fast.ops import exit_partition, exit_partition_reference
+from ranet_fast.ops import exit_partition, exit_partition_reference, exit_partition_scatter
 from triton_interpreter import each_check_under_interpreter
 from cuda_testing import NO_CUDA_GPU
 from op_testing import backends, compile_recording_ops, needs_extension
@@ -126,6 +131,67 @@ def check_all_thresholds(logits, criterion, backend):
     return leaving_counts
 
 
+SENTINEL_EXIT = -12345
+
+
+def scatter_case(logits, seed, extra_results=3, strided_results=False):
+    """Distinct positions in [0, M), M = N + extra_results, and results poisoned with NaN logits and a
+    sentinel exit (as column/row slices of wider buffers when ``strided_results``)."""
+    num_rows, num_classes = logits.shape
+    num_results = num_rows + extra_results
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(num_results, generator=generator)[:num_rows].to(logits.device)
+    if strided_results:
+        result_logits = torch.full((num_results, 2 * num_classes), math.nan, dtype=logits.dtype,
+                                   device=logits.device)[:, 1::2]
+        result_exit = torch.full((2 * num_results,), SENTINEL_EXIT, device=logits.device)[::2]
+        positions = torch.stack([positions, positions], dim=1)[:, 0]  # a non-contiguous view
+    else:
+        result_logits = torch.full((num_results, num_classes), math.nan, dtype=logits.dtype, device=logits.device)
+        result_exit = torch.full((num_results,), SENTINEL_EXIT, device=logits.device)
+    return positions, result_logits, result_exit
+
+
+def expected_scatter(logits, threshold, criterion, backend, positions, exit_index, result_logits, result_exit):
+    """The backend's own exit_partition, then the scatter written out as a loop over the leaving rows."""
+    _, _, order, num_continue = exit_partition(logits, threshold, criterion, backend=backend)
+    result_logits, result_exit = result_logits.cpu().clone(), result_exit.cpu().clone()
+    for row in order[int(num_continue):].tolist():
+        position = int(positions[row])
+        result_logits[position] = logits[row].cpu()
+        result_exit[position] = exit_index
+    return order.cpu(), int(num_continue), result_logits, result_exit
+
+
+def check_scatter_form(logits, threshold, criterion, backend, seed, exact_decisions=True, strided_results=False):
+    positions, result_logits, result_exit = scatter_case(logits, seed, strided_results=strided_results)
+    exit_index = 2
+    expected = expected_scatter(logits, threshold, criterion, backend, positions, exit_index, result_logits,
+                                result_exit)
+    order, num_continue = exit_partition_scatter(logits, threshold, criterion, positions, exit_index, result_logits,
+                                                 result_exit, backend=backend)
+    assert order.dtype == num_continue.dtype == torch.int64 and order.shape == (logits.shape[0],)
+    assert num_continue.shape == () and order.device == num_continue.device == logits.device
+    assert torch.equal(order.cpu(), expected[0]) and int(num_continue) == expected[1]
+    # Bit-exact copies; rows no leaving sample maps to keep their poison.
+    torch.testing.assert_close(result_logits.cpu(), expected[2], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(result_exit.cpu(), expected[3])
+    if exact_decisions:
+        reference = exit_partition_reference(logits.detach().cpu().double(), threshold, criterion)
+        assert torch.equal(order.cpu(), reference[2]) and int(num_continue) == int(reference[3])
+    return logits.shape[0] - int(num_continue)
+
+
+def check_scatter_form_all_thresholds(logits, criterion, backend, seed, strided_results=False):
+    reference_confidence = exit_partition_reference(logits.detach().cpu().double(), 0.0, criterion)[0]
+    leaving_counts = set()
+    for threshold in [-math.inf, math.inf, 0.0, 1.0] + separating_thresholds(reference_confidence):
+        leaving_counts.add(check_scatter_form(logits, threshold, criterion, backend, seed,
+                                              exact_decisions=threshold not in (0.0, 1.0),
+                                              strided_results=strided_results))
+    return leaving_counts
+
+
 # ---------------------------------------------------------------------------
 # In-process backends.
 # ---------------------------------------------------------------------------
@@ -200,6 +266,27 @@ def test_backend_ignores_autograd_history(backend_and_device):
     check_outputs((logits * 2).detach(), 0.5, "entropy", outputs)
 
 
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_backend_scatter_form_matches_partition_then_scatter(backend_and_device, shape, dtype, criterion):
+    backend, device = backend_and_device
+    logits = random_logits(shape, dtype, seed_of(shape, dtype, criterion, "scatter")).to(device)
+    leaving_counts = check_scatter_form_all_thresholds(logits, criterion, backend, seed_of(shape, "positions"))
+    assert {0, shape[0]} <= leaving_counts
+    if shape[0] >= 7 and shape[1] > 1:
+        assert len(leaving_counts) > 2
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_backend_scatter_form_strided_and_non_finite(backend_and_device, criterion):
+    backend, device = backend_and_device
+    for seed, logits in enumerate((random_logits((40, 300), torch.float32, seed=3).to(device)[:, ::2],
+                                   random_logits((100, 40), torch.float16, seed=4).to(device).t(),
+                                   special_logits(torch.bfloat16).to(device))):
+        check_scatter_form_all_thresholds(logits, criterion, backend, seed, strided_results=True)
+
+
 @needs_extension
 @settings(max_examples=60, deadline=None)
 @given(
@@ -261,11 +348,29 @@ def check_triton_compiles_fullgraph(device):
     assert "ranet_fast.exit_partition_triton" in graph_ops, graph_ops
 
 
+def check_triton_scatter_opcheck(device):
+    logits = _triton_cases()["opcheck"][0].to(device)
+    for criterion in CRITERIA:
+        positions, result_logits, result_exit = scatter_case(logits, seed=1)
+        torch.library.opcheck(torch.ops.ranet_fast.exit_partition_scatter_triton.default,
+                              (logits, 0.4, criterion, positions, 1, result_logits, result_exit))
+
+
 def triton_interpreter_checks():
     checks = {f"case/{name}": lambda device, logits=logits, threshold=threshold, criterion=criterion: check_outputs(
         logits, threshold, criterion, exit_partition(logits.to(device), threshold, criterion, backend="triton"))
         for name, (logits, threshold, criterion) in _triton_cases().items()}
-    return {**checks, "opcheck": check_triton_opcheck, "compiles-fullgraph": check_triton_compiles_fullgraph}
+    scatter_checks = {
+        f"scatter/{name}": lambda device, logits=logits, threshold=threshold, criterion=criterion: check_scatter_form(
+            logits.to(device), threshold, criterion, "triton", seed=5, exact_decisions=not math.isinf(threshold),
+            strided_results=logits.shape[0] % 2 == 1)
+        for name, (logits, threshold, criterion) in _triton_cases().items() if "special" not in name}
+    scatter_checks.update({
+        f"scatter/special-{criterion}": lambda device, criterion=criterion: check_scatter_form_all_thresholds(
+            special_logits(torch.float32).to(device), criterion, "triton", seed=6)
+        for criterion in CRITERIA})
+    return {**checks, **scatter_checks, "opcheck": check_triton_opcheck, "scatter-opcheck": check_triton_scatter_opcheck,
+            "compiles-fullgraph": check_triton_compiles_fullgraph}
 
 
 test_triton_under_interpreter = each_check_under_interpreter(triton_interpreter_checks)
@@ -298,6 +403,75 @@ def test_cuda_op_passes_opcheck():
     logits = random_logits((8, 10), torch.float16, seed=15).cuda()
     for criterion in CRITERIA:
         torch.library.opcheck(torch.ops.ranet_fast.exit_partition.default, (logits, 0.3, criterion))
+
+
+@needs_extension
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("num_rows", [0, 1, 9])
+def test_compiled_scatter_form_passes_opcheck(num_rows, criterion):
+    logits = random_logits((num_rows, 10), torch.float32, seed=num_rows)
+    positions, result_logits, result_exit = scatter_case(logits, seed=2)
+    torch.library.opcheck(torch.ops.ranet_fast.exit_partition_scatter.default,
+                          (logits, 0.3, criterion, positions, 1, result_logits, result_exit))
+
+
+@pytest.mark.skipif(not _extension.extension_built_with_cuda(), reason="extension built without CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_GPU)
+def test_cuda_scatter_form_passes_opcheck():
+    logits = random_logits((8, 10), torch.float16, seed=15).cuda()
+    for criterion in CRITERIA:
+        positions, result_logits, result_exit = scatter_case(logits, seed=3)
+        torch.library.opcheck(torch.ops.ranet_fast.exit_partition_scatter.default,
+                              (logits, 0.3, criterion, positions, 1, result_logits, result_exit))
+
+
+@needs_extension
+def test_compiled_scatter_form_under_torch_compile_fullgraph():
+    def decide(logits, threshold, positions, result_logits, result_exit):
+        order, num_continue = exit_partition_scatter(logits, threshold, "max_softmax", positions, 1, result_logits,
+                                                     result_exit)
+        return order, num_continue + 0
+
+    compiled, graph_ops = compile_recording_ops(decide)
+    logits = random_logits((12, 10), torch.float32, seed=31)
+    eager_results, compiled_results = scatter_case(logits, seed=4), scatter_case(logits, seed=4)
+    for got, expected in zip(compiled(logits, 0.4, *compiled_results), decide(logits, 0.4, *eager_results)):
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(compiled_results[1], eager_results[1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(compiled_results[2], eager_results[2])
+    assert any(op.startswith("ranet_fast.exit_partition") and "scatter" in op for op in graph_ops), graph_ops
+
+
+@needs_extension
+def test_cpu_scatter_form_refuses_a_bad_position_before_writing():
+    logits = random_logits((6, 4), torch.float32, seed=32)
+    positions, result_logits, result_exit = scatter_case(logits, seed=5)
+    positions[4] = result_logits.shape[0]  # one past the last result row
+    with pytest.raises(RuntimeError, match=r"positions\[4\] = 9 is out of range for M = 9"):
+        exit_partition_scatter(logits, -math.inf, "max_softmax", positions, 1, result_logits, result_exit,
+                               backend="cpu")
+    assert result_logits.isnan().all() and (result_exit == SENTINEL_EXIT).all()
+
+
+@needs_extension
+def test_compiled_scatter_form_rejects_bad_input_itself():
+    logits = torch.randn(3, 4)
+    positions, result_logits, result_exit = scatter_case(logits, seed=6)
+    op = torch.ops.ranet_fast.exit_partition_scatter
+    with pytest.raises(RuntimeError, match=r"result_logits of shape \[M, 4\]"):
+        op(logits, 0.5, "entropy", positions, 0, result_logits[:, :3], result_exit)
+    with pytest.raises(RuntimeError, match=r"result_logits of the logits' dtype"):
+        op(logits, 0.5, "entropy", positions, 0, result_logits.double(), result_exit)
+    with pytest.raises(RuntimeError, match=r"positions of shape \[N\] = \[3\]"):
+        op(logits, 0.5, "entropy", positions[:2], 0, result_logits, result_exit)
+    with pytest.raises(RuntimeError, match=r"result_exit to be int64"):
+        op(logits, 0.5, "entropy", positions, 0, result_logits, result_exit.int())
+    with pytest.raises(RuntimeError, match=r"exit_index >= 0"):
+        op(logits, 0.5, "entropy", positions, -1, result_logits, result_exit)
+    with pytest.raises(RuntimeError, match=r"overlap"):
+        op(logits, 0.5, "entropy", positions, 0, result_logits[:1].expand(6, 4), result_exit)
+    with pytest.raises(RuntimeError, match=r"unknown criterion 'margin'"):
+        op(logits, 0.5, "margin", positions, 0, result_logits, result_exit)
 
 
 @needs_extension
@@ -367,3 +541,39 @@ def test_reference_definition_of_entropy():
     confidence = exit_partition_reference(logits, 0.5, "entropy")[0]
     torch.testing.assert_close(confidence, 1 - entropy / math.log(17), **FLOAT64_TOLERANCE)
     assert ((confidence > 0) & (confidence < 1)).all()
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_scatter_form_bad_input_raises_clear_error(backend):
+    logits = torch.randn(4, 3)
+    positions, result_logits, result_exit = scatter_case(logits, seed=7)
+
+    def call(**changes):
+        arguments = dict(logits=logits, threshold=0.5, criterion="max_softmax", positions=positions, exit_index=1,
+                         result_logits=result_logits, result_exit=result_exit)
+        exit_partition_scatter(**{**arguments, **changes}, backend=backend)
+
+    with pytest.raises(ValueError, match=r"exit_partition_scatter expects logits of shape \[N, C\]"):
+        call(logits=torch.randn(4))
+    with pytest.raises(ValueError, match=r"threshold is NaN"):
+        call(threshold=math.nan)
+    with pytest.raises(TypeError, match=r"exit_partition_scatter expects positions to be a torch.Tensor, got list"):
+        call(positions=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"result_logits of shape \[M, C\] with C = 3"):
+        call(result_logits=result_logits[:, :2])
+    with pytest.raises(TypeError, match=r"result_logits of the logits' dtype torch.float32"):
+        call(result_logits=result_logits.double())
+    with pytest.raises(ValueError, match=r"positions of shape \[N\] = \[4\]"):
+        call(positions=positions[:3])
+    with pytest.raises(TypeError, match=r"result_exit to be int64"):
+        call(result_exit=result_exit.int())
+    with pytest.raises(TypeError, match=r"exit_index to be an int, got bool"):
+        call(exit_index=True)
+    with pytest.raises(ValueError, match=r"exit_index >= 0, got -1"):
+        call(exit_index=-1)
+    with pytest.raises(ValueError, match=r"on the logits' device cpu; result_exit is on meta"):
+        call(result_exit=result_exit.to("meta"))
+    with pytest.raises(ValueError, match=r"result_logits has elements that share memory"):
+        call(result_logits=result_logits[:1].expand(7, 3))
+    # Nothing was written by any refused call.
+    assert result_logits.isnan().all() and (result_exit == SENTINEL_EXIT).all()

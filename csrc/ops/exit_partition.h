@@ -1,6 +1,6 @@
-// Declarations shared by the exit_partition schema and its kernels, and the
-// entry point of exit_confidence, whose kernel is exit_partition's
-// max_softmax confidence pass.
+// Declarations shared by the exit_partition schemas (the op and its scatter
+// form) and their kernels, and the entry point of exit_confidence, whose
+// kernel is exit_partition's max_softmax confidence pass.
 #pragma once
 
 #include "exit_confidence.h"
@@ -69,12 +69,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_partition(
   return {confidence, prediction, order, num_continue};
 }
 
-// Registers exit_confidence and exit_partition for m's dispatch key over one
-// device's kernels.
-template <ConfidenceWrite write_confidence, PartitionWrite write_partition>
+// The arguments of one exit_partition_scatter call, checked, with logits and
+// positions contiguous, and the outputs it allocated: leaves [N] bool scratch
+// (each row's decision), order [N] int64 and num_continue (0-dim int64).
+struct PartitionScatterArgs {
+  const at::Tensor& logits;
+  exit_partition_math::Criterion criterion;
+  double threshold;
+  const at::Tensor& positions;
+  int64_t exit_index;
+  const at::Tensor& result_logits;
+  const at::Tensor& result_exit;
+  const at::Tensor& leaves;
+  const at::Tensor& order;
+  const at::Tensor& num_continue;
+};
+
+// Shapes, dtypes and devices of exit_partition_scatter's arguments: logits
+// [N, C] floating, positions [N] int64, result_logits [M, C] of the logits'
+// dtype, result_exit [M] int64, all on one device, exit_index >= 0, the
+// results without overlapping elements. Index values are the kernels' to
+// check (they live on the device).
+void check_exit_partition_scatter_input(
+    const at::Tensor& logits, const at::Tensor& positions, int64_t exit_index,
+    const at::Tensor& result_logits, const at::Tensor& result_exit);
+
+// A device's exit_partition_scatter: in one pass over the logits, each row's
+// confidence and decision (as exit_partition's), the leaving rows written to
+// the results at their positions (as scatter_exits), each decision stored in
+// `leaves`; then the stable partition of the decisions into order and
+// num_continue. Runs for N == 0 too (it writes num_continue = 0).
+using PartitionScatterWrite = void (*)(const PartitionScatterArgs& args);
+
+// ranet_fast::exit_partition_scatter on one device: exit_partition and
+// scatter_exits of its leaving rows in one call, returning (order,
+// num_continue). The confidence and prediction are not materialised.
+template <PartitionScatterWrite write>
+std::tuple<at::Tensor, at::Tensor> exit_partition_scatter(
+    const at::Tensor& logits,
+    double threshold,
+    c10::string_view criterion_name,
+    const at::Tensor& positions,
+    int64_t exit_index,
+    const at::Tensor& result_logits,
+    const at::Tensor& result_exit) {
+  check_exit_partition_scatter_input(logits, positions, exit_index, result_logits, result_exit);
+  const exit_partition_math::Criterion criterion = parse_criterion(criterion_name);
+  // Inputs only: contiguous copies are fine. The results are written in
+  // place through their own strides.
+  const at::Tensor input = logits.contiguous();
+  const at::Tensor position_values = positions.contiguous();
+  const int64_t num_rows = input.size(0);
+  const at::Tensor leaves = at::empty({num_rows}, input.options().dtype(at::kBool));
+  at::Tensor order = at::empty({num_rows}, input.options().dtype(at::kLong));
+  at::Tensor num_continue = at::empty({}, input.options().dtype(at::kLong));
+  write(PartitionScatterArgs{
+      input, criterion, threshold, position_values, exit_index, result_logits, result_exit, leaves, order,
+      num_continue});
+  return {order, num_continue};
+}
+
+// Registers exit_confidence, exit_partition and exit_partition_scatter for m's
+// dispatch key over one device's kernels.
+template <ConfidenceWrite write_confidence, PartitionWrite write_partition, PartitionScatterWrite write_scatter>
 void register_exit_kernels(torch::Library& m) {
   m.impl("exit_confidence", &exit_confidence<write_confidence>);
   m.impl("exit_partition", &exit_partition<write_confidence, write_partition>);
+  m.impl("exit_partition_scatter", &exit_partition_scatter<write_scatter>);
 }
 
 } // namespace ranet_fast::ops

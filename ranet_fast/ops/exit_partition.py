@@ -21,6 +21,19 @@ sample leave, +inf keeps all; a NaN threshold is refused.
 
 Like exit_confidence this is a decision, not a training signal: the input is
 detached and the outputs never require grad.
+
+The scatter form, what the early-exit engine runs at every exit,
+
+    order, num_continue = exit_partition_scatter(logits, threshold, criterion, positions,
+                                                 exit_index, result_logits, result_exit)
+
+is exit_partition followed by scatter_exits of its leaving rows (see
+ranet_fast.ops.scatter_exits: ``result_logits[positions[r]] = logits[r]`` and
+``result_exit[positions[r]] = exit_index`` for every leaving row r), in one
+pass over the logits: leaving is decided row by row, so the kernel that folds
+a row also copies it when it leaves, and only the partition of the N
+decisions follows. It returns what the engine needs next (the order and the
+count); confidence and prediction are not materialised.
 """
 
 from __future__ import annotations
@@ -29,8 +42,10 @@ import math
 
 import torch
 
+from ._checks import require_no_overlap
 from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import exit_confidence_reference, validate_logits
+from .scatter_exits import scatter_exits_reference
 
 CRITERIA = ("max_softmax", "entropy")
 
@@ -111,10 +126,80 @@ def _exit_partition_triton(
     return triton_kernels(SPEC.triton_module).exit_partition_triton(logits, threshold, criterion)
 
 
+def validate_exit_partition_scatter_args(logits: object, threshold: object, criterion: object, positions: object,
+                                         exit_index: object, result_logits: object, result_exit: object) -> None:
+    """Raises TypeError/ValueError naming the bad argument."""
+    op_name = "exit_partition_scatter"
+    validate_logits(logits, op_name=op_name)
+    validate_exit_partition_args(logits, threshold, criterion)
+    tensors = {"positions": positions, "result_logits": result_logits, "result_exit": result_exit}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op_name} expects {name} to be a torch.Tensor, got {type(tensor).__name__}")
+    num_rows, num_classes = logits.shape
+    if result_logits.dim() != 2 or result_logits.shape[1] != num_classes:
+        raise ValueError(f"{op_name} expects result_logits of shape [M, C] with C = {num_classes} (the logits' class "
+                         f"count); got shape {tuple(result_logits.shape)}")
+    if result_logits.dtype != logits.dtype:
+        raise TypeError(f"{op_name} expects result_logits of the logits' dtype {logits.dtype}; got {result_logits.dtype}")
+    for name, tensor, size, size_name in (("positions", positions, num_rows, "N"),
+                                          ("result_exit", result_exit, result_logits.shape[0], "M")):
+        if tensor.dim() != 1 or tensor.shape[0] != size:
+            raise ValueError(f"{op_name} expects {name} of shape [{size_name}] = [{size}]; got shape {tuple(tensor.shape)}")
+        if tensor.dtype != torch.int64:
+            raise TypeError(f"{op_name} expects {name} to be int64, got {tensor.dtype}")
+    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
+        raise TypeError(f"{op_name} expects exit_index to be an int, got {type(exit_index).__name__}")
+    if exit_index < 0:
+        raise ValueError(f"{op_name} expects exit_index >= 0, got {exit_index}")
+    for name, tensor in tensors.items():
+        if tensor.device != logits.device:
+            raise ValueError(f"{op_name} expects every tensor on the logits' device {logits.device}; "
+                             f"{name} is on {tensor.device}")
+    require_no_overlap(op_name, "result_logits", result_logits)
+    require_no_overlap(op_name, "result_exit", result_exit)
+
+
+def exit_partition_scatter_reference(
+    logits: torch.Tensor, threshold: float, criterion: str, positions: torch.Tensor, exit_index: int,
+    result_logits: torch.Tensor, result_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch exit_partition_scatter: the two references in sequence, by definition."""
+    validate_exit_partition_scatter_args(logits, threshold, criterion, positions, exit_index, result_logits,
+                                         result_exit)
+    _, _, order, num_continue = exit_partition_reference(logits, threshold, criterion)
+    scatter_exits_reference(result_logits, result_exit, logits.detach(), order, num_continue, positions, exit_index)
+    return order, num_continue
+
+
+def _fake_exit_partition_scatter(
+    logits: torch.Tensor, threshold: float, criterion: str, positions: torch.Tensor, exit_index: int,
+    result_logits: torch.Tensor, result_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(logits.dim() == 2, lambda: f"expected [N, C] logits, got shape {tuple(logits.shape)}")
+    torch._check(result_logits.dim() == 2 and result_logits.shape[1] == logits.shape[1],
+                 lambda: "exit_partition_scatter expects result_logits of shape [M, C]")
+    return logits.new_empty(logits.shape[0], dtype=torch.int64), logits.new_empty((), dtype=torch.int64)
+
+
+def _exit_partition_scatter_triton(
+    logits: torch.Tensor, threshold: float, criterion: str, positions: torch.Tensor, exit_index: int,
+    result_logits: torch.Tensor, result_exit: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_kernels(SCATTER_SPEC.triton_module).exit_partition_scatter_triton(
+        logits, threshold, criterion, positions, exit_index, result_logits, result_exit)
+
+
 SPEC = OpSpec("exit_partition", "exit_partition", {
     FUNCTIONAL: Form(triton=_exit_partition_triton, reference=exit_partition_reference, fake=_fake_exit_partition),
 })
 register(SPEC)
+# The scatter form is an op of its own (its schema differs), with its kernels beside exit_partition's.
+SCATTER_SPEC = OpSpec("exit_partition_scatter", "exit_partition", {
+    FUNCTIONAL: Form(triton=_exit_partition_scatter_triton, reference=exit_partition_scatter_reference,
+                     fake=_fake_exit_partition_scatter, mutates_args=("result_logits", "result_exit")),
+})
+register(SCATTER_SPEC)
 
 
 def exit_partition(
@@ -140,3 +225,30 @@ def exit_partition(
         # The schemas take a float; a SymFloat stays symbolic under torch.compile.
         threshold = float(threshold)
     return run(SPEC, backend, logits.detach(), threshold, criterion)
+
+
+def exit_partition_scatter(
+    logits: torch.Tensor, threshold: float, criterion: str, positions: torch.Tensor, exit_index: int,
+    result_logits: torch.Tensor, result_exit: torch.Tensor, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exit_partition and scatter_exits of the leaving rows in one pass (see the module docstring).
+
+    Args:
+        logits, threshold, criterion: as exit_partition's.
+        positions: [N] int64, the original batch position of each row, each in [0, M) (the CPU
+            kernel checks every one before writing; the CUDA kernel asserts those it uses).
+        exit_index: int >= 0, written to result_exit for the leaving rows.
+        result_logits: [M, C] tensor of the logits' dtype, any strides (written).
+        result_exit: [M] int64 tensor (written).
+        backend: None (automatic, or the RANET_FAST_BACKEND environment variable),
+            "cuda", "triton", "cpu" or "reference"; see ranet_fast._extension.
+
+    Returns:
+        (order, num_continue) as exit_partition's, on the logits' device; no host sync.
+    """
+    validate_exit_partition_scatter_args(logits, threshold, criterion, positions, exit_index, result_logits,
+                                         result_exit)
+    if isinstance(threshold, int):
+        threshold = float(threshold)
+    return run(SCATTER_SPEC, backend, logits.detach(), threshold, criterion, positions, exit_index, result_logits,
+               result_exit)

@@ -12,14 +12,20 @@
 //    with a block scan, carries the running total across chunks and writes
 //    every row index to its slot of `order`. The count lands in num_continue
 //    on the device; nothing is copied to the host.
+//
+// exit_partition_scatter (the engine's per-exit call) is two launches too:
+// the confidence kernel extended to decide each row and copy a leaving row to
+// the results, then the partition of the stored decisions.
 #include "../exit_partition.h"
 #include "../exit_partition_math.h"
+#include "../scatter_exits_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -30,6 +36,7 @@ namespace ranet_fast::ops {
 namespace {
 
 namespace math = exit_partition_math;
+namespace scatter_math = scatter_exits_math;
 using math::Criterion;
 
 constexpr int kWarpSize = 32;
@@ -124,11 +131,28 @@ __device__ int block_inclusive_scan(int value, int* warp_sums, int& block_total)
   return value;
 }
 
+// exit_partition's decision: the row's confidence reaches the threshold.
 template <typename acc_t>
+struct ConfidenceReaches {
+  const acc_t* __restrict__ confidence;
+  acc_t threshold;
+  __device__ bool operator()(int64_t row) const {
+    return math::leaves(confidence[row], threshold);
+  }
+};
+
+// exit_partition_scatter's decision, made and stored by its first kernel.
+struct StoredDecision {
+  const bool* __restrict__ leaves;
+  __device__ bool operator()(int64_t row) const {
+    return leaves[row];
+  }
+};
+
+template <typename LeavesAt>
 __global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
-    const acc_t* __restrict__ confidence,
+    LeavesAt leaves_at,
     int64_t num_rows,
-    acc_t threshold,
     int64_t* __restrict__ order,
     int64_t* __restrict__ num_continue_out) {
   static_assert(
@@ -139,8 +163,7 @@ __global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
   int64_t num_continue = 0;
   for (int64_t start = 0; start < num_rows; start += kPartitionThreads) {
     const int64_t row = start + threadIdx.x;
-    const int continues =
-        row < num_rows && !math::leaves(confidence[row], threshold) ? 1 : 0;
+    const int continues = row < num_rows && !leaves_at(row) ? 1 : 0;
     block_inclusive_scan(continues, warp_sums, chunk_total);
     num_continue += chunk_total;
   }
@@ -149,7 +172,7 @@ __global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
   for (int64_t start = 0; start < num_rows; start += kPartitionThreads) {
     const int64_t row = start + threadIdx.x;
     const bool valid = row < num_rows;
-    const bool leaves_now = valid && math::leaves(confidence[row], threshold);
+    const bool leaves_now = valid && leaves_at(row);
     const int continues = valid && !leaves_now ? 1 : 0;
     const int inclusive = block_inclusive_scan(continues, warp_sums, chunk_total);
     if (valid) {
@@ -162,6 +185,64 @@ __global__ void __launch_bounds__(kPartitionThreads) stable_partition_kernel(
   }
   if (threadIdx.x == 0) {
     *num_continue_out = num_continue;
+  }
+}
+
+// exit_partition_scatter's first kernel: one warp per row folds the row as
+// confidence_warp_per_row_kernel does, lane 0 decides, and if the row leaves
+// the whole warp copies it to its result row (leaving is a per-row decision,
+// so no other row is needed). The decision goes to `leaves` for the
+// partition kernel. Positions cannot be checked on the host without a sync;
+// an out-of-range one trips a device assertion instead of writing stray memory.
+template <Criterion criterion, typename scalar_t, typename acc_t>
+__global__ void decide_and_scatter_warp_per_row_kernel(
+    const scalar_t* __restrict__ logits,
+    int64_t num_rows,
+    int64_t num_classes,
+    acc_t threshold,
+    const int64_t* __restrict__ positions,
+    int64_t exit_index,
+    scalar_t* __restrict__ result_logits,
+    int64_t result_row_stride,
+    int64_t result_column_stride,
+    int64_t num_results,
+    int64_t* __restrict__ result_exit,
+    int64_t result_exit_stride,
+    bool* __restrict__ leaves) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock +
+      threadIdx.x / kWarpSize;
+  // The whole warp shares `row`, so the full-mask shuffles below always run
+  // with all 32 lanes present.
+  if (row >= num_rows) {
+    return;
+  }
+  const scalar_t* row_logits = logits + row * num_classes;
+  math::PartitionState<acc_t> state = math::empty_state<acc_t>();
+  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
+    math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    state = math::combine<criterion>(state, shuffle_down<criterion>(state, offset));
+  }
+  // Lane 0 holds the whole row's state.
+  const bool lane0_leaves =
+      lane == 0 && math::leaves(math::confidence<criterion>(state, num_classes), threshold);
+  const bool leaves_now = __shfl_sync(kFullWarpMask, lane0_leaves, 0);
+  if (lane == 0) {
+    leaves[row] = leaves_now;
+  }
+  if (!leaves_now) {
+    return;
+  }
+  const int64_t position = positions[row];
+  CUDA_KERNEL_ASSERT(scatter_math::in_range(position, num_results));
+  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
+    result_logits[scatter_math::offset_2d(position, column, result_row_stride, result_column_stride)] =
+        row_logits[column];
+  }
+  if (lane == 0) {
+    result_exit[position * result_exit_stride] = exit_index;
   }
 }
 
@@ -210,20 +291,72 @@ void partition_write(
   AT_DISPATCH_FLOATING_TYPES(confidence.scalar_type(), "exit_partition_cuda", [&] {
     // One block, launched for N == 0 too (it writes num_continue = 0); the
     // threshold is rounded on the host.
-    stable_partition_kernel<scalar_t><<<1, kPartitionThreads, 0, stream>>>(
-        confidence.const_data_ptr<scalar_t>(),
+    stable_partition_kernel<<<1, kPartitionThreads, 0, stream>>>(
+        ConfidenceReaches<scalar_t>{confidence.const_data_ptr<scalar_t>(), static_cast<scalar_t>(threshold)},
         confidence.size(0),
-        static_cast<scalar_t>(threshold),
         order.mutable_data_ptr<int64_t>(),
         num_continue.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+template <Criterion criterion, typename scalar_t>
+void launch_decide_and_scatter(const PartitionScatterArgs& args, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_rows = args.logits.size(0);
+  const int64_t num_blocks = (num_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(
+      num_blocks <= std::numeric_limits<int>::max(),
+      "ranet_fast: too many rows of logits (",
+      num_rows,
+      ")");
+  decide_and_scatter_warp_per_row_kernel<criterion, scalar_t, acc_t>
+      <<<static_cast<unsigned>(num_blocks), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+          args.logits.const_data_ptr<scalar_t>(),
+          num_rows,
+          args.logits.size(1),
+          // Doubles beyond float's range round to +-inf, as on the CPU.
+          static_cast<acc_t>(args.threshold),
+          args.positions.const_data_ptr<int64_t>(),
+          args.exit_index,
+          args.result_logits.mutable_data_ptr<scalar_t>(),
+          args.result_logits.stride(0),
+          args.result_logits.stride(1),
+          args.result_logits.size(0),
+          args.result_exit.mutable_data_ptr<int64_t>(),
+          args.result_exit.stride(0),
+          args.leaves.mutable_data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Two launches on one stream: decide and scatter (a grid over the rows), then
+// the one-block partition of the stored decisions.
+void partition_scatter_write(const PartitionScatterArgs& args) {
+  const c10::cuda::CUDAGuard device_guard(args.logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t num_rows = args.logits.size(0);
+  if (num_rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, args.logits.scalar_type(), "exit_partition_scatter_cuda", [&] {
+          auto launch = args.criterion == Criterion::kEntropy
+              ? &launch_decide_and_scatter<Criterion::kEntropy, scalar_t>
+              : &launch_decide_and_scatter<Criterion::kMaxSoftmax, scalar_t>;
+          launch(args, stream);
+        });
+  }
+  // Launched for N == 0 too: it writes num_continue = 0.
+  stable_partition_kernel<<<1, kPartitionThreads, 0, stream>>>(
+      StoredDecision{args.leaves.const_data_ptr<bool>()},
+      num_rows,
+      args.order.mutable_data_ptr<int64_t>(),
+      args.num_continue.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(ranet_fast, CUDA, m) {
-  register_exit_kernels<confidence_write, partition_write>(m);
+  register_exit_kernels<confidence_write, partition_write, partition_scatter_write>(m);
 }
 
 } // namespace ranet_fast::ops
