@@ -3,12 +3,12 @@
 The official RANet/MSDNet code only *simulates* budgeted inference from full forward passes. Here
 the network really stops computing for the samples that have left: after every exit the engine
 
-1. decides who leaves (``exit_partition``: confidence >= threshold, a stable order that puts the
-   samples that continue first, and their count, all on the device),
-2. writes the leaving samples' logits and exit index into the batch result at their original
-   positions (``scatter_exits``),
-3. reads the number that continue (the one device-to-host synchronisation per exit) and
-4. compacts every tensor the rest of the network still needs with one ``gather_rows`` launch.
+1. decides who leaves (confidence >= threshold), writes the leaving samples' logits and exit
+   index into the batch result at their original positions, and puts the samples that continue
+   first in a stable order with their count, all on the device, in one call of
+   ``exit_partition_scatter`` (one pass over the logits; on CUDA two launches),
+2. reads the number that continue (the one device-to-host synchronisation per exit) and
+3. compacts every tensor the rest of the network still needs with one ``gather_rows`` launch.
 
 A stage nobody leaves at costs no copy; once nobody is left, no later stage runs. With
 ``host_syncs="once"`` (CUDA) the engine instead decides every exit on the device and runs every
@@ -48,11 +48,9 @@ from torch.utils import _pytree as pytree
 from ranet_fast.flops import count_flops
 from ranet_fast.ops import _registry
 from ranet_fast.ops.exit_confidence import validate_logits
-from ranet_fast.ops.exit_partition import SPEC as _PARTITION
-from ranet_fast.ops.exit_partition import stable_partition
+from ranet_fast.ops.exit_partition import SCATTER_SPEC as _PARTITION_SCATTER
 from ranet_fast.ops.gather_rows import SPEC as _GATHER
 from ranet_fast.ops.gather_rows import is_row_dense, output_strides
-from ranet_fast.ops.scatter_exits import SPEC as _SCATTER
 
 CRITERIA = ("max_softmax", "entropy")
 HOST_SYNCS = ("per_exit", "once")
@@ -243,16 +241,16 @@ class _ExitOps:
     choice (about 45 us per exit together on a CPU) would only repeat what is known.
     """
 
-    def __init__(self, logits: torch.Tensor, threshold: float, criterion: str):
-        self.partition = _chosen(_PARTITION, logits, threshold, criterion)
-        self.scatter = None
+    def __init__(self):
+        self.partition_scatter = None
         self.gather = None
 
-    def scatter_leavers(self, result_logits, result_exit, logits, order, num_continue, positions, exit_index):
-        if self.scatter is None:
-            self.scatter = _chosen(_SCATTER, result_logits, result_exit, logits, order, num_continue, positions,
-                                   exit_index)
-        self.scatter(result_logits, result_exit, logits, order, num_continue, positions, exit_index)
+    def partition_and_scatter(self, logits, threshold, criterion, positions, exit_index, result_logits, result_exit):
+        """exit_partition_scatter: (order, num_continue), the leavers written into the results."""
+        args = (logits, threshold, criterion, positions, exit_index, result_logits, result_exit)
+        if self.partition_scatter is None:
+            self.partition_scatter = _chosen(_PARTITION_SCATTER, *args)
+        return self.partition_scatter(*args)
 
     def gather_rows(self, tensors, index, check_index):
         if self.gather is None:
@@ -358,7 +356,7 @@ def _run_compacting(model, x: torch.Tensor, levels: list[float], criterion: str)
             result_logits = logits.new_empty((batch, logits.shape[1]))
             result_exit = torch.empty(batch, dtype=torch.int64, device=logits.device)
             positions = torch.arange(batch, device=logits.device)
-            ops = _ExitOps(logits, levels[k], criterion)
+            ops = _ExitOps()
         if k == num_exits - 1:
             # The last exit takes everyone left: no decision, one copy into place.
             if live == batch:  # nobody left earlier: the rows are already in batch order
@@ -369,11 +367,10 @@ def _run_compacting(model, x: torch.Tensor, levels: list[float], criterion: str)
                 result_exit.index_fill_(0, positions, k)
             exit_counts[k] = live
             break
-        _, _, order, num_continue = ops.partition(logits, levels[k], criterion)
+        order, num_continue = ops.partition_and_scatter(logits, levels[k], criterion, positions, k, result_logits,
+                                                        result_exit)
         remaining = int(num_continue)  # the one host read of this exit
         exit_counts[k] = live - remaining
-        if remaining < live:
-            ops.scatter_leavers(result_logits, result_exit, logits, order, num_continue, positions, k)
         if remaining == 0:
             break  # nobody is left: no later stage runs
         if remaining < live:  # an exit nobody leaves at copies nothing
@@ -401,16 +398,20 @@ def _run_deciding_on_device(model, x: torch.Tensor, levels: list[float], criteri
             result_logits = logits.new_empty((batch + 1, logits.shape[1]))
             result_exit = torch.empty(batch + 1, dtype=torch.int64, device=logits.device)
             positions = torch.arange(batch, device=logits.device)
-            ops = _ExitOps(logits, levels[k], criterion)
-        left = positions == batch
+            slots = torch.arange(batch, device=logits.device)
+            ops = _ExitOps()
         if k == num_exits - 1:
-            leaves = torch.ones_like(left)
-        else:
-            confidence = ops.partition(logits, levels[k], criterion)[0]
-            leaves = (confidence >= levels[k]) | left
-        order, num_continue = stable_partition(leaves)
-        ops.scatter_leavers(result_logits, result_exit, logits, order, num_continue, positions, k)
-        positions = positions.masked_fill(leaves, batch)
+            # Everyone still running leaves here (those who left before write the scratch row).
+            result_logits.index_copy_(0, positions, logits)
+            result_exit.index_fill_(0, positions, k)
+            break
+        # A sample that left before may leave again or continue: either way its writes go to the
+        # scratch row, and its position stays there.
+        order, num_continue = ops.partition_and_scatter(logits, levels[k], criterion, positions, k, result_logits,
+                                                        result_exit)
+        slot_leaves = slots >= num_continue
+        leaves_now = torch.empty_like(slot_leaves).scatter_(0, order, slot_leaves)
+        positions = positions.masked_fill(leaves_now, batch)
     exit_index = result_exit[:batch]
     # Counted by comparison, not bincount, which reads its maximum back first on CUDA.
     per_exit = (exit_index.unsqueeze(1) == torch.arange(num_exits, device=exit_index.device)).sum(dim=0)
