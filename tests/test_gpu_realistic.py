@@ -27,8 +27,9 @@ from cuda_testing import NO_CUDA_GPU, exact_float32
 from ranet_fast import _extension
 from ranet_fast.ops import (batch_norm_relu, batch_norm_relu_backward, batch_norm_relu_backward_reference,
                             batch_norm_relu_reference, batch_norm_stats, batch_norm_stats_reference, exit_partition,
-                            exit_partition_reference, fused_conv2d, fused_conv2d_reference, gather_rows,
-                            scatter_exits, scatter_exits_reference, upsample_concat, upsample_concat_reference)
+                            exit_partition_reference, exit_partition_scatter, fused_conv2d, fused_conv2d_reference,
+                            gather_rows, scatter_exits, scatter_exits_reference, upsample_concat,
+                            upsample_concat_reference)
 
 DEVICE = torch.device(os.environ.get("RANET_FAST_REALISTIC_DEVICE", "cuda"))
 REHEARSAL = DEVICE.type == "cpu"
@@ -218,6 +219,14 @@ def test_exit_ops_real_sizes(backend, classes, dtype):
     scatter_exits_reference(expected_result, expected_exit, logits, got[2], got[3], positions, 2)
     assert torch.equal(result.isnan(), expected_result.isnan())
     assert torch.equal(result.nan_to_num(), expected_result.nan_to_num()) and torch.equal(result_exit, expected_exit)
+    # The scatter form takes the same decisions as exit_partition on this backend and writes the same rows.
+    fused_result = torch.full_like(result, float("nan"))
+    fused_exit = torch.full_like(result_exit, -1)
+    order, num_continue = exit_partition_scatter(logits, threshold, "max_softmax", positions, 2, fused_result, fused_exit,
+                                                 backend=backend)
+    assert torch.equal(order, got[2]) and torch.equal(num_continue, got[3])
+    assert torch.equal(fused_result.isnan(), result.isnan())
+    assert torch.equal(fused_result.nan_to_num(), result.nan_to_num()) and torch.equal(fused_exit, result_exit)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
