@@ -131,6 +131,14 @@ def check_all_thresholds(logits, criterion, backend):
     return leaving_counts
 
 
+def assert_thresholds_split(leaving_counts, shape):
+    """-inf sends everyone out, +inf no one; some threshold splits a real batch (with C == 1 every
+    confidence is 1, so nothing can split it)."""
+    assert {0, shape[0]} <= leaving_counts
+    if shape[0] >= 7 and shape[1] > 1:
+        assert len(leaving_counts) > 2
+
+
 SENTINEL_EXIT = -12345
 
 
@@ -206,12 +214,7 @@ BACKENDS = backends("reference", "cpu-extension", "cuda-extension", "triton-gpu"
 def test_backend_matches_reference(backend_and_device, shape, dtype, criterion):
     backend, device = backend_and_device
     logits = random_logits(shape, dtype, seed_of(shape, dtype, criterion)).to(device)
-    leaving_counts = check_all_thresholds(logits, criterion, backend)
-    # -inf sends everyone out, +inf no one; some threshold splits a real batch
-    # (with C == 1 every confidence is 1, so nothing can split it).
-    assert {0, shape[0]} <= leaving_counts
-    if shape[0] >= 7 and shape[1] > 1:
-        assert len(leaving_counts) > 2
+    assert_thresholds_split(check_all_thresholds(logits, criterion, backend), shape)
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -272,10 +275,8 @@ def test_backend_ignores_autograd_history(backend_and_device):
 def test_backend_scatter_form_matches_partition_then_scatter(backend_and_device, shape, dtype, criterion):
     backend, device = backend_and_device
     logits = random_logits(shape, dtype, seed_of(shape, dtype, criterion, "scatter")).to(device)
-    leaving_counts = check_scatter_form_all_thresholds(logits, criterion, backend, seed_of(shape, "positions"))
-    assert {0, shape[0]} <= leaving_counts
-    if shape[0] >= 7 and shape[1] > 1:
-        assert len(leaving_counts) > 2
+    assert_thresholds_split(check_scatter_form_all_thresholds(logits, criterion, backend, seed_of(shape, "positions")),
+                            shape)
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)

@@ -65,6 +65,24 @@ __device__ math::PartitionState<acc_t> shuffle_down(
   return other;
 }
 
+// The state of one row folded by a whole warp: each lane folds a strided
+// slice of the columns, and the 32 partial states are merged with shuffles,
+// so lane 0 ends with the whole row's state. Every lane must call it.
+template <Criterion criterion, typename scalar_t, typename acc_t>
+__device__ math::PartitionState<acc_t> fold_row_in_warp(
+    const scalar_t* __restrict__ row_logits,
+    int64_t num_classes,
+    int lane) {
+  math::PartitionState<acc_t> state = math::empty_state<acc_t>();
+  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
+    math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    state = math::combine<criterion>(state, shuffle_down<criterion>(state, offset));
+  }
+  return state;
+}
+
 template <Criterion criterion, typename scalar_t, typename acc_t>
 __global__ void confidence_warp_per_row_kernel(
     const scalar_t* __restrict__ logits,
@@ -80,14 +98,8 @@ __global__ void confidence_warp_per_row_kernel(
   if (row >= num_rows) {
     return;
   }
-  const scalar_t* row_logits = logits + row * num_classes;
-  math::PartitionState<acc_t> state = math::empty_state<acc_t>();
-  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
-    math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
-  }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    state = math::combine<criterion>(state, shuffle_down<criterion>(state, offset));
-  }
+  const math::PartitionState<acc_t> state =
+      fold_row_in_warp<criterion, scalar_t, acc_t>(logits + row * num_classes, num_classes, lane);
   if (lane == 0) {
     confidence[row] = math::confidence<criterion>(state, num_classes);
     prediction[row] = state.row.index;
@@ -218,14 +230,8 @@ __global__ void decide_and_scatter_warp_per_row_kernel(
     return;
   }
   const scalar_t* row_logits = logits + row * num_classes;
-  math::PartitionState<acc_t> state = math::empty_state<acc_t>();
-  for (int64_t column = lane; column < num_classes; column += kWarpSize) {
-    math::update<criterion>(state, static_cast<acc_t>(row_logits[column]), column);
-  }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    state = math::combine<criterion>(state, shuffle_down<criterion>(state, offset));
-  }
-  // Lane 0 holds the whole row's state.
+  const math::PartitionState<acc_t> state =
+      fold_row_in_warp<criterion, scalar_t, acc_t>(row_logits, num_classes, lane);
   const bool lane0_leaves =
       lane == 0 && math::leaves(math::confidence<criterion>(state, num_classes), threshold);
   const bool leaves_now = __shfl_sync(kFullWarpMask, lane0_leaves, 0);
