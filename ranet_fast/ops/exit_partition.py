@@ -42,10 +42,9 @@ import math
 
 import torch
 
-from ._checks import require_no_overlap
 from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import exit_confidence_reference, validate_logits
-from .scatter_exits import scatter_exits_reference
+from .scatter_exits import scatter_exits_reference, validate_result_writes
 
 CRITERIA = ("max_softmax", "entropy")
 
@@ -54,17 +53,18 @@ def _confidence_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def validate_exit_partition_args(logits: object, threshold: object, criterion: object) -> None:
-    """Raises TypeError/ValueError naming the bad argument."""
-    validate_logits(logits, op_name="exit_partition")
+def validate_exit_partition_args(logits: object, threshold: object, criterion: object,
+                                 op_name: str = "exit_partition") -> None:
+    """Raises TypeError/ValueError naming the bad argument (and ``op_name``, the op being called)."""
+    validate_logits(logits, op_name=op_name)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymFloat)):
-        raise TypeError(f"exit_partition expects threshold to be a Python float, got {type(threshold).__name__}")
+        raise TypeError(f"{op_name} expects threshold to be a Python float, got {type(threshold).__name__}")
     # Not math.isnan: under torch.compile(dynamic=True) the threshold is a
     # SymFloat, which the comparison handles and math.isnan does not.
     if threshold != threshold:
-        raise ValueError("exit_partition: threshold is NaN; use -inf (every sample leaves) or +inf (none leaves)")
+        raise ValueError(f"{op_name}: threshold is NaN; use -inf (every sample leaves) or +inf (none leaves)")
     if criterion not in CRITERIA:
-        raise ValueError(f"exit_partition: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ValueError(f"{op_name}: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
 def _entropy_confidence(logits: torch.Tensor) -> torch.Tensor:
@@ -128,36 +128,9 @@ def _exit_partition_triton(
 
 def validate_exit_partition_scatter_args(logits: object, threshold: object, criterion: object, positions: object,
                                          exit_index: object, result_logits: object, result_exit: object) -> None:
-    """Raises TypeError/ValueError naming the bad argument."""
-    op_name = "exit_partition_scatter"
-    validate_logits(logits, op_name=op_name)
-    validate_exit_partition_args(logits, threshold, criterion)
-    tensors = {"positions": positions, "result_logits": result_logits, "result_exit": result_exit}
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{op_name} expects {name} to be a torch.Tensor, got {type(tensor).__name__}")
-    num_rows, num_classes = logits.shape
-    if result_logits.dim() != 2 or result_logits.shape[1] != num_classes:
-        raise ValueError(f"{op_name} expects result_logits of shape [M, C] with C = {num_classes} (the logits' class "
-                         f"count); got shape {tuple(result_logits.shape)}")
-    if result_logits.dtype != logits.dtype:
-        raise TypeError(f"{op_name} expects result_logits of the logits' dtype {logits.dtype}; got {result_logits.dtype}")
-    for name, tensor, size, size_name in (("positions", positions, num_rows, "N"),
-                                          ("result_exit", result_exit, result_logits.shape[0], "M")):
-        if tensor.dim() != 1 or tensor.shape[0] != size:
-            raise ValueError(f"{op_name} expects {name} of shape [{size_name}] = [{size}]; got shape {tuple(tensor.shape)}")
-        if tensor.dtype != torch.int64:
-            raise TypeError(f"{op_name} expects {name} to be int64, got {tensor.dtype}")
-    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
-        raise TypeError(f"{op_name} expects exit_index to be an int, got {type(exit_index).__name__}")
-    if exit_index < 0:
-        raise ValueError(f"{op_name} expects exit_index >= 0, got {exit_index}")
-    for name, tensor in tensors.items():
-        if tensor.device != logits.device:
-            raise ValueError(f"{op_name} expects every tensor on the logits' device {logits.device}; "
-                             f"{name} is on {tensor.device}")
-    require_no_overlap(op_name, "result_logits", result_logits)
-    require_no_overlap(op_name, "result_exit", result_exit)
+    """exit_partition's checks, then scatter_exits' checks of the writes; raises TypeError/ValueError."""
+    validate_exit_partition_args(logits, threshold, criterion, op_name="exit_partition_scatter")
+    validate_result_writes("exit_partition_scatter", logits, positions, exit_index, result_logits, result_exit)
 
 
 def exit_partition_scatter_reference(

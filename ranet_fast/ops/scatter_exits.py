@@ -30,19 +30,53 @@ from ._registry import FUNCTIONAL, Form, OpSpec, register, run, triton_kernels
 from .exit_confidence import SUPPORTED_DTYPES
 
 
-def _require_tensor(name: str, value: object) -> torch.Tensor:
+def _require_tensor(op_name: str, name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"scatter_exits expects {name} to be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{op_name} expects {name} to be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
-def _require_index_vector(name: str, tensor: torch.Tensor, size: int, size_name: str) -> None:
+def _require_index_vector(op_name: str, name: str, tensor: torch.Tensor, size: int, size_name: str) -> None:
     if tensor.dim() != 1 or tensor.shape[0] != size:
         raise ValueError(
-            f"scatter_exits expects {name} of shape [{size_name}] = [{size}]; got shape {tuple(tensor.shape)}"
+            f"{op_name} expects {name} of shape [{size_name}] = [{size}]; got shape {tuple(tensor.shape)}"
         )
     if tensor.dtype != torch.int64:
-        raise TypeError(f"scatter_exits expects {name} to be int64, got {tensor.dtype}")
+        raise TypeError(f"{op_name} expects {name} to be int64, got {tensor.dtype}")
+
+
+def validate_result_writes(op_name: str, logits: torch.Tensor, positions: object, exit_index: object,
+                           result_logits: object, result_exit: object, **other_tensors: object) -> None:
+    """The checks of an op that writes leaving rows of [N, C] ``logits`` (already checked) into the results:
+    result_logits [M, C] of the logits' dtype, result_exit [M] int64, positions [N] int64, an int exit_index
+    >= 0, every tensor (``other_tensors`` too) on the logits' device, results without shared elements.
+    Shared by scatter_exits and exit_partition_scatter; raises TypeError/ValueError naming the argument."""
+    tensors = {name: _require_tensor(op_name, name, value) for name, value in
+               (("result_logits", result_logits), ("result_exit", result_exit), ("positions", positions))}
+    num_rows, num_classes = logits.shape
+    if result_logits.dim() != 2 or result_logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{op_name} expects result_logits of shape [M, C] with C = {num_classes} (the logits' "
+            f"class count); got shape {tuple(result_logits.shape)}"
+        )
+    if result_logits.dtype != logits.dtype:
+        raise TypeError(
+            f"{op_name} expects result_logits of the logits' dtype {logits.dtype}; got {result_logits.dtype}"
+        )
+    _require_index_vector(op_name, "result_exit", result_exit, result_logits.shape[0], "M")
+    _require_index_vector(op_name, "positions", positions, num_rows, "N")
+    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
+        raise TypeError(f"{op_name} expects exit_index to be an int, got {type(exit_index).__name__}")
+    if exit_index < 0:
+        raise ValueError(f"{op_name} expects exit_index >= 0, got {exit_index}")
+    for name, tensor in {**tensors, **other_tensors}.items():
+        if tensor.device != logits.device:
+            raise ValueError(
+                f"{op_name} expects every tensor on the logits' device {logits.device}; "
+                f"{name} is on {tensor.device}"
+            )
+    require_no_overlap(op_name, "result_logits", result_logits)
+    require_no_overlap(op_name, "result_exit", result_exit)
 
 
 def validate_scatter_exits_args(
@@ -55,48 +89,22 @@ def validate_scatter_exits_args(
     exit_index: object,
 ) -> None:
     """Raises TypeError/ValueError naming the bad argument."""
-    tensors = {
-        "result_logits": _require_tensor("result_logits", result_logits),
-        "result_exit": _require_tensor("result_exit", result_exit),
-        "logits": _require_tensor("logits", logits),
-        "order": _require_tensor("order", order),
-        "num_continue": _require_tensor("num_continue", num_continue),
-        "positions": _require_tensor("positions", positions),
-    }
+    op_name = "scatter_exits"
+    for name, value in (("result_logits", result_logits), ("result_exit", result_exit), ("logits", logits),
+                        ("order", order), ("num_continue", num_continue), ("positions", positions)):
+        _require_tensor(op_name, name, value)
     if logits.dim() != 2:
         raise ValueError(f"scatter_exits expects logits of shape [N, C]; got shape {tuple(logits.shape)}")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"scatter_exits supports float16, bfloat16, float32 and float64 logits; got {logits.dtype}")
-    num_rows, num_classes = logits.shape
-    if result_logits.dim() != 2 or result_logits.shape[1] != num_classes:
-        raise ValueError(
-            f"scatter_exits expects result_logits of shape [M, C] with C = {num_classes} (the logits' "
-            f"class count); got shape {tuple(result_logits.shape)}"
-        )
-    if result_logits.dtype != logits.dtype:
-        raise TypeError(
-            f"scatter_exits expects result_logits of the logits' dtype {logits.dtype}; got {result_logits.dtype}"
-        )
-    _require_index_vector("result_exit", result_exit, result_logits.shape[0], "M")
-    _require_index_vector("order", order, num_rows, "N")
-    _require_index_vector("positions", positions, num_rows, "N")
+    _require_index_vector(op_name, "order", order, logits.shape[0], "N")
     if num_continue.dim() != 0 or num_continue.dtype != torch.int64:
         raise TypeError(
             "scatter_exits expects num_continue to be a 0-dim int64 tensor (exit_partition's); "
             f"got shape {tuple(num_continue.shape)} and dtype {num_continue.dtype}"
         )
-    if isinstance(exit_index, bool) or not isinstance(exit_index, int):
-        raise TypeError(f"scatter_exits expects exit_index to be an int, got {type(exit_index).__name__}")
-    if exit_index < 0:
-        raise ValueError(f"scatter_exits expects exit_index >= 0, got {exit_index}")
-    for name, tensor in tensors.items():
-        if tensor.device != logits.device:
-            raise ValueError(
-                f"scatter_exits expects every tensor on the logits' device {logits.device}; "
-                f"{name} is on {tensor.device}"
-            )
-    require_no_overlap("scatter_exits", "result_logits", result_logits)
-    require_no_overlap("scatter_exits", "result_exit", result_exit)
+    validate_result_writes(op_name, logits, positions, exit_index, result_logits, result_exit, order=order,
+                           num_continue=num_continue)
 
 
 def scatter_exits_reference(
