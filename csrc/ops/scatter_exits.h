@@ -26,6 +26,15 @@ struct ScatterExitsArgs {
 // checked by the kernels (they live on the device).
 void check_scatter_exits_input(const ScatterExitsArgs& args);
 
+// The checks of an op that writes leaving rows of checked [N, C] logits into
+// the results: result_logits [M, C] of the logits' dtype, result_exit [M]
+// int64, positions [N] int64, exit_index >= 0, all on the logits' device, the
+// results without overlapping elements. Shared by scatter_exits and
+// exit_partition_scatter; `op_name` prefixes the messages.
+void check_result_writes(
+    const char* op_name, const at::Tensor& logits, const at::Tensor& positions, int64_t exit_index,
+    const at::Tensor& result_logits, const at::Tensor& result_exit);
+
 // A device's kernel on checked arguments: checks the index values, then
 // writes the leaving rows' logits and the exit index into the results.
 using ScatterExitsWrite = void (*)(const ScatterExitsArgs& args);
