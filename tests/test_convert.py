@@ -605,3 +605,37 @@ def test_known_fast_classes_get_their_class_back_where_the_original_won(tuned, m
         assert {type(report.modules[name]) for name, _ in report.replaced} <= official
         for got, expected in zip(fast(x), eager(x)):
             assert_close(got, expected, torch.float64, "logits")
+
+
+def test_folded_conv_cache_is_reused_and_invalidated():
+    """The eval-mode conv -> BN -> act of a converted Sequential keeps its folded weight and bias while
+    nothing they come from changes, and folds again after each kind of change."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, groups=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+    eager, fast = eager_and_fast(model)
+    eager.eval(), fast.eval()
+    x = image()
+
+    def check(dtype=torch.float64):
+        with torch.no_grad():
+            assert_close(fast(x.to(dtype)), eager(x.to(dtype)), dtype, "eval output")
+
+    check()
+    cached = fast._ranet_fast_folded_conv["0"][2]
+    check()
+    assert fast._ranet_fast_folded_conv["0"][2] is cached  # nothing changed: no refold
+    changes = (lambda m: m[0].weight.mul_(-1), lambda m: m[0].bias.add_(0.5), lambda m: m[1].running_mean.add_(1),
+               lambda m: m[1].running_var.mul_(2), lambda m: m[1].weight.mul_(-1), lambda m: m[1].bias.add_(0.5))
+    for change in changes:
+        with torch.no_grad():
+            change(eager), change(fast)
+        check()
+        assert fast._ranet_fast_folded_conv["0"][2] is not cached
+        cached = fast._ranet_fast_folded_conv["0"][2]
+    for m in (eager, fast):  # a replaced tensor, a new eps
+        m[1].running_var = m[1].running_var * 3
+    check()
+    for m in (eager, fast):
+        m[1].eps = 0.5
+    check()
+    eager.float(), fast.float()  # .data swapped by the module's conversion: a new data pointer
+    check(torch.float32)

@@ -14,7 +14,7 @@ import torch
 
 from ranet_fast import _extension
 from ranet_fast.ops import fused_conv2d, fused_conv2d_reference
-from ranet_fast.ops.fused_conv2d import ACTIVATIONS
+from ranet_fast.ops.fused_conv2d import ACTIVATIONS, activate, activate_
 from cuda_testing import deterministic_on
 from op_testing import (COMPILED_AND_REFERENCE, TOLERANCE_BY_DTYPE, backends, compile_recording_ops, needs_extension,
                         seed_of)
@@ -618,3 +618,18 @@ def test_out_form_refuses_to_build_a_graph(backend):
 def test_automatic_backend_on_cpu(monkeypatch):
     monkeypatch.delenv("RANET_FAST_BACKEND", raising=False)
     assert _extension.resolve_backend("fused_conv2d", torch.zeros(1)) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_in_place_activation_equals_the_out_of_place_one(name, dtype):
+    """activate_ writes over its input exactly what activate returns (the folded layers use it on a
+    conv's fresh result); values straddle every kink (0, 3, 6, -3) and include infinities."""
+    code = ACTIVATIONS.index(name)
+    value = torch.randn(3, 5, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(code)) * 5
+    value[0, 0, 0, :6] = torch.tensor([0.0, 3.0, 6.0, -3.0, float("inf"), -float("inf")])
+    value = value.to(dtype).contiguous(memory_format=torch.channels_last)
+    expected = activate(value, code, 0.2)
+    result = activate_(value, code, 0.2)
+    assert result.data_ptr() == value.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=0, atol=0, equal_nan=True)

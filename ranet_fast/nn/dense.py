@@ -49,7 +49,7 @@ def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
     return tensor_of(bn, "running_mean") is not None and tensor_of(bn, "running_var") is not None
 
 
-def _fold_tensors(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None, dtype: torch.dtype):
+def fold_batch_norm(bn: nn.BatchNorm2d, conv_bias: torch.Tensor | None, dtype: torch.dtype):
     """(scale, shift) with bn(conv + bias) = conv * scale + shift, in ``dtype``."""
     scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
@@ -76,7 +76,7 @@ def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.T
     dtype = accumulation_dtype(x.dtype)
     parameters = tuple([t for t in (tensor_of(bn, "weight"), tensor_of(bn, "bias"), conv_bias) if t is not None])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parameters)):
-        return _fold_tensors(bn, conv_bias, dtype)
+        return fold_batch_norm(bn, conv_bias, dtype)
     # A train-mode BN forward updates the running statistics inside the batch-norm kernel without
     # bumping their version counters, but it also increments num_batches_tracked with add_, which does.
     sources = parameters + tuple([t for t in (tensor_of(bn, "running_mean"), tensor_of(bn, "running_var"),
@@ -89,7 +89,7 @@ def folded_bn(owner: nn.Module, key: str, bn: nn.BatchNorm2d, conv_bias: torch.T
     if entry is not None and entry[0] == stamp and all(a is b for a, b in zip(entry[1], sources)):
         return entry[2]
     with torch.no_grad():
-        folded = tuple(t.to(x.device) for t in _fold_tensors(bn, conv_bias, dtype))
+        folded = tuple(t.to(x.device) for t in fold_batch_norm(bn, conv_bias, dtype))
     cache[key] = (stamp, sources, folded)
     return folded
 

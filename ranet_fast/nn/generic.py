@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -50,11 +51,11 @@ import torch.nn as nn
 from torch.nn.modules import module as _module_globals
 
 from ranet_fast.ops import fused_conv2d
-from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES, activate, activation_code
+from ranet_fast.ops.fused_conv2d import SUPPORTED_STRIDES, accumulation_dtype, activate, activate_, activation_code
 from ranet_fast.ops.fused_conv2d import output_size as conv_output_size
 
 from .common import buffer_like, conv_supported, official_forward_active, requires_grad, run_faster_path, tensor_of
-from .dense import _bn_foldable, folded_bn
+from .dense import _bn_foldable, fold_batch_norm, folded_bn
 from .patterns import (OP_EPILOGUE_ACTIVATIONS, OP_PROLOGUE_ACTIVATIONS, activation_name, batch_norm_kind,
                        is_functional_relu, negative_slope, trace_own_forward)
 from .precision import autocast_active, autocast_off, conv_dtype, conv_weight, outside_autocast_dtype
@@ -87,6 +88,10 @@ class Segment:
         parts += ["conv"] + ["bn"] * (self.post_bn is not None)
         parts += [self.activation] * (self.activation != "none")
         return "-".join(parts) + ("+act" if self.then_bn_activation else "")
+
+    @functools.cached_property
+    def activation_code(self) -> int:
+        return activation_code(self.activation)
 
     @property
     def folds(self) -> bool:
@@ -426,28 +431,50 @@ def writes_into(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
     return not segment.then_bn_activation and conv_supported(owner._modules[segment.conv], x)
 
 
-_FOLDED_WEIGHTS = "_ranet_fast_folded_weight"
+_FOLDED_CONVS = "_ranet_fast_folded_conv"
+_VERSION = operator.attrgetter("_version")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def folded_weight(owner: nn.Module, key: str, weight: torch.Tensor, scale: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """``weight * scale`` per output channel (computed in scale's dtype, stored in ``dtype``: the
-    weight's, or the autocast dtype), cached in ``owner`` under ``key`` while the weight (same tensor,
-    same version), the scale (the same cached tensor of :func:`folded_bn`, which is renewed whenever
-    the BN changes) and the dtype stay; recomputed each call when the result must carry gradients."""
-    def fold():
-        return (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
+def _fold_conv(conv: nn.Conv2d, bn: nn.Module, conv_bias: torch.Tensor | None,
+               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) with bn(conv(x)) = conv2d(x, weight, bias): the BN's scale and shift in the
+    accumulation dtype (:func:`ranet_fast.nn.dense.fold_batch_norm`), the weight scaled in it and
+    both rounded once to x's dtype (under autocast x is already in the autocast dtype, where eager's
+    conv would round the unfolded weight)."""
+    scale, shift = fold_batch_norm(bn, conv_bias, accumulation_dtype(x.dtype))
+    weight = tensor_of(conv, "weight")
+    weight = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    return weight, shift.to(device=x.device, dtype=x.dtype)
 
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
-        return fold()
-    cache = owner.__dict__.setdefault(_FOLDED_WEIGHTS, {})
-    entry = cache.get(key)
-    if (entry is not None and entry[0] is weight and entry[1] == weight._version and entry[2] is scale
-            and entry[3].dtype == dtype):
-        return entry[3]
+
+def folded_conv(owner: nn.Module, segment: Segment, conv: nn.Conv2d, bn: nn.Module,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_fold_conv` of a segment, cached in ``owner`` per segment.
+
+    The fold runs on every fused call of a model in eval mode, so its check is what each such call
+    pays: the entry is reused while each tensor it comes from (conv weight and bias, BN weight, bias,
+    running statistics, ``num_batches_tracked``) is the same tensor with the same data pointer and
+    version counter, with the same BN eps, x's dtype and device and inference mode. Bypassed (the
+    fold is then part of the autograd graph) when the result must carry gradients, and under
+    torch.compile, which traces the fold into its graph. Writes through ``tensor.data`` bypass the
+    version counters and are not seen, as for :func:`ranet_fast.nn.dense.folded_bn`.
+    """
+    conv_bias = tensor_of(conv, "bias")
+    sources = (tensor_of(conv, "weight"), conv_bias, tensor_of(bn, "weight"), tensor_of(bn, "bias"),
+               tensor_of(bn, "running_mean"), tensor_of(bn, "running_var"), tensor_of(bn, "num_batches_tracked"))
+    present = tuple([t for t in sources if t is not None])
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, present))):
+        return _fold_conv(conv, bn, conv_bias, x)
+    stamp = (tuple(map(_VERSION, present)), tuple(map(torch.Tensor.data_ptr, present)), bn.eps, x.dtype, x.device,
+             torch.is_inference_mode_enabled())
+    cache = owner.__dict__.setdefault(_FOLDED_CONVS, {})
+    entry = cache.get(segment.conv)
+    if entry is not None and entry[1] == stamp and all(map(operator.is_, entry[0], sources)):
+        return entry[2]
     with torch.no_grad():
-        folded = fold()
-    cache[key] = (weight, weight._version, scale, folded)
+        folded = _fold_conv(conv, bn, conv_bias, x)
+    cache[segment.conv] = (sources, stamp, folded)
     return folded
 
 
@@ -455,22 +482,19 @@ def _run_folded(owner: nn.Module, segment: Segment, x: torch.Tensor) -> torch.Te
     """conv -> eval-mode BN [-> act] as the module's own conv with the BN folded into its weight and bias.
 
     One convolution with a bias and the activation on its result: no separate BN pass over the
-    output, and the conv keeps its groups, dilation and padding. The folded weight is computed in
-    the accumulation dtype and cached like the BN's scale and shift (:func:`folded_bn`).
+    output, and the conv keeps its groups, dilation and padding.
     """
     modules = owner._modules
     conv = modules[segment.conv]
-    scale, shift = folded_bn(owner, segment.post_bn, modules[segment.post_bn], tensor_of(conv, "bias"), x)
-    # Under autocast x is already in the autocast dtype (segment_fusable); the weight is folded in
-    # float32 and rounded once, where eager's conv would round the unfolded one.
-    weight = folded_weight(owner, segment.conv, tensor_of(conv, "weight"), scale, x.dtype)
-    bias = shift if shift.dtype == x.dtype else shift.to(x.dtype)
+    weight, bias = folded_conv(owner, segment, conv, modules[segment.post_bn], x)
     if autocast_active(x):
         with autocast_off(x):
             y = conv._conv_forward(x, weight, bias)
     else:  # the common case, without entering a context per call
         y = conv._conv_forward(x, weight, bias)
-    y = activate(y, activation_code(segment.activation), segment.negative_slope)
+    # The conv's fresh result, read by nothing else: the activation may overwrite it unless autograd
+    # must see the value before it.
+    y = (activate if y.requires_grad else activate_)(y, segment.activation_code, segment.negative_slope)
     if segment.then_bn_activation:
         y = modules[segment.post_bn].act(y)
     return y

@@ -185,12 +185,35 @@ def _as_accumulation(vector: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
 
 def activate(value: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor:
     """Activation ``ACTIVATIONS[code]`` of value, as torch.nn.functional computes it."""
-    name = ACTIVATIONS[code]
-    if name == "none":
-        return value
-    if name == "leaky_relu":
-        return F.leaky_relu(value, negative_slope)
-    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish}[name](value)
+    return _ACTIVATION_FUNCTIONS[code](value, negative_slope)
+
+
+def activate_(value: torch.Tensor, code: int, negative_slope: float) -> torch.Tensor:
+    """:func:`activate` written over ``value`` (the same aten kernels, in-place forms): for a result
+    nothing else reads and autograd does not track, it saves the allocation of a second tensor and
+    its first touch, which on a CPU costs more than the activation itself at small sizes."""
+    return _ACTIVATION_FUNCTIONS_IN_PLACE[code](value, negative_slope)
+
+
+# Indexed by the kernels' activation code (ACTIVATIONS); the same functions torch.nn's modules call.
+_ACTIVATION_FUNCTIONS = (
+    lambda v, slope: v,
+    lambda v, slope: F.relu(v),
+    lambda v, slope: F.relu6(v),
+    lambda v, slope: F.silu(v),
+    lambda v, slope: F.gelu(v),
+    lambda v, slope: F.hardswish(v),
+    F.leaky_relu,
+)
+_ACTIVATION_FUNCTIONS_IN_PLACE = (
+    lambda v, slope: v,
+    lambda v, slope: torch.relu_(v),
+    lambda v, slope: F.hardtanh_(v, 0.0, 6.0),
+    lambda v, slope: F.silu(v, inplace=True),
+    lambda v, slope: torch.ops.aten.gelu_(v),
+    lambda v, slope: F.hardswish(v, inplace=True),
+    F.leaky_relu_,
+)
 
 
 def activation_backward(grad: torch.Tensor, pre_activation: torch.Tensor, code: int,
