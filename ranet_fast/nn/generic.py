@@ -119,7 +119,7 @@ class Plan:
 
     def current(self, owner: nn.Module) -> bool:
         modules = owner._modules.values()
-        return len(modules) == len(self.children) and all(a is b for a, b in zip(modules, self.children))
+        return len(modules) == len(self.children) and all(map(operator.is_, modules, self.children))
 
     @property
     def segments(self) -> list[Segment]:
@@ -403,8 +403,13 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def _hooks_within(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule has hooks of its own (global ones are checked apart)."""
-    return _own_hooks(module) or any(_hooks_within(child) for child in module._modules.values() if child is not None)
+    """Whether ``module`` or a submodule has hooks of its own (global ones are checked apart).
+    Asked for every step of every fused call: a leaf costs four attribute reads, no generator."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
+        return True
+    children = module._modules
+    return bool(children) and any(_hooks_within(child) for child in children.values() if child is not None)
 
 
 def segment_fusable(owner: nn.Module, segment: Segment, x: torch.Tensor) -> bool:
@@ -460,9 +465,15 @@ def folded_conv(owner: nn.Module, segment: Segment, conv: nn.Conv2d, bn: nn.Modu
     torch.compile, which traces the fold into its graph. Writes through ``tensor.data`` bypass the
     version counters and are not seen, as for :func:`ranet_fast.nn.dense.folded_bn`.
     """
-    conv_bias = tensor_of(conv, "bias")
-    sources = (tensor_of(conv, "weight"), conv_bias, tensor_of(bn, "weight"), tensor_of(bn, "bias"),
-               tensor_of(bn, "running_mean"), tensor_of(bn, "running_var"), tensor_of(bn, "num_batches_tracked"))
+    try:  # the modules' own dicts (every nn.Conv2d and BatchNorm2d registers these names, None or not)
+        conv_parameters, bn_parameters, bn_buffers = conv._parameters, bn._parameters, bn._buffers
+        sources = (conv_parameters["weight"], conv_parameters["bias"], bn_parameters["weight"], bn_parameters["bias"],
+                   bn_buffers["running_mean"], bn_buffers["running_var"], bn_buffers["num_batches_tracked"])
+    except KeyError:  # a parametrization, or a BN-like module keeping them elsewhere
+        sources = (tensor_of(conv, "weight"), tensor_of(conv, "bias"), tensor_of(bn, "weight"), tensor_of(bn, "bias"),
+                   tensor_of(bn, "running_mean"), tensor_of(bn, "running_var"),
+                   getattr(bn, "num_batches_tracked", None))
+    conv_bias = sources[1]
     present = tuple([t for t in sources if t is not None])
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, present))):
         return _fold_conv(conv, bn, conv_bias, x)
